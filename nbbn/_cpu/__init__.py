@@ -1,0 +1,1 @@
+"""CPU backend: parallel Numba kernels over the (outer, C, inner) view."""
