@@ -11,7 +11,7 @@ import operator
 
 import numpy as np
 from numpy.exceptions import AxisError  # noqa: F401  (re-exported for callers)
-from numpy.lib.array_utils import normalize_axis_tuple
+from numpy.lib.array_utils import normalize_axis_index, normalize_axis_tuple
 from numpy.lib.stride_tricks import as_strided
 
 
@@ -65,6 +65,8 @@ def _collapse(dims):
     """(size, stride) of dims (outermost first) merged into one, or None if strides forbid."""
     size, stride = 1, 0
     for n, s in reversed(dims):
+        if n == 1:
+            continue
         if size == 1:
             size, stride = n, s
         elif s == stride * size:
@@ -74,31 +76,56 @@ def _collapse(dims):
     return size, stride
 
 
+class Layout:
+    """An axis order that maps every array of one shape onto ``(outer, C, inner)``.
+
+    The order is: reduced axes laid out outside the kept ones in memory, the
+    kept axes (in their own order, so C enumerates the result in C order),
+    then the reduced axes inside them; reduced axes by decreasing stride.
+    All arrays of a call (x, y, dy, dx) use the order computed from x, so
+    their views address the same element at the same (o, c, i).
+    """
+
+    def __init__(self, a, axes):
+        self.shape = a.shape
+        kept = [i for i in range(a.ndim) if i not in axes]
+        c_stride = min((abs(a.strides[i]) for i in kept if a.shape[i] > 1), default=np.inf)
+        red = sorted(axes, key=lambda i: -abs(a.strides[i]))
+        outer = [i for i in red if abs(a.strides[i]) >= c_stride]
+        inner = [i for i in red if abs(a.strides[i]) < c_stride]
+        self.order = tuple(outer + kept + inner)
+        self.groups = (tuple(outer), tuple(kept), tuple(inner))
+        self.shape3 = tuple(math.prod(a.shape[i] for i in g) for g in self.groups)
+
+    def view(self, a, writeable=False):
+        """The 3-D view of ``a`` (of this layout's shape); one copy where strides forbid a view."""
+        if a.size == 0:
+            return np.empty(self.shape3, a.dtype)
+        merged = [_collapse([(a.shape[i], a.strides[i]) for i in g]) for g in self.groups]
+        if all(m is not None for m in merged):
+            return as_strided(a, self.shape3, [m[1] for m in merged], writeable=writeable)
+        if writeable:
+            return None
+        return np.ascontiguousarray(a.transpose(self.order)).reshape(self.shape3)
+
+    def empty(self, dtype):
+        """A new array of this shape, laid out like the source array: (array, its 3-D view)."""
+        buf = np.empty([self.shape[i] for i in self.order], dtype)
+        return buf.transpose(np.argsort(self.order)), buf.reshape(self.shape3)
+
+
+def flip_reduced(a, axes):
+    """A view of ``a`` with reduced axes' negative strides flipped (reduction order is free)."""
+    if all(s >= 0 for s in a.strides):
+        return a
+    return a[tuple(slice(None, None, -1) if i in axes and s < 0 else slice(None)
+                   for i, s in enumerate(a.strides))]
+
+
 def three_d(a, axes):
-    """The (outer, C, inner) view of ``a`` reducing ``axes``; a copy only where strides forbid."""
-    if a.size == 0:
-        n_chan = math.prod(n for i, n in enumerate(a.shape) if i not in axes)
-        return np.empty((1, n_chan, 0), a.dtype) if n_chan else np.empty((1, 0, 1), a.dtype)
-    # Reduction order is free: flip reduced axes with negative strides.
-    flip = tuple(slice(None, None, -1) if i in axes and s < 0 else slice(None)
-                 for i, s in enumerate(a.strides))
-    a = a[flip]
-    dims = [(n, s, i in axes) for i, (n, s) in enumerate(zip(a.shape, a.strides)) if n != 1]
-    kept = _collapse([(n, s) for n, s, red in dims if not red])
-    red = sorted(((n, s) for n, s, r in dims if r), key=lambda d: -d[1])
-    if kept is not None:
-        c_stride = abs(kept[1]) if kept[0] > 1 else np.inf
-        inner = _collapse([d for d in red if d[1] < c_stride])
-        outer = _collapse([d for d in red if d[1] >= c_stride])
-        if inner is not None and outer is not None:
-            shape = (outer[0], kept[0], inner[0])
-            strides = (outer[1], kept[1], inner[1])
-            return as_strided(a, shape, strides, writeable=False)
-    # Strides that no view can express: one contiguous copy, channels first.
-    order = [i for i in range(a.ndim) if i not in axes] + list(axes)
-    copy = np.ascontiguousarray(a.transpose(order))
-    n_red = math.prod(a.shape[i] for i in axes)
-    return copy.reshape(1, copy.size // n_red if n_red else 0, n_red)
+    """The read-only (outer, C, inner) view of ``a`` reducing ``axes``."""
+    a = flip_reduced(a, axes)
+    return Layout(a, axes).view(a)
 
 
 def check_out(out, shape, dtype, name="out"):
@@ -109,6 +136,75 @@ def check_out(out, shape, dtype, name="out"):
         raise ValueError(f"{name} has shape {out.shape}, expected {tuple(shape)}")
     if not np.can_cast(dtype, out.dtype, "same_kind"):
         raise ConflictError(f"{name} has dtype {out.dtype}, cannot hold a {np.dtype(dtype)} result")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out
+
+
+# ---- batch-norm argument rules -------------------------------------------------------------
+
+
+def float_array(a, name):
+    """A floating-point array (batch-norm inputs: integer and bool are TypeErrors)."""
+    a = as_array(a, name)
+    if a.dtype.kind != "f" or a.dtype.itemsize > 8:
+        raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {a.dtype}")
+    return a
+
+
+def channel_axis(x, axis, name="x"):
+    """Validate a batch-norm input's rank and normalize its channel axis."""
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (batch, channels, ...), "
+                         f"got shape {x.shape}")
+    return normalize_axis_index(operator.index(axis), x.ndim, "axis")
+
+
+def channel_vector(p, name, nchan):
+    """A per-channel float vector of shape (nchan,) (any length if nchan is None), or None."""
+    if p is None:
+        return None
+    p = float_array(p, name)
+    if nchan is None and p.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, one value per channel; got shape {p.shape}")
+    if nchan is not None and p.shape != (nchan,):
+        raise ValueError(f"{name} must have shape ({nchan},), one value per channel; "
+                         f"got shape {p.shape}")
+    return p
+
+
+def running_buffer(p, name, nchan):
+    """A running-statistics buffer: updated in place, so a writable float ndarray."""
+    if p is None:
+        return None
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
+                        f"got {type(p).__name__}")
+    p = channel_vector(p, name, nchan)
+    if not p.flags.writeable:
+        raise ValueError(f"{name} is read-only; running statistics are updated in place")
+    return p
+
+
+def check_eps(eps):
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return float(eps)
+
+
+def check_momentum(momentum):
+    if not 0 <= momentum <= 1:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    return float(momentum)
+
+
+def check_out_exact(out, shape, dtype, name="out"):
+    """``out=`` of a batch-norm function: exactly the result's shape and dtype, writable."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"{name} must have shape {tuple(shape)} and dtype {np.dtype(dtype)}, "
+                         f"got shape {out.shape} and dtype {out.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     return out

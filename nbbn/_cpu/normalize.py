@@ -1,0 +1,49 @@
+"""The elementwise pass of batch norm: y = x * scale[c] + shift[c], in float64."""
+import numpy as np
+from numba import prange
+
+from ._jit import kernel, thread_plan
+from .moments import BLOCK
+
+
+@kernel
+def affine_rows(x, scale, shift, y, nthreads):
+    """y[o, c, i] = x[o, c, i] * scale[c] + shift[c], rows split into BLOCK-sized items."""
+    n_outer, nchan, n_inner = x.shape
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    n_items = n_outer * nchan * blocks_per_row
+    for t in prange(nthreads):
+        for item in range(t * n_items // nthreads, (t + 1) * n_items // nthreads):
+            row, blk = divmod(item, blocks_per_row)
+            o, c = divmod(row, nchan)
+            start = blk * BLOCK
+            src = x[o, c, start:min(n_inner, start + BLOCK)]
+            dst = y[o, c, start:min(n_inner, start + BLOCK)]
+            a = scale[c]
+            b = shift[c]
+            for i in range(src.shape[0]):
+                dst[i] = np.float64(src[i]) * a + b
+
+
+@kernel
+def affine_columns(x, scale, shift, y, nthreads):
+    """y[r, c] = x[r, c] * scale[c] + shift[c] for channels-last rows."""
+    n_rows, nchan = x.shape
+    for t in prange(nthreads):
+        for r in range(t * n_rows // nthreads, (t + 1) * n_rows // nthreads):
+            src = x[r]
+            dst = y[r]
+            for c in range(nchan):
+                dst[c] = np.float64(src[c]) * scale[c] + shift[c]
+
+
+def affine(x, scale, shift, y):
+    """y = x * scale + shift over 3-D (outer, C, inner) views; scale/shift float64[C]."""
+    n_outer, nchan, n_inner = x.shape
+    if n_inner == 1:
+        nthreads, parallel = thread_plan(x.size, n_outer)
+        affine_columns(x[:, :, 0], scale, shift, y[:, :, 0], nthreads, parallel=parallel)
+    else:
+        items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
+        nthreads, parallel = thread_plan(x.size, items)
+        affine_rows(x, scale, shift, y, nthreads, parallel=parallel)

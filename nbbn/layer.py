@@ -1,0 +1,128 @@
+"""``BatchNorm``: a batch-norm layer for custom trainers, state-dict compatible with PyTorch."""
+import numpy as np
+
+from . import _layout
+from . import batchnorm as bn
+
+
+class BatchNorm:
+    """Batch normalization over the channel ``axis`` with learnable affine parameters.
+
+    Mirrors ``torch.nn.BatchNorm{1,2,3}d``: ``forward`` uses the batch
+    statistics in training mode (updating the running buffers) and the running
+    statistics in evaluation mode; ``momentum=None`` is the cumulative moving
+    average (factor ``1 / num_batches_tracked``). ``backward(dy)`` returns dx
+    and sets ``grad_weight``/``grad_bias`` (overwritten by each call, not
+    accumulated).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, axis=1, dtype=np.float32, device="cpu"):
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
+                or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        if device != "cpu":
+            raise ValueError(f"device must be 'cpu', got {device!r}")
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f":
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.num_features = int(num_features)
+        self.eps = _layout.check_eps(eps)
+        self.momentum = None if momentum is None else _layout.check_momentum(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = axis
+        self.dtype = dtype
+        n = self.num_features
+        self.weight = np.ones(n, dtype) if affine else None
+        self.bias = np.zeros(n, dtype) if affine else None
+        if track_running_stats:
+            self.running_mean = np.zeros(n, dtype)
+            self.running_var = np.ones(n, dtype)
+            self.num_batches_tracked = np.zeros((), np.int64)
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.training = True
+        self.grad_weight = self.grad_bias = None
+        self._saved = None
+
+    def __repr__(self):
+        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"axis={self.axis})")
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def _uses_batch_stats(self):
+        return self.training or not self.track_running_stats
+
+    def forward(self, x):
+        call = bn._Call(x, self.axis)
+        if call.nchan != self.num_features:
+            raise ValueError(f"x has {call.nchan} channels on axis {self.axis}, expected "
+                             f"{self.num_features}")
+        if not self._uses_batch_stats():
+            mean, var = self.running_mean, self.running_var
+            y = bn._normalize(call, mean, var, self.weight, self.bias, self.eps, None)
+        else:
+            bn._require_values(call)
+            y, mean, var = bn._forward(call, self.weight, self.bias, self.eps, None)
+            if self.training and self.track_running_stats:
+                self.num_batches_tracked += 1
+                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                          else self.momentum)
+                bn._ema(self.running_mean, self.running_var, mean, var, factor,
+                        call.count / (call.count - 1))
+        self._saved = (call, np.asarray(mean, np.float64), bn._invstd(var, self.eps),
+                       self._uses_batch_stats())
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """dx for the last ``forward``; sets ``grad_weight`` and ``grad_bias``."""
+        if self._saved is None:
+            raise RuntimeError("backward called before forward")
+        call, mean, invstd, batch_stats = self._saved
+        dx, sum_dy, sum_dy_xmu = bn._backward(call, dy, mean, invstd, self.weight, None,
+                                              batch_stats)
+        self.grad_weight, self.grad_bias = bn._param_grads(self.weight, invstd, sum_dy,
+                                                           sum_dy_xmu)
+        return dx
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def _state_names(self):
+        names = ["weight", "bias"] if self.affine else []
+        if self.track_running_stats:
+            names += ["running_mean", "running_var", "num_batches_tracked"]
+        return names
+
+    def state_dict(self):
+        """Copies of the parameters and buffers under ``torch.nn.BatchNorm2d``'s keys."""
+        return {name: getattr(self, name).copy() for name in self._state_names()}
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load a state dict (e.g. a PyTorch one converted to NumPy); all-or-nothing."""
+        names = self._state_names()
+        missing = [k for k in names if k not in state_dict and k != "num_batches_tracked"]
+        unexpected = [k for k in state_dict if k not in names]
+        if strict and (missing or unexpected):
+            raise KeyError(f"Error(s) in loading state_dict for BatchNorm: missing keys "
+                           f"{missing}, unexpected keys {unexpected}")
+        staged = {}
+        for name in names:
+            if name not in state_dict:
+                continue
+            value = np.asarray(state_dict[name])
+            current = getattr(self, name)
+            if value.shape != current.shape:
+                raise ValueError(f"{name} must have shape {current.shape}, got {value.shape}")
+            staged[name] = value
+        for name, value in staged.items():
+            np.copyto(getattr(self, name), value, casting="unsafe")
