@@ -10,7 +10,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import kernel, thread_plan
-from .moments import BLOCK
+from ._blocks import BLOCK, widen
 
 
 @kernel
@@ -86,27 +86,40 @@ def dx_columns(dy, x, mean, g, h, k, dx, nthreads):
                 out[c] = g[c] * np.float64(gy[c]) + h[c] * (np.float64(v[c]) - mean[c]) + k[c]
 
 
-def _plan(x):
+def _rows_plan(x):
     n_outer, nchan, n_inner = x.shape
-    items = n_outer if n_inner == 1 else n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
-    return thread_plan(2 * x.size, items)
+    return thread_plan(2 * x.size, n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK))
+
+
+def _columns_plan(x):
+    return thread_plan(2 * x.size, x.shape[0])
 
 
 def backward_sums(dy, x, mean):
     """(sum(dy), sum(dy * (x - mean))) per channel of 3-D views, float64[C] each."""
-    nthreads, parallel = _plan(x)
-    if x.shape[2] == 1:
-        sums = sums_columns(dy[:, :, 0], x[:, :, 0], mean, nthreads, parallel=parallel)
-    else:
+    if x.shape[2] > 1:
+        nthreads, parallel = _rows_plan(x)
         sums = sums_rows(dy, x, mean, nthreads, parallel=parallel)
+        return sums[0], sums[1]
+    nchan = x.shape[1]
+    k, (dyw, xw), rest = widen(dy[:, :, 0], x[:, :, 0])
+    nthreads, parallel = _columns_plan(xw)
+    sums = sums_columns(dyw, xw, np.tile(mean, k), nthreads, parallel=parallel)
+    sums = sums.reshape(2, k, nchan).sum(axis=1)
+    if rest:
+        sums += sums_columns(*rest, mean, 1, parallel=False)
     return sums[0], sums[1]
 
 
 def grad_input(dy, x, mean, g, h, k, dx):
     """dx = g*dy + h*(x - mean) + k over 3-D views, per-channel float64 coefficients."""
-    nthreads, parallel = _plan(x)
-    if x.shape[2] == 1:
-        dx_columns(dy[:, :, 0], x[:, :, 0], mean, g, h, k, dx[:, :, 0], nthreads,
-                   parallel=parallel)
-    else:
+    if x.shape[2] > 1:
+        nthreads, parallel = _rows_plan(x)
         dx_rows(dy, x, mean, g, h, k, dx, nthreads, parallel=parallel)
+        return
+    copies, wide, rest = widen(dy[:, :, 0], x[:, :, 0], dx[:, :, 0])
+    coeffs = [np.tile(a, copies) for a in (mean, g, h, k)]
+    nthreads, parallel = _columns_plan(wide[1])
+    dx_columns(*wide[:2], *coeffs, wide[2], nthreads, parallel=parallel)
+    if rest:
+        dx_columns(*rest[:2], mean, g, h, k, rest[2], 1, parallel=False)

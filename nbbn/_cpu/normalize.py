@@ -3,7 +3,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import kernel, thread_plan
-from .moments import BLOCK
+from ._blocks import BLOCK, widen
 
 
 @kernel
@@ -37,13 +37,20 @@ def affine_columns(x, scale, shift, y, nthreads):
                 dst[c] = np.float64(src[c]) * scale[c] + shift[c]
 
 
+def _affine_columns(x, scale, shift, y):
+    nthreads, parallel = thread_plan(x.size, x.shape[0])
+    affine_columns(x, scale, shift, y, nthreads, parallel=parallel)
+
+
 def affine(x, scale, shift, y):
     """y = x * scale + shift over 3-D (outer, C, inner) views; scale/shift float64[C]."""
     n_outer, nchan, n_inner = x.shape
-    if n_inner == 1:
-        nthreads, parallel = thread_plan(x.size, n_outer)
-        affine_columns(x[:, :, 0], scale, shift, y[:, :, 0], nthreads, parallel=parallel)
-    else:
+    if n_inner > 1:
         items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
         nthreads, parallel = thread_plan(x.size, items)
         affine_rows(x, scale, shift, y, nthreads, parallel=parallel)
+        return
+    k, (xw, yw), rest = widen(x[:, :, 0], y[:, :, 0])
+    _affine_columns(xw, np.tile(scale, k), np.tile(shift, k), yw)
+    if rest:
+        _affine_columns(*rest[:1], scale, shift, *rest[1:])

@@ -1,0 +1,32 @@
+"""How the CPU kernels cut an (outer, C, inner) view into work.
+
+Rows (inner > 1): items are BLOCK-sized pieces of the rows x[o, c, :].
+Columns (inner == 1, channels-last): items are runs of rows x[r, :], read in
+memory order and vectorized across channels. With few channels a row is too
+short to vectorize, so contiguous rows are regrouped: (R, C) is viewed as
+(R // k, k*C) — k copies of each channel side by side — plus R % k leftover
+rows; each family folds the k copies back into C channels.
+"""
+# Elements per row item: small enough to stay in L1/L2 between two passes.
+BLOCK = 4096
+# Channels-last rows shorter than this are regrouped (see above).
+MIN_ROW_WIDTH = 256
+
+
+def widen(*arrays):
+    """``(k, wide, rest)`` for same-shaped 2-D (R, C) arrays (see the module docstring).
+
+    ``k == 1`` means no regrouping: ``wide`` are the arrays themselves.
+    Otherwise ``wide`` are (R // k, k*C) views and ``rest`` the leftover
+    (R % k, C) rows, or None when there are none.
+    """
+    n_rows, nchan = arrays[0].shape
+    k = -(-MIN_ROW_WIDTH // max(nchan, 1))
+    contiguous_rows = all(a.strides[0] == nchan * a.strides[1] for a in arrays)
+    if k == 1 or n_rows < 2 * k or not contiguous_rows:
+        return 1, arrays, None
+    cut = n_rows - n_rows % k
+    # Rows that follow each other in memory merge: these reshapes are views.
+    wide = tuple(a[:cut].reshape(cut // k, k * nchan) for a in arrays)
+    rest = tuple(a[cut:] for a in arrays) if cut < n_rows else None
+    return k, wide, rest
