@@ -12,7 +12,6 @@ import operator
 import numpy as np
 from numpy.exceptions import AxisError  # noqa: F401  (re-exported for callers)
 from numpy.lib.array_utils import normalize_axis_index, normalize_axis_tuple
-from numpy.lib.stride_tricks import as_strided
 
 
 class ConflictError(TypeError, ValueError):
@@ -61,21 +60,6 @@ def kept_shape(shape, axes, keepdims):
     return tuple(n for i, n in enumerate(shape) if i not in axes)
 
 
-def _collapse(dims):
-    """(size, stride) of dims (outermost first) merged into one, or None if strides forbid."""
-    size, stride = 1, 0
-    for n, s in reversed(dims):
-        if n == 1:
-            continue
-        if size == 1:
-            size, stride = n, s
-        elif s == stride * size:
-            size *= n
-        else:
-            return None
-    return size, stride
-
-
 class Layout:
     """An axis order that maps every array of one shape onto ``(outer, C, inner)``.
 
@@ -98,15 +82,21 @@ class Layout:
         self.shape3 = tuple(math.prod(a.shape[i] for i in g) for g in self.groups)
 
     def view(self, a, writeable=False):
-        """The 3-D view of ``a`` (of this layout's shape); one copy where strides forbid a view."""
-        if a.size == 0:
-            return np.empty(self.shape3, a.dtype)
-        merged = [_collapse([(a.shape[i], a.strides[i]) for i in g]) for g in self.groups]
-        if all(m is not None for m in merged):
-            return as_strided(a, self.shape3, [m[1] for m in merged], writeable=writeable)
-        if writeable:
-            return None
-        return np.ascontiguousarray(a.transpose(self.order)).reshape(self.shape3)
+        """The 3-D view of ``a`` (of this layout's shape); one copy where strides forbid a view.
+
+        Inputs come back read-only (one Numba specialization whatever the
+        caller's flags). With ``writeable=True`` (outputs) None means no view exists.
+        """
+        t = a.transpose(self.order)
+        try:
+            v = t.reshape(self.shape3, copy=False)
+        except ValueError:  # the axes of a group cannot merge without a copy
+            if writeable:
+                return None
+            v = np.ascontiguousarray(t).reshape(self.shape3)
+        if not writeable:
+            v.flags.writeable = False
+        return v
 
     def empty(self, dtype):
         """A new array of this shape, laid out like the source array: (array, its 3-D view)."""
