@@ -13,6 +13,7 @@ from ._cpu.backward import backward_sums, grad_input
 from ._cpu.ema import ema
 from ._cpu.moments import channel_moments
 from ._cpu.normalize import affine
+from .stats import Moments
 
 
 class _Call:
@@ -83,12 +84,28 @@ def _normalize(call, mean, var, weight, bias, eps, out):
     return finish()
 
 
+def _local_moments(call):
+    """``Moments(count, mean, m2)`` per channel of this call's x, float64 (nan when empty).
+
+    The statistics stage on its own, so that a caller holding one shard of a
+    batch (``nbbn.distributed``) can merge the shards' moments before normalizing.
+    """
+    if call.count == 0 or call.nchan == 0:
+        return Moments(call.count, np.full(call.nchan, np.nan), np.full(call.nchan, np.nan))
+    mean, m2 = channel_moments(call.view(call.x))
+    return Moments(call.count, mean, m2)
+
+
+def _mean_var(m):
+    """(mean, biased var) in float64 from per-channel Moments."""
+    if m.count == 0:
+        return np.asarray(m.mean, np.float64), np.full(np.shape(m.m2), np.nan)
+    return np.asarray(m.mean, np.float64), np.asarray(m.m2, np.float64) / m.count
+
+
 def _batch_moments(call):
     """Batch (mean, biased var) per channel in float64."""
-    if call.count == 0 or call.nchan == 0:
-        return np.full(call.nchan, np.nan), np.full(call.nchan, np.nan)
-    mean, m2 = channel_moments(call.view(call.x))
-    return mean, m2 / call.count
+    return _mean_var(_local_moments(call))
 
 
 def _forward(call, weight, bias, eps, out):
@@ -97,10 +114,12 @@ def _forward(call, weight, bias, eps, out):
     return y, mean, var
 
 
-def _require_values(call):
-    if call.count <= 1:
+def _require_values(call, count=None):
+    """Training needs more than one value per channel (``count``: over the whole batch)."""
+    if (call.count if count is None else count) <= 1:
         raise ValueError("Expected more than 1 value per channel when training, "
-                         f"got input size {call.x.shape}")
+                         f"got input size {call.x.shape}"
+                         + ("" if count is None else f" ({count} values per channel in all)"))
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
@@ -145,28 +164,53 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None)
     return y, mean.astype(call.stats_dtype), var.astype(call.stats_dtype)
 
 
-def _backward(call, dy, mean, invstd, weight, out, batch_stats):
-    """dx and the per-channel sums; ``batch_stats`` says whether mean/invstd came from x."""
+def _dy_view(call, dy):
+    """Validated dy as a 3-D view in x's layout."""
     dy = _layout.float_array(dy, "dy")
     if dy.shape != call.x.shape:
         raise ValueError(f"dy must have the shape of x, {call.x.shape}; got shape {dy.shape}")
-    call.check_out(out)
-    view, finish = call.output(out)
-    mean = np.asarray(mean, np.float64)
+    return call.view(dy)
+
+
+def _backward_sums(call, dy3, mean):
+    """Per-channel ``(sum(dy), sum(dy * (x - mean)))`` over this call, float64.
+
+    The reduction stage of the backward pass on its own: shards of one batch
+    add theirs up (``nbbn.distributed``) before ``_grad_input``.
+    """
     if call.x.size == 0:
-        zeros = np.zeros(call.nchan)
-        return finish(), zeros, zeros
-    dy3, x3 = call.view(dy), call.view(call.x)
-    sum_dy, sum_dy_xmu = backward_sums(dy3, x3, mean)
+        return np.zeros(call.nchan), np.zeros(call.nchan)
+    return backward_sums(dy3, call.view(call.x), np.asarray(mean, np.float64))
+
+
+def _grad_input(call, dy3, mean, invstd, weight, sum_dy, sum_dy_xmu, count, batch_stats, out):
+    """dx from the per-channel sums; ``count`` is the number of values behind the statistics.
+
+    ``batch_stats`` says whether mean/invstd came from x (then their gradients
+    are folded in per channel) or are constants (running statistics).
+    """
+    view, finish = call.output(out)
+    if call.x.size == 0:
+        return finish()
     g = invstd * _as64(weight, 1.0, call.nchan)
     if batch_stats:
         # The mean and variance depend on x too: their gradients, folded per channel.
-        h = -g * invstd * invstd * sum_dy_xmu / call.count
-        k = -g * sum_dy / call.count
+        h = -g * invstd * invstd * sum_dy_xmu / count
+        k = -g * sum_dy / count
     else:
         h = k = np.zeros(call.nchan)
-    grad_input(dy3, x3, mean, g, h, k, view)
-    return finish(), sum_dy, sum_dy_xmu
+    grad_input(dy3, call.view(call.x), np.asarray(mean, np.float64), g, h, k, view)
+    return finish()
+
+
+def _backward(call, dy, mean, invstd, weight, out, batch_stats):
+    """dx and the per-channel sums; ``batch_stats`` says whether mean/invstd came from x."""
+    dy3 = _dy_view(call, dy)
+    call.check_out(out)
+    sum_dy, sum_dy_xmu = _backward_sums(call, dy3, mean)
+    dx = _grad_input(call, dy3, mean, invstd, weight, sum_dy, sum_dy_xmu, call.count,
+                     batch_stats, out)
+    return dx, sum_dy, sum_dy_xmu
 
 
 def _param_grads(weight, invstd, sum_dy, sum_dy_xmu):

@@ -66,20 +66,20 @@ class BatchNorm:
         if call.nchan != self.num_features:
             raise ValueError(f"x has {call.nchan} channels on axis {self.axis}, expected "
                              f"{self.num_features}")
-        if not self._uses_batch_stats():
-            mean, var = self.running_mean, self.running_var
-            y = bn._normalize(call, mean, var, self.weight, self.bias, self.eps, None)
+        batch_stats = self._uses_batch_stats()
+        if not batch_stats:
+            mean, var, count = self.running_mean, self.running_var, call.count
         else:
-            bn._require_values(call)
-            y, mean, var = bn._forward(call, self.weight, self.bias, self.eps, None)
-            if self.training and self.track_running_stats:
-                self.num_batches_tracked += 1
-                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                          else self.momentum)
-                bn._ema(self.running_mean, self.running_var, mean, var, factor,
-                        call.count / (call.count - 1))
+            count, mean, var = self._batch_stats(call)
+            bn._require_values(call, count)
+        y = bn._normalize(call, mean, var, self.weight, self.bias, self.eps, None)
+        if batch_stats and self.training and self.track_running_stats:
+            self.num_batches_tracked += 1
+            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                      else self.momentum)
+            bn._ema(self.running_mean, self.running_var, mean, var, factor, count / (count - 1))
         self._saved = (call, np.asarray(mean, np.float64), bn._invstd(var, self.eps),
-                       self._uses_batch_stats())
+                       batch_stats, count)
         return y
 
     __call__ = forward
@@ -88,12 +88,28 @@ class BatchNorm:
         """dx for the last ``forward``; sets ``grad_weight`` and ``grad_bias``."""
         if self._saved is None:
             raise RuntimeError("backward called before forward")
-        call, mean, invstd, batch_stats = self._saved
-        dx, sum_dy, sum_dy_xmu = bn._backward(call, dy, mean, invstd, self.weight, None,
-                                              batch_stats)
+        call, mean, invstd, batch_stats, count = self._saved
+        dy3 = bn._dy_view(call, dy)
+        sum_dy, sum_dy_xmu = self._reduce_sums(*bn._backward_sums(call, dy3, mean), batch_stats)
+        dx = bn._grad_input(call, dy3, mean, invstd, self.weight, sum_dy, sum_dy_xmu, count,
+                            batch_stats, None)
         self.grad_weight, self.grad_bias = bn._param_grads(self.weight, invstd, sum_dy,
                                                            sum_dy_xmu)
         return dx
+
+    # ---- stages a subclass may extend (nbbn.distributed.SyncBatchNorm) ----------------------
+
+    def _batch_stats(self, call):
+        """``(count, mean, var)`` per channel of the batch: values per channel, float64
+        mean and biased variance. Here the batch is ``call.x``; a synchronized layer
+        merges the moments of every shard of the batch."""
+        m = bn._local_moments(call)
+        return (m.count, *bn._mean_var(m))
+
+    def _reduce_sums(self, sum_dy, sum_dy_xmu, batch_stats):
+        """The backward pass's per-channel ``sum(dy)``, ``sum(dy * (x - mean))`` over the
+        batch, from this call's (float64); ``batch_stats`` as in ``forward``."""
+        return sum_dy, sum_dy_xmu
 
     # ---- state -------------------------------------------------------------------------------
 
