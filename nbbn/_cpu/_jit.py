@@ -1,30 +1,157 @@
-"""Lazy, cached compilation of the CPU kernels.
+"""Lazy, cached compilation of the CPU kernels, and the policy for launching them.
 
 Each kernel is a plain Python function written once and compiled twice on
 first use: a ``parallel=True`` build for large work and a serial build
 (``prange`` acts as ``range``) for small inputs, where waking the thread pool
 costs more than the work. Nothing compiles at import.
+
+Every kernel call goes through ``Kernel.__call__``, which owns the launch
+policy (see ``launch_mode``): a parallel build is swapped for the serial one
+where entering Numba's threading layer would abort the process. Both builds
+split the work into the same ``nthreads`` parts, so the swap never changes a
+result, not even in the last bit.
 """
+import hashlib
+import os
+import pathlib
+import pickle
 import threading
+import types
 import warnings
 
 import numba
+from numba.core.caching import FunctionCache, IndexDataCacheFile
 
 # reassoc/contract let reductions vectorize; nnan/ninf would break NaN/Inf
 # propagation and arcp would make x/n inexact (a constant channel's mean must
 # come out exactly).
 FASTMATH = {"reassoc", "contract"}
 
+# Layers whose parallel regions may be entered by several threads at once
+# (workqueue aborts the process: "Concurrent access has been detected").
+CONCURRENT_LAYERS = frozenset({"omp", "tbb"})
+# Layers a forked child must not enter: GNU OpenMP's pool does not survive
+# fork() and Numba terminates such a child.
+FORK_UNSAFE_LAYERS = frozenset({"omp"})
+
 _cache_ok = True
-_lock = threading.Lock()
+_lock = threading.Lock()          # guards compilation
+_launch_lock = threading.Lock()   # held by the one parallel launch a non-concurrent layer allows
+_concurrent = None                # None until the threading layer is known
+_serial_only = False              # True in a forked child of a process that used a fork-unsafe layer
+_warned = set()
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
+# --- disk cache ----------------------------------------------------------------
+
+_source_digest = None
+
+
+def _kernel_sources_digest():
+    """Hash of every kernel module's source.
+
+    Numba keys a cache entry on the function's own bytecode and its file's
+    timestamp only; a helper or constant imported from a sibling file (e.g.
+    ``moments.BLOCK``) is frozen into the machine code without invalidating it.
+    """
+    global _source_digest
+    if _source_digest is None:
+        h = hashlib.sha256()
+        for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+        _source_digest = h.hexdigest()
+    return _source_digest
+
+
+class _CheckedCacheFile(IndexDataCacheFile):
+    """Data files carry a SHA-256 of their content: a damaged file is a miss, never loaded."""
+
+    _DIGEST = 32
+
+    def _save_data(self, name, data):
+        payload = self._dump(data)
+        with self._open_for_write(self._data_path(name)) as f:
+            f.write(hashlib.sha256(payload).digest() + payload)
+
+    def _load_data(self, name):
+        with open(self._data_path(name), "rb") as f:
+            blob = f.read()
+        digest, payload = blob[:self._DIGEST], blob[self._DIGEST:]
+        if hashlib.sha256(payload).digest() != digest:
+            raise ValueError(f"checksum mismatch in {self._data_path(name)}")
+        return pickle.loads(payload)
+
+
+class _TolerantCache(FunctionCache):
+    """Numba's per-function disk cache, made safe to read whatever is on disk.
+
+    An unreadable entry (truncated, corrupt, half-written) is a miss: the index
+    is reset, the kernel recompiled and the entry rewritten. Failing to write
+    only costs the next process a compile.
+    """
+
+    def __init__(self, py_func):
+        super().__init__(py_func)
+        self._cache_file = _CheckedCacheFile(
+            cache_path=self._cache_path,
+            filename_base=self._impl.filename_base,
+            source_stamp=self._impl.locator.get_source_stamp(),
+        )
+
+    def _index_key(self, sig, codegen):
+        return super()._index_key(sig, codegen) + (_kernel_sources_digest(),)
+
+    def load_overload(self, sig, target_context):
+        try:
+            return super().load_overload(sig, target_context)
+        except Exception as exc:  # any failure to read means "not cached"
+            _warn_once("load", f"nbbn: ignoring an unreadable compiled-kernel cache entry "
+                               f"in {self._cache_path} ({exc!r}); recompiling it.")
+            try:
+                self.flush()
+            except OSError:
+                pass
+            return None
+
+    def save_overload(self, sig, data):
+        try:
+            super().save_overload(sig, data)
+        except Exception as exc:
+            _warn_once("save", f"nbbn: cannot write the compiled-kernel cache in "
+                               f"{self._cache_path} ({exc!r}); kernels will be recompiled "
+                               "in the next process.")
+
+
+def _flavoured(py_func, parallel):
+    """A copy of py_func named per build, so each build gets its own cache files.
+
+    Numba's cache key ignores compile flags: with one name, the serial build
+    would load the parallel machine code from disk (and enter the thread pool,
+    defeating the fork and workqueue policy) or the reverse.
+    """
+    func = types.FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__,
+                              py_func.__defaults__, py_func.__closure__)
+    func.__kwdefaults__ = py_func.__kwdefaults__
+    func.__qualname__ = f"{py_func.__qualname__}__{'parallel' if parallel else 'serial'}"
+    func.__module__ = py_func.__module__
+    func.__doc__ = py_func.__doc__
+    return func
 
 
 def _compile(py_func, parallel):
     global _cache_ok
-    options = dict(parallel=parallel, fastmath=FASTMATH, nogil=True)
+    func = _flavoured(py_func, parallel)
+    dispatcher = numba.njit(parallel=parallel, fastmath=FASTMATH, nogil=True, cache=False)(func)
     if _cache_ok:
         try:
-            return numba.njit(cache=True, **options)(py_func)
+            dispatcher._cache = _TolerantCache(func)  # what njit(cache=True) does, tolerant
         except RuntimeError as exc:  # no writable cache locator
             _cache_ok = False
             warnings.warn(
@@ -34,7 +161,55 @@ def _compile(py_func, parallel):
                 RuntimeWarning,
                 stacklevel=4,
             )
-    return numba.njit(cache=False, **options)(py_func)
+    return dispatcher
+
+
+# --- launch policy ---------------------------------------------------------------
+
+def _active_layer():
+    """The threading layer's name, selecting and starting it if needed (public Numba API)."""
+    numba.get_num_threads()  # starts the layer; threading_layer() raises before that
+    return numba.threading_layer()
+
+
+def _started_layer():
+    """The threading layer's name if this process has started one, else None."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
+
+
+def _concurrent_launches():
+    global _concurrent
+    if _concurrent is None:
+        _concurrent = _active_layer() in CONCURRENT_LAYERS
+    return _concurrent
+
+
+def launch_mode():
+    """How parallel builds run now.
+
+    ``"serial"``: never (forked child of a process that started GNU OpenMP);
+    ``"exclusive"``: one launch at a time, concurrent callers run the serial
+    build (workqueue layer); ``"concurrent"``: freely (omp, tbb).
+    """
+    if _serial_only:
+        return "serial"
+    return "concurrent" if _concurrent_launches() else "exclusive"
+
+
+def _after_fork_in_child():
+    global _serial_only, _lock, _launch_lock
+    # A lock held by another parent thread at fork() is never released here.
+    _lock = threading.Lock()
+    _launch_lock = threading.Lock()
+    if _started_layer() in FORK_UNSAFE_LAYERS:
+        _serial_only = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Kernel:
@@ -57,7 +232,16 @@ class Kernel:
         return dispatcher
 
     def __call__(self, *args, parallel=True):
-        return self.build(parallel)(*args)
+        """Run the kernel; ``parallel`` is a request the launch policy may decline."""
+        if parallel and not _serial_only:
+            if _concurrent_launches():
+                return self.build(True)(*args)
+            if _launch_lock.acquire(blocking=False):
+                try:
+                    return self.build(True)(*args)
+                finally:
+                    _launch_lock.release()
+        return self.build(False)(*args)
 
 
 def kernel(py_func):
@@ -76,7 +260,11 @@ PARALLEL_MIN_ELEMENTS = 1 << 17
 
 
 def thread_plan(n_elements, n_items):
-    """(nthreads, parallel) for a kernel over n_elements split into n_items."""
+    """(nthreads, parallel) for a kernel over n_elements split into n_items.
+
+    ``parallel`` is a request: ``Kernel.__call__`` may run the serial build
+    (see ``launch_mode``) with the same ``nthreads`` split, hence the same result.
+    """
     if n_elements < PARALLEL_MIN_ELEMENTS or n_items < 2:
         return 1, False
     nthreads = min(numba.get_num_threads(), n_items)
