@@ -1,20 +1,34 @@
 """Per-channel (count, mean, m2) of a strided (outer, C, inner) view, one pass.
 
-Each thread walks its share of cache-sized blocks. Inside a block the moments
-come from a shifted two-pass sum (the block is in cache, so the second pass
-costs no memory traffic, and both passes vectorize); blocks are folded into the
-thread's running state with Chan et al.'s merge, and the per-thread states are
-merged serially at the end. Accumulation is float64 whatever the input dtype.
+One pass over memory, float64 accumulation, stable, vectorized:
+
+* Each thread walks a contiguous share of the work in memory order, keeping a
+  running (count, mean, m2) per channel in its own row of a state buffer; the
+  per-thread states are merged serially at the end (Chan et al.). Nothing is
+  shared between threads inside the parallel loop.
+* A block of data is summed once, shifted by the thread's running mean of its
+  channel (or, for a channel's first block, by one of the block's values):
+  ``s1 = sum(x - k)``, ``s2 = sum((x - k)**2)``. With k the running mean,
+  folding the block in is exact algebra (Chan's merge with the shift as the
+  old mean): ``mean += s1 / n``, ``m2 += s2 - s1**2 / n``. The cancellation in
+  ``s2 - s1**2 / n`` is bounded by ``(block mean - k)**2 / block variance``,
+  small because k tracks the channel's mean; the inner loop is a subtract and
+  two accumulations, which vectorizes (PyTorch found Welford's per-element
+  division 60% slower; a per-block two-pass costs half as many passes over the
+  cached block again).
+* A block holding inf or nan takes a slow exact path with NumPy's semantics.
 """
 import numpy as np
 from numba import prange
 
+from ._blocks import BLOCK, widen
 from ._jit import helper, kernel, thread_plan
 
-# Elements per block: small enough to stay in L1/L2 between the two passes.
-BLOCK = 4096
 # Rows per tile of the vertical (channels-last) reduction.
 COLUMN_TILE_ROWS = 256
+# Channels per tile of the vertical reduction: three float64 accumulators of
+# this width stay in L1.
+COLUMN_TILE_CHANNELS = 1024
 
 
 @helper
@@ -32,21 +46,46 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @helper
-def row_moments(row):
-    """(n, mean, m2) of a 1-D block in two in-cache passes."""
+def shifted_sums(row, k):
+    """(sum(row - k), sum((row - k)**2)) in float64: one vectorized pass."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(row.shape[0]):
+        d = np.float64(row[i]) - k
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@helper
+def exact_moments(row):
+    """(mean, m2) of a 1-D block in two passes, NumPy's inf/nan semantics (slow path)."""
     n = row.shape[0]
     total = 0.0
     for i in range(n):
         total += np.float64(row[i])
     mean = total / n
     sq = 0.0
-    resid = 0.0
     for i in range(n):
         d = np.float64(row[i]) - mean
         sq += d * d
-        resid += d
-    # resid is the rounding error of mean (exactly 0 in exact arithmetic).
-    return np.float64(n), mean, sq - resid * resid / n
+    return mean, sq
+
+
+@helper
+def fold_block(n_a, mean_a, m2_a, row):
+    """A channel's running (n, mean, m2) with the 1-D block ``row`` folded in."""
+    n_b = np.float64(row.shape[0])
+    if n_a == 0 or np.isfinite(mean_a):
+        # Shift by the running mean (or, first, by a value of the block).
+        k = mean_a if n_a > 0 else np.float64(row[0])
+        s1, s2 = shifted_sums(row, k)
+        if np.isfinite(s2) and np.isfinite(k):
+            n = n_a + n_b
+            return n, k + s1 / n, m2_a + (s2 - s1 * s1 / n)
+    # inf or nan in the block or the channel: exact, as NumPy.
+    mean_b, m2_b = exact_moments(row)
+    return chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
 
 
 @helper
@@ -68,28 +107,44 @@ def merge_threads(state):
 
 @kernel
 def moments_rows(x, nthreads):
-    """Moments over axes 0 and 2 of x[outer, C, inner]; rows x[o, c, :] in blocks."""
+    """Moments over axes 0 and 2 of x[outer, C, inner]; rows x[o, c, :] in blocks.
+
+    Work items are (row, block) pairs in memory order; thread t takes the
+    t-th contiguous share and walks it without any division per item.
+    """
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
     state = np.zeros((nthreads, 3, nchan))
     for t in prange(nthreads):
-        for item in range(t * n_items // nthreads, (t + 1) * n_items // nthreads):
-            row, blk = divmod(item, blocks_per_row)
-            o, c = divmod(row, nchan)
+        lo = t * n_items // nthreads
+        hi = (t + 1) * n_items // nthreads
+        row, blk = divmod(lo, blocks_per_row)
+        o, c = divmod(row, nchan)
+        n_a, mean_a, m2_a = state[t, 0, c], state[t, 1, c], state[t, 2, c]
+        for _ in range(lo, hi):
             start = blk * BLOCK
-            n_b, mean_b, m2_b = row_moments(x[o, c, start:min(n_inner, start + BLOCK)])
-            state[t, 0, c], state[t, 1, c], state[t, 2, c] = chan_merge(
-                state[t, 0, c], state[t, 1, c], state[t, 2, c], n_b, mean_b, m2_b
-            )
+            n_a, mean_a, m2_a = fold_block(n_a, mean_a, m2_a, x[o, c, start:min(n_inner, start + BLOCK)])
+            blk += 1
+            if blk == blocks_per_row:
+                blk = 0
+                state[t, 0, c], state[t, 1, c], state[t, 2, c] = n_a, mean_a, m2_a
+                c += 1
+                if c == nchan:
+                    c = 0
+                    o += 1
+                if o < n_outer:
+                    n_a, mean_a, m2_a = state[t, 0, c], state[t, 1, c], state[t, 2, c]
+        if blk != 0:
+            state[t, 0, c], state[t, 1, c], state[t, 2, c] = n_a, mean_a, m2_a
     return merge_threads(state)
 
 
 @helper
 def shifted_rows(x, r0, r1, c0, shift, s1, s2):
-    """Accumulate sum(x - shift) and sum((x - shift)**2) of rows r0:r1 per channel.
+    """Accumulate sum(x - shift) and sum((x - shift)**2) of rows r0:r1 per column.
 
-    Four rows per sweep so the per-channel accumulators are loaded and stored
+    Four rows per sweep so the per-column accumulators are loaded and stored
     once per four elements (they live in memory, not registers).
     """
     width = shift.shape[0]
@@ -117,27 +172,17 @@ def shifted_rows(x, r0, r1, c0, shift, s1, s2):
         r += 1
 
 
-@helper
-def column_sum(x, r0, r1, c):
-    total = 0.0
-    for r in range(r0, r1):
-        total += np.float64(x[r, c])
-    return total
-
-
 @kernel
 def moments_columns(x, nthreads):
     """Moments over axis 0 of x[rows, C] (a vertical reduction, channels-last).
 
-    Work items are tiles of (COLUMN_TILE_ROWS, <= 2048 channels) read row by row,
-    in memory order. Here the per-channel accumulators live in memory, so a
-    second pass would double the load/store traffic: each tile is instead one
-    pass of sums shifted by its first row, which is stable because the shift is
-    a data point of the tile: the relative error of m2 is below
-    COLUMN_TILE_ROWS * eps.
+    Work items are tiles of (COLUMN_TILE_ROWS, <= COLUMN_TILE_CHANNELS
+    columns), row-major, in memory order. Each tile is one pass of sums shifted
+    per column by the thread's running mean (its first row for a column's first
+    tile), folded in as in ``fold_block``.
     """
     n_rows, nchan = x.shape
-    tile_c = min(nchan, 2048)
+    tile_c = min(nchan, COLUMN_TILE_CHANNELS)
     ctiles = (nchan + tile_c - 1) // tile_c
     n_items = ((n_rows + COLUMN_TILE_ROWS - 1) // COLUMN_TILE_ROWS) * ctiles
     state = np.zeros((nthreads, 3, nchan))
@@ -152,31 +197,75 @@ def moments_columns(x, nthreads):
             c0 = ct * tile_c
             width = min(nchan, c0 + tile_c) - c0
             for j in range(width):
-                shift[j] = x[r0, c0 + j]
+                c = c0 + j
+                shift[j] = state[t, 1, c] if state[t, 0, c] > 0 else np.float64(x[r0, c])
                 s1[j] = 0.0
                 s2[j] = 0.0
             shifted_rows(x, r0, r1, c0, shift[:width], s1, s2)
             n_b = np.float64(r1 - r0)
             for j in range(width):
                 c = c0 + j
-                mean_b = shift[j] + s1[j] / n_b
-                if not np.isfinite(mean_b):
-                    # inf - inf poisons the shifted sum; NumPy's mean is the plain sum's.
-                    mean_b = column_sum(x, r0, r1, c) / n_b
-                state[t, 0, c], state[t, 1, c], state[t, 2, c] = chan_merge(
-                    state[t, 0, c], state[t, 1, c], state[t, 2, c],
-                    n_b, mean_b, s2[j] - s1[j] * s1[j] / n_b,
-                )
+                n_a = state[t, 0, c]
+                k = shift[j]
+                if np.isfinite(s2[j]) and np.isfinite(k):
+                    # k is the running mean (or, first, the tile's first value).
+                    n = n_a + n_b
+                    state[t, 0, c] = n
+                    state[t, 1, c] = k + s1[j] / n
+                    state[t, 2, c] = state[t, 2, c] + (s2[j] - s1[j] * s1[j] / n)
+                else:
+                    mean_b, m2_b = exact_moments(x[r0:r1, c])
+                    state[t, 0, c], state[t, 1, c], state[t, 2, c] = chan_merge(
+                        n_a, state[t, 1, c], state[t, 2, c], n_b, mean_b, m2_b)
     return merge_threads(state)
+
+
+@kernel
+def fold_columns(mean, m2, n_group, tail):
+    """Channel moments from regrouped columns: column g * C + c holds channel c.
+
+    ``mean``/``m2`` are the moments of ``n_group`` rows per column; ``tail``
+    is the (rows, C) remainder that did not fill a folded row.
+    """
+    nchan = tail.shape[1]
+    group = mean.shape[0] // nchan
+    out_mean = np.empty(nchan)
+    out_m2 = np.empty(nchan)
+    n_tail = np.float64(tail.shape[0])
+    for c in range(nchan):
+        n_a, mean_a, m2_a = 0.0, 0.0, 0.0
+        for g in range(group):
+            j = g * nchan + c
+            n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, np.float64(n_group), mean[j], m2[j])
+        if n_tail > 0:
+            mean_b, m2_b = exact_moments(tail[:, c])
+            n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_tail, mean_b, m2_b)
+        out_mean[c] = mean_a
+        out_m2[c] = m2_a
+    return out_mean, out_m2
+
+
+def column_moments(x):
+    """(mean[C], m2[C]) in float64 over axis 0 of a 2-D (rows, C) view.
+
+    Few channels: contiguous rows are regrouped into wide rows (``_blocks.widen``)
+    so that the vector loop runs across many columns; ``fold_columns`` merges the
+    k copies of each channel and the leftover rows afterwards.
+    """
+    n_rows, nchan = x.shape
+    k, (wide,), rest = widen(x)
+    nthreads, parallel = thread_plan(x.size, wide.shape[0])
+    mean, m2 = moments_columns(wide, nthreads, parallel=parallel)
+    if k == 1:
+        return mean, m2
+    return fold_columns(mean, m2, wide.shape[0], x[:0] if rest is None else rest[0], parallel=False)
 
 
 def channel_moments(x):
     """(mean[C], m2[C]) in float64 of a 3-D (outer, C, inner) view; count = outer*inner."""
     n_outer, nchan, n_inner = x.shape
     if n_inner == 1:
-        x2 = x[:, :, 0]
-        nthreads, parallel = thread_plan(x.size, n_outer)
-        return moments_columns(x2, nthreads, parallel=parallel)
+        return column_moments(x[:, :, 0])
     items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
     nthreads, parallel = thread_plan(x.size, items)
     return moments_rows(x, nthreads, parallel=parallel)

@@ -1,0 +1,1 @@
+"""Benchmark machinery shared by ``bench/`` (pytest-benchmark) and ``nbbn bench``."""

@@ -1,0 +1,76 @@
+"""Presenting benchmark results: the side-by-side table and the PNG chart."""
+
+CONTENDER_ORDER = ("floor", "nbbn", "numpy", "torch")
+
+
+def _ms(v):
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def _x(v):
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def table(results):
+    """A plain-text table: one line per case, times in ms, speed-ups and floor multiple."""
+    header = ["op", "shape", "layout", "dtype", "floor ms", "nbbn ms", "numpy ms", "torch ms",
+              "vs numpy", "vs torch", "x floor"]
+    rows = []
+    for r in results:
+        ms = r["ms"]
+        rows.append([
+            r["op"], "x".join(map(str, r["shape"])), r["layout"], r["dtype"],
+            *(_ms(ms.get(k)) for k in CONTENDER_ORDER),
+            _x(r.get("vs_numpy")), _x(r.get("vs_torch")), _x(r.get("x_floor")),
+        ])
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    left = 4  # text columns are left-aligned, numbers right-aligned
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [line(header), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in rows]
+    out.append("vs numpy / vs torch: their time / nbbn's (above 1: nbbn faster). "
+               "x floor: nbbn's time / the bandwidth floor's (plain Numba read/copy kernels "
+               "over the same bytes; 1 is the memory-speed limit).")
+    return "\n".join(out)
+
+
+class MatplotlibMissing(RuntimeError):
+    pass
+
+
+def plot(results, path, title="nbbn benchmark"):
+    """A grouped bar chart (log-scale ms per case and contender) written to ``path``."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise MatplotlibMissing(
+            "--plot needs matplotlib: pip install 'nbbn[plot]' (or pip install matplotlib)"
+        ) from exc
+    labels = [f"{r['op']}\n{'x'.join(map(str, r['shape']))} {r['layout']}\n{r['dtype']}" for r in results]
+    present = [c for c in CONTENDER_ORDER if any(c in r["ms"] for r in results)]
+    width = 0.8 / max(1, len(present))
+    colors = {"floor": "0.6", "nbbn": "tab:green", "numpy": "tab:blue", "torch": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(results) + 2), 5.0))
+    for k, name in enumerate(present):
+        xs = [i + (k - (len(present) - 1) / 2) * width for i in range(len(results))]
+        ys = [r["ms"].get(name, float("nan")) for r in results]
+        label = "bandwidth floor" if name == "floor" else name
+        ax.bar(xs, ys, width, label=label, color=colors.get(name))
+    ax.set_yscale("log")
+    ax.set_ylabel("milliseconds per call (median, lower is better)")
+    ax.set_xticks(range(len(results)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
