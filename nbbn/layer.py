@@ -98,6 +98,12 @@ class BatchNorm:
         return dx
 
     # ---- stages a subclass may extend (nbbn.distributed.SyncBatchNorm) ----------------------
+    # A synchronized subclass all-reduces between the stages: forward computes the batch
+    # statistics through ``_batch_stats`` and backward reduces its per-channel sums through
+    # ``_reduce_sums`` (both exchange host float64 vectors, C values). A device (CUDA) code
+    # path must go through both hooks too; set this True once it does, and SyncBatchNorm
+    # accepts CUDA arrays (until then it refuses them rather than normalize per shard).
+    _DEVICE_PATH_USES_HOOKS = False
 
     def _batch_stats(self, call):
         """``(count, mean, var)`` per channel of the batch: values per channel, float64

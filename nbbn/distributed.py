@@ -1,0 +1,233 @@
+"""Batch norm and statistics across processes: ``allreduce_moments``, ``SyncBatchNorm``.
+
+Every rank holds a shard of one batch (shards may be unequal or empty). Only
+small per-channel vectors cross between ranks:
+
+- forward: each rank's ``(count, mean, m2)`` per channel, all-gathered and
+  merged with Chan's formula in rank order, so every rank computes the same
+  bits from the same inputs;
+- backward: each rank's ``sum(dy)`` and ``sum(dy * (x - mean))`` per channel,
+  all-gathered and added in rank order.
+
+A communicator is anything with ``rank``, ``size`` and
+``allgather(a) -> (size, len(a))``, a 1-D float64 array from every rank in
+rank order (the same length on every rank). ``TorchComm`` adapts a
+``torch.distributed`` process group to it; an ``mpi4py`` communicator is
+wrapped automatically. Neither mpi4py nor PyTorch is imported by this module.
+
+Every rank must make the same calls in the same order (they are collective):
+a rank that raises before communicating leaves the others waiting.
+"""
+import numpy as np
+
+from . import batchnorm as bn
+from .layer import BatchNorm
+from .stats import Moments
+
+__all__ = ["SyncBatchNorm", "TorchComm", "allreduce_moments"]
+
+
+# ---- communicators -------------------------------------------------------------------------
+
+
+class _MPIComm:
+    """An mpi4py communicator through the buffer-based ``Allgather`` (no pickling)."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+
+    def allgather(self, a):
+        a = np.ascontiguousarray(a, np.float64)
+        out = np.empty((self.size, a.size), np.float64)
+        self.comm.Allgather(a, out)
+        return out
+
+
+class TorchComm:
+    """A ``torch.distributed`` process group as an nbbn communicator.
+
+    ``group=None`` is the default (world) group; ``torch.distributed`` must be
+    initialized. The CPU backend (gloo) exchanges CPU tensors; a NCCL group
+    exchanges them on the current CUDA device. Only C values per rank move.
+    """
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("TorchComm needs an initialized torch.distributed process group "
+                               "(torch.distributed.init_process_group)")
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self._device = None
+        if str(dist.get_backend(group)).lower() == "nccl":
+            import torch
+            self._device = torch.device("cuda", torch.cuda.current_device())
+
+    def allgather(self, a):
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(a, np.float64))
+        if self._device is not None:
+            t = t.to(self._device)
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        self._dist.all_gather(parts, t, group=self.group)
+        return np.stack([p.cpu().numpy() for p in parts]) if parts else np.empty((0, t.numel()))
+
+    def __repr__(self):
+        return f"TorchComm(rank={self.rank}, size={self.size})"
+
+
+def _as_comm(comm):
+    """The nbbn communicator for ``comm`` (mpi4py communicators are wrapped)."""
+    if isinstance(comm, (_MPIComm, TorchComm)):
+        return comm
+    if hasattr(comm, "Allgather") and hasattr(comm, "Get_rank") and hasattr(comm, "Get_size"):
+        return _MPIComm(comm)
+    if all(hasattr(comm, name) for name in ("rank", "size", "allgather")):
+        return comm
+    raise TypeError("comm must be an mpi4py communicator, a nbbn.distributed.TorchComm or an "
+                    "object with rank, size and allgather(array) -> (size, n) array; got "
+                    f"{type(comm).__name__}")
+
+
+def _gather(comm, a):
+    """All ranks' 1-D float64 ``a`` as a (size, len(a)) array, rank order."""
+    a = np.ascontiguousarray(a, np.float64).ravel()
+    rows = np.asarray(comm.allgather(a), np.float64)
+    if rows.shape != (comm.size, a.size):
+        raise ValueError(f"communicator returned shape {rows.shape} from allgather, expected "
+                         f"{(comm.size, a.size)} (do all ranks pass the same number of values?)")
+    return rows
+
+
+def _is_device(a):
+    """A CUDA array (``__cuda_array_interface__`` or Numba's simulator marker)."""
+    if a is None or isinstance(a, (np.ndarray, np.generic, list, tuple, int, float)):
+        return False
+    return hasattr(a, "__cuda_ndarray__") or hasattr(a, "__cuda_array_interface__")
+
+
+def _host(a):
+    """A float64 NumPy array of ``a``: host arrays as they are, GPU arrays copied to the host
+    (per-channel vectors only: C values)."""
+    if hasattr(a, "copy_to_host"):                      # Numba device array (also simulator)
+        a = a.copy_to_host()
+    elif hasattr(a, "__cuda_array_interface__"):
+        if hasattr(a, "get") and not hasattr(a, "detach"):    # CuPy
+            a = a.get()
+        elif hasattr(a, "detach"):                             # torch CUDA tensor
+            a = a.detach().cpu().numpy()
+        else:
+            from numba import cuda
+            a = cuda.as_cuda_array(a).copy_to_host()
+    return np.asarray(a, np.float64)
+
+
+# ---- collectives on statistics -------------------------------------------------------------
+
+
+def _allreduce_moments(m, comm):
+    """``Moments`` merged over ranks; per-element float64 arrays of m.mean's shape."""
+    mean = _host(m.mean)
+    shape = mean.shape
+    scalar_count = np.ndim(m.count) == 0 and not hasattr(m.count, "__cuda_array_interface__")
+    count = np.asarray(m.count, np.float64) if scalar_count else _host(m.count)
+    count = count.reshape(1) if scalar_count else np.broadcast_to(count, shape).ravel()
+    n_count = count.size
+    rows = _gather(comm, np.concatenate([count, mean.ravel(), _host(m.m2).ravel()]))
+    size = mean.size
+    parts = []
+    for row in rows:  # rank order: every rank merges the same values the same way
+        c = row[:n_count]
+        c = int(c[0]) if scalar_count else c.astype(np.int64).reshape(shape)
+        parts.append(Moments(c, row[n_count:n_count + size].reshape(shape),
+                             row[n_count + size:].reshape(shape)))
+    total = Moments.combine(parts)
+    count = int(total.count) if scalar_count else np.asarray(total.count, np.int64)
+    return Moments(count, total.mean, total.m2)
+
+
+def allreduce_moments(m, comm):
+    """The ``Moments`` of the union of every rank's data, on every rank (collective).
+
+    ``m`` is this rank's ``Moments`` (e.g. ``nbbn.moments(shard, axis=...)``);
+    its mean/m2 must have the same shape on every rank. Ranks may hold
+    unequal amounts of data or none (count 0): each rank's state is weighed
+    by its own count (Chan et al.), so the result is exact, and every rank
+    gets bit-identical values (merged in rank order). ``comm``: an mpi4py
+    communicator, a ``TorchComm`` or any object with ``rank``, ``size`` and
+    ``allgather``. GPU arrays in ``m`` are copied to the host (small vectors);
+    the result is on the host.
+    """
+    if not isinstance(m, Moments):
+        m = Moments(*m)
+    total = _allreduce_moments(m, _as_comm(comm))
+    if np.ndim(total.mean) == 0:
+        return Moments(total.count, total.mean[()], total.m2[()])
+    return total
+
+
+def _allreduce_sum(comm, *vectors):
+    """Elementwise sums over ranks of equally long float64 vectors, added in rank order."""
+    sizes = [v.size for v in vectors]
+    rows = _gather(comm, np.concatenate([_host(v).ravel() for v in vectors]))
+    total = rows[0].copy()
+    for row in rows[1:]:
+        total += row
+    return tuple(np.split(total, np.cumsum(sizes)[:-1]))
+
+
+# ---- the layer -----------------------------------------------------------------------------
+
+
+class SyncBatchNorm(BatchNorm):
+    """``BatchNorm`` whose batch is the union of every rank's shard.
+
+    Each rank calls ``forward``/``backward`` on its own shard (any size,
+    including empty); the statistics, the backward sums and the running
+    statistics' count are those of the whole batch, so every rank's output
+    shard, dx shard, ``grad_weight``/``grad_bias`` and running buffers equal
+    those of one ``BatchNorm`` on the concatenated batch (to rounding).
+    ``grad_weight``/``grad_bias`` are thus already summed over ranks: don't
+    all-reduce them again. Calls are collective: every rank must call
+    ``forward`` and ``backward`` in the same order and mode.
+
+    ``comm``: an mpi4py communicator, a ``TorchComm`` or any object with
+    ``rank``, ``size`` and ``allgather(array) -> (size, n)``.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, comm, axis=1, dtype=np.float32, device="cpu"):
+        comm = _as_comm(comm)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, axis=axis,
+                         dtype=dtype, device=device)
+        self.comm = comm
+
+    def __repr__(self):
+        return "Sync" + super().__repr__() + f" on {self.comm.size} ranks"
+
+    def forward(self, x):
+        if _is_device(x) and not self._DEVICE_PATH_USES_HOOKS:
+            # The synchronization lives in the _batch_stats/_reduce_sums hooks; a device
+            # code path that bypassed them would silently normalize with the local shard.
+            raise NotImplementedError("SyncBatchNorm: CUDA arrays are not synchronized by this "
+                                      "build's CUDA layer path yet; use host arrays")
+        return super().forward(x)
+
+    __call__ = forward
+
+    def _batch_stats(self, call):
+        total = _allreduce_moments(bn._local_moments(call), self.comm)
+        return (total.count, *bn._mean_var(total))
+
+    def _reduce_sums(self, sum_dy, sum_dy_xmu, batch_stats):
+        # dx needs the batch's sums when the statistics came from the batch; the
+        # parameter gradients always do. Same decision on every rank (configuration).
+        if not batch_stats and self.weight is None:
+            return sum_dy, sum_dy_xmu
+        return _allreduce_sum(self.comm, sum_dy, sum_dy_xmu)
