@@ -312,3 +312,13 @@ def test_mpi_example():
            str(ROOT / "examples" / "sync_bn_mpi.py")]
     rc, out = _run_bounded(cmd, _local_env(**MPI_ENV))
     assert rc == 0 and "largest difference" in out, out
+
+
+def test_submodules_load_on_first_use():
+    code = ("import sys, nbbn; assert 'nbbn.distributed' not in sys.modules; "
+            "print(nbbn.distributed.SyncBatchNorm.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=TIMEOUT, check=True)
+    assert out.stdout.strip() == "SyncBatchNorm"
+    with pytest.raises(AttributeError):
+        nbbn.no_such_thing  # noqa: B018
