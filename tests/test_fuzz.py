@@ -192,9 +192,20 @@ def test_byteswapped_float16():
     np.testing.assert_allclose(nbbn.var(a, axis=0), np.var(a.astype(np.float64), axis=0))
 
 
-@pytest.mark.xfail(strict=True, reason="channels-last kernel: s2 - s1*s1/n is inf - inf = nan "
-                                       "when squares overflow; NumPy gives inf")
-def test_overflowing_squares_give_inf_channels_last():
+@pytest.mark.parametrize("shape,axis", [((3000, 4), 0), ((4, 3000), 1), ((30, 4, 100), (0, 2))])
+def test_overflowing_squares_give_inf(shape, axis):
+    """Squares overflow float64 but sums do not: var is inf, as NumPy's."""
+    x = np.random.default_rng(0).standard_normal(shape) * 1e200
+    with np.errstate(over="ignore"):
+        want = np.var(x, axis=axis)
+    assert np.isposinf(want).all()
+    np.testing.assert_array_equal(nbbn.var(x, axis=axis), want)
+    np.testing.assert_allclose(nbbn.mean(x, axis=axis), np.mean(x, axis=axis), rtol=1e-9)
+
+
+@pytest.mark.xfail(strict=True, reason="sums overflow float64 (|x| near 1e307): NumPy's var is "
+                                       "inf; nbbn's merge of infinite partial means gives nan")
+def test_overflowing_sums():
     x = np.random.default_rng(0).standard_normal((3000, 4)) * (np.finfo(np.float64).max / 16)
     with np.errstate(over="ignore"):
         want = np.var(x, axis=0)

@@ -40,8 +40,12 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
         return n_b, mean_b, m2_b
     n = n_a + n_b
     delta = mean_b - mean_a
-    # The weighted form keeps mean exact for constant data and +-inf for inf data.
-    mean = (n_a * mean_a + n_b * mean_b) / n
+    if delta == 0:  # exact for constant data
+        mean = mean_a
+    elif np.isfinite(delta):  # weights <= 1: no overflow near the float64 limit
+        mean = mean_a + delta * (n_b / n)
+    else:  # inf/nan data: NumPy's (sum / n) semantics
+        mean = (n_a * mean_a + n_b * mean_b) / n
     return n, mean, m2_a + m2_b + delta * delta * (n_a * n_b / n)
 
 
