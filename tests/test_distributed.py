@@ -322,3 +322,22 @@ def test_submodules_load_on_first_use():
     assert out.stdout.strip() == "SyncBatchNorm"
     with pytest.raises(AttributeError):
         nbbn.no_such_thing  # noqa: B018
+
+
+def test_allreduce_moments_of_device_arrays():
+    """GPU-side Moments (the CUDA simulator in tests) cross as small host vectors."""
+    cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    if not cuda.is_available():
+        pytest.skip("no CUDA device and the simulator is off (NUMBA_ENABLE_CUDASIM=1)")
+    x = np.random.default_rng(1).standard_normal((7, 3))
+    want = nbbn.moments(x, axis=0)
+
+    def rank_fn(comm, rank):
+        part = nbbn.moments(x[[0, 1, 2], :] if rank == 0 else x[3:], axis=0)
+        on_device = nbbn.Moments(part.count, cuda.to_device(part.mean), cuda.to_device(part.m2))
+        return allreduce_moments(on_device, comm)
+
+    for got in ThreadGroup(2).run(rank_fn):
+        assert got.count == 7
+        np.testing.assert_allclose(got.mean, want.mean, rtol=1e-14)
+        np.testing.assert_allclose(got.m2, want.m2, rtol=1e-12)
