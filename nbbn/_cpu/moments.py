@@ -7,7 +7,7 @@ One pass over memory, float64 accumulation, stable, vectorized:
   per-thread states are merged serially at the end (Chan et al.). Nothing is
   shared between threads inside the parallel loop.
 * A block of data is summed once, shifted by the thread's running mean of its
-  channel (or, for a channel's first block, by one of the block's values):
+  channel (or, for a channel's first block, by the block's own mean):
   ``s1 = sum(x - k)``, ``s2 = sum((x - k)**2)``. With k the running mean,
   folding the block in is exact algebra (Chan's merge with the shift as the
   old mean): ``mean += s1 / n``, ``m2 += s2 - s1**2 / n``. The cancellation in
@@ -62,13 +62,18 @@ def shifted_sums(row, k):
 
 
 @helper
+def block_mean(row):
+    total = 0.0
+    for i in range(row.shape[0]):
+        total += np.float64(row[i])
+    return total / row.shape[0]
+
+
+@helper
 def exact_moments(row):
     """(mean, m2) of a 1-D block in two passes, NumPy's inf/nan semantics (slow path)."""
     n = row.shape[0]
-    total = 0.0
-    for i in range(n):
-        total += np.float64(row[i])
-    mean = total / n
+    mean = block_mean(row)
     sq = 0.0
     for i in range(n):
         d = np.float64(row[i]) - mean
@@ -81,8 +86,9 @@ def fold_block(n_a, mean_a, m2_a, row):
     """A channel's running (n, mean, m2) with the 1-D block ``row`` folded in."""
     n_b = np.float64(row.shape[0])
     if n_a == 0 or np.isfinite(mean_a):
-        # Shift by the running mean (or, first, by a value of the block).
-        k = mean_a if n_a > 0 else np.float64(row[0])
+        # Shift by the running mean (or, first, by the block's own mean: one
+        # extra in-cache pass per channel and thread buys full accuracy).
+        k = mean_a if n_a > 0 else block_mean(row)
         s1, s2 = shifted_sums(row, k)
         if np.isfinite(s2) and np.isfinite(k):
             n = n_a + n_b
@@ -176,6 +182,19 @@ def shifted_rows(x, r0, r1, c0, shift, s1, s2):
         r += 1
 
 
+@helper
+def column_means(x, r0, r1, c0, out):
+    """out[j] = mean of x[r0:r1, c0 + j], accumulated row by row (vectorized across j)."""
+    width = out.shape[0]
+    out[:] = 0.0
+    for r in range(r0, r1):
+        a = x[r, c0:c0 + width]
+        for j in range(width):
+            out[j] += np.float64(a[j])
+    for j in range(width):
+        out[j] /= r1 - r0
+
+
 @kernel
 def moments_columns(x, nthreads):
     """Moments over axis 0 of x[rows, C] (a vertical reduction, channels-last).
@@ -200,11 +219,13 @@ def moments_columns(x, nthreads):
             r1 = min(n_rows, r0 + COLUMN_TILE_ROWS)
             c0 = ct * tile_c
             width = min(nchan, c0 + tile_c) - c0
-            for j in range(width):
-                c = c0 + j
-                shift[j] = state[t, 1, c] if state[t, 0, c] > 0 else np.float64(x[r0, c])
-                s1[j] = 0.0
-                s2[j] = 0.0
+            if state[t, 0, c0] > 0:  # shift by the running means
+                for j in range(width):
+                    shift[j] = state[t, 1, c0 + j]
+            else:  # these columns' first tile: shift by its own means (one in-cache pass)
+                column_means(x, r0, r1, c0, shift[:width])
+            s1[:width] = 0.0
+            s2[:width] = 0.0
             shifted_rows(x, r0, r1, c0, shift[:width], s1, s2)
             n_b = np.float64(r1 - r0)
             for j in range(width):
