@@ -60,6 +60,21 @@ def kept_shape(shape, axes, keepdims):
     return tuple(n for i, n in enumerate(shape) if i not in axes)
 
 
+def _merged_dims(dims):
+    """(size, stride) of dims (outermost first) merged into one, or None if strides forbid."""
+    size, stride = 1, 0
+    for n, s in reversed(dims):
+        if n == 1:
+            continue
+        if size == 1:
+            size, stride = n, s
+        elif s == stride * size:
+            size *= n
+        else:
+            return None
+    return size, stride
+
+
 class Layout:
     """An axis order that maps every array of one shape onto ``(outer, C, inner)``.
 
@@ -71,8 +86,9 @@ class Layout:
     """
 
     def __init__(self, a, axes):
-        self.shape = a.shape
-        kept = [i for i in range(a.ndim) if i not in axes]
+        """``a``: anything with ``shape`` and byte ``strides`` (NumPy, Numba device arrays)."""
+        self.shape = tuple(a.shape)
+        kept = [i for i in range(len(self.shape)) if i not in axes]
         c_stride = min((abs(a.strides[i]) for i in kept if a.shape[i] > 1), default=np.inf)
         red = sorted(axes, key=lambda i: -abs(a.strides[i]))
         outer = [i for i in red if abs(a.strides[i]) >= c_stride]
@@ -80,6 +96,14 @@ class Layout:
         self.order = tuple(outer + kept + inner)
         self.groups = (tuple(outer), tuple(kept), tuple(inner))
         self.shape3 = tuple(math.prod(a.shape[i] for i in g) for g in self.groups)
+
+    def strides3(self, a):
+        """Byte strides of the 3-D view of ``a`` (shaped like the source, given by its
+        ``shape`` and ``strides``: device arrays too), or None where no view exists."""
+        merged = [_merged_dims([(a.shape[i], a.strides[i]) for i in g]) for g in self.groups]
+        if any(m is None for m in merged):
+            return None
+        return tuple(m[1] for m in merged)
 
     def view(self, a, writeable=False):
         """The 3-D view of ``a`` (of this layout's shape); one copy where strides forbid a view.
@@ -112,6 +136,17 @@ def flip_reduced(a, axes):
                    for i, s in enumerate(a.strides))]
 
 
+def flipped_strides(shape, strides, axes):
+    """``flip_reduced`` on metadata: (strides, byte offset of the flipped view's first element)."""
+    offset = 0
+    new = list(strides)
+    for i, (n, st) in enumerate(zip(shape, strides)):
+        if i in axes and st < 0 and n > 0:
+            offset += (n - 1) * st
+            new[i] = -st
+    return tuple(new), offset
+
+
 def three_d(a, axes):
     """The read-only (outer, C, inner) view of ``a`` reducing ``axes``."""
     a = flip_reduced(a, axes)
@@ -122,10 +157,7 @@ def check_out(out, shape, dtype, name="out"):
     """Validate an ``out=`` array for a result of ``shape``/``dtype``."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
-    if out.shape != tuple(shape):
-        raise ValueError(f"{name} has shape {out.shape}, expected {tuple(shape)}")
-    if not np.can_cast(dtype, out.dtype, "same_kind"):
-        raise ConflictError(f"{name} has dtype {out.dtype}, cannot hold a {np.dtype(dtype)} result")
+    check_out_shape_dtype(out.shape, out.dtype, shape, dtype, name)
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     return out
@@ -134,11 +166,17 @@ def check_out(out, shape, dtype, name="out"):
 # ---- batch-norm argument rules -------------------------------------------------------------
 
 
+def check_float_dtype(dtype, name):
+    """Batch-norm inputs are float16/32/64: integer and bool are TypeErrors."""
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f" or dtype.itemsize > 8:
+        raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {dtype}")
+
+
 def float_array(a, name):
     """A floating-point array (batch-norm inputs: integer and bool are TypeErrors)."""
     a = as_array(a, name)
-    if a.dtype.kind != "f" or a.dtype.itemsize > 8:
-        raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {a.dtype}")
+    check_float_dtype(a.dtype, name)
     return a
 
 
@@ -155,12 +193,18 @@ def channel_vector(p, name, nchan):
     if p is None:
         return None
     p = float_array(p, name)
-    if nchan is None and p.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, one value per channel; got shape {p.shape}")
-    if nchan is not None and p.shape != (nchan,):
-        raise ValueError(f"{name} must have shape ({nchan},), one value per channel; "
-                         f"got shape {p.shape}")
+    check_channel_shape(p.shape, name, nchan)
     return p
+
+
+def check_channel_shape(shape, name, nchan):
+    """A per-channel vector's shape: (nchan,), or any 1-D shape if nchan is None."""
+    shape = tuple(shape)
+    if nchan is None and len(shape) != 1:
+        raise ValueError(f"{name} must be 1-D, one value per channel; got shape {shape}")
+    if nchan is not None and shape != (nchan,):
+        raise ValueError(f"{name} must have shape ({nchan},), one value per channel; "
+                         f"got shape {shape}")
 
 
 def running_buffer(p, name, nchan):
@@ -192,9 +236,22 @@ def check_out_exact(out, shape, dtype, name="out"):
     """``out=`` of a batch-norm function: exactly the result's shape and dtype, writable."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
-    if out.shape != tuple(shape) or out.dtype != dtype:
-        raise ValueError(f"{name} must have shape {tuple(shape)} and dtype {np.dtype(dtype)}, "
-                         f"got shape {out.shape} and dtype {out.dtype}")
+    check_exact_shape_dtype(out.shape, out.dtype, shape, dtype, name)
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     return out
+
+
+def check_out_shape_dtype(out_shape, out_dtype, shape, dtype, name="out"):
+    """A reduction's ``out=``: the result's shape, a dtype it can be cast to (same kind)."""
+    if tuple(out_shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(out_shape)}, expected {tuple(shape)}")
+    if not np.can_cast(dtype, out_dtype, "same_kind"):
+        raise ConflictError(f"{name} has dtype {out_dtype}, cannot hold a {np.dtype(dtype)} result")
+
+
+def check_exact_shape_dtype(out_shape, out_dtype, shape, dtype, name="out"):
+    """A batch-norm function's ``out=``: exactly the result's shape and dtype."""
+    if tuple(out_shape) != tuple(shape) or np.dtype(out_dtype) != dtype:
+        raise ValueError(f"{name} must have shape {tuple(shape)} and dtype {np.dtype(dtype)}, "
+                         f"got shape {tuple(out_shape)} and dtype {out_dtype}")

@@ -8,7 +8,7 @@ is computed or written, so a call that raises changes nothing.
 """
 import numpy as np
 
-from . import _layout
+from . import _dispatch, _layout
 from ._cpu.backward import backward_sums, grad_input
 from ._cpu.ema import ema
 from ._cpu.moments import channel_moments
@@ -130,6 +130,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     given, updates them in place with the unbiased batch variance. Evaluation
     normalizes with the running buffers.
     """
+    if _dispatch.on_device(x=x, running_mean=running_mean, running_var=running_var,
+                           weight=weight, bias=bias, out=out):
+        return _dispatch.cuda().batch_norm(x, running_mean, running_var, weight, bias, training,
+                                           momentum, eps, axis, out)
     call = _Call(x, axis)
     weight = call.vector(weight, "weight")
     bias = call.vector(bias, "bias")
@@ -155,6 +159,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
 
 def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
     """Training-mode forward: ``(y, mean, var)`` with the batch statistics (var biased)."""
+    if _dispatch.on_device(x=x, weight=weight, bias=bias, out=out):
+        return _dispatch.cuda().batch_norm_forward(x, weight, bias, eps, axis, out)
     call = _Call(x, axis)
     weight = call.vector(weight, "weight")
     bias = call.vector(bias, "bias")
@@ -225,6 +231,8 @@ def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=
     ``mean``/``var`` are the batch statistics ``batch_norm_forward`` returned
     (var biased); dweight/dbias are None when weight is None.
     """
+    if _dispatch.on_device(dy=dy, x=x, mean=mean, var=var, weight=weight, out=out):
+        return _dispatch.cuda().batch_norm_backward(dy, x, mean, var, weight, eps, axis, out)
     call = _Call(x, axis)
     mean = call.vector(mean, "mean")
     var = call.vector(var, "var")
@@ -255,6 +263,10 @@ def ema_update(running_mean, running_var, mean, var, count, momentum=0.1, *, unb
     count / (count - 1). Keras/Flax's ``momentum=0.99`` is ``momentum=0.01,
     unbiased=False`` here.
     """
+    if _dispatch.on_device(running_mean=running_mean, running_var=running_var, mean=mean,
+                           var=var):
+        return _dispatch.cuda().ema_update(running_mean, running_var, mean, var, count,
+                                           momentum, unbiased)
     running_mean = _layout.running_buffer(running_mean, "running_mean", None)
     nchan = running_mean.shape[0]
     running_var = _layout.running_buffer(running_var, "running_var", nchan)
@@ -282,6 +294,9 @@ def _fold64(running_mean, running_var, weight, bias, eps):
 
 def fold(running_mean, running_var, weight=None, bias=None, eps=1e-5):
     """Inference batch norm as ``y = x * scale + shift``: returns ``(scale, shift)``."""
+    if _dispatch.on_device(running_mean=running_mean, running_var=running_var, weight=weight,
+                           bias=bias):
+        return _dispatch.cuda().fold(running_mean, running_var, weight, bias, eps)
     scale, shift, dtype = _fold64(running_mean, running_var, weight, bias, eps)
     return scale.astype(dtype), shift.astype(dtype)
 
@@ -293,6 +308,9 @@ def fold_into(w, b, running_mean, running_var, weight=None, bias=None, eps=1e-5)
     ``[out, in]``); ``b`` may be None. Returns new ``(w_folded, b_folded)`` with
     ``conv(x, w_folded) + b_folded == batch_norm(conv(x, w) + b)``.
     """
+    if _dispatch.on_device(w=w, b=b, running_mean=running_mean, running_var=running_var,
+                           weight=weight, bias=bias):
+        return _dispatch.cuda().fold_into(w, b, running_mean, running_var, weight, bias, eps)
     w = _layout.float_array(w, "w")
     scale, shift, _ = _fold64(running_mean, running_var, weight, bias, eps)
     nchan = scale.shape[0]

@@ -1,7 +1,7 @@
 """``BatchNorm``: a batch-norm layer for custom trainers, state-dict compatible with PyTorch."""
 import numpy as np
 
-from . import _layout
+from . import _dispatch, _layout
 from . import batchnorm as bn
 
 
@@ -21,8 +21,8 @@ class BatchNorm:
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if device != "cpu":
-            raise ValueError(f"device must be 'cpu', got {device!r}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         dtype = np.dtype(dtype)
         if dtype.kind != "f":
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
@@ -45,6 +45,9 @@ class BatchNorm:
         self.training = True
         self.grad_weight = self.grad_bias = None
         self._saved = None
+        self.device = device
+        if device == "cuda":  # parameters and running buffers live on the GPU
+            _dispatch.cuda().layer_to_device(self)
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -62,6 +65,8 @@ class BatchNorm:
         return self.training or not self.track_running_stats
 
     def forward(self, x):
+        if _dispatch.on_device(x=x, weight=self.weight, running_mean=self.running_mean):
+            return _dispatch.cuda().layer_forward(self, x)
         call = bn._Call(x, self.axis)
         if call.nchan != self.num_features:
             raise ValueError(f"x has {call.nchan} channels on axis {self.axis}, expected "
@@ -86,6 +91,8 @@ class BatchNorm:
 
     def backward(self, dy):
         """dx for the last ``forward``; sets ``grad_weight`` and ``grad_bias``."""
+        if _dispatch.on_device(dy=dy, weight=self.weight, x=getattr(self._saved, "x", None)):
+            return _dispatch.cuda().layer_backward(self, dy)
         if self._saved is None:
             raise RuntimeError("backward called before forward")
         call, mean, invstd, batch_stats, count = self._saved
@@ -127,10 +134,14 @@ class BatchNorm:
 
     def state_dict(self):
         """Copies of the parameters and buffers under ``torch.nn.BatchNorm2d``'s keys."""
+        if self.device == "cuda":
+            return _dispatch.cuda().layer_state_dict(self)
         return {name: getattr(self, name).copy() for name in self._state_names()}
 
     def load_state_dict(self, state_dict, strict=True):
         """Load a state dict (e.g. a PyTorch one converted to NumPy); all-or-nothing."""
+        if self.device == "cuda":
+            return _dispatch.cuda().layer_load_state_dict(self, state_dict, strict)
         names = self._state_names()
         missing = [k for k in names if k not in state_dict and k != "num_batches_tracked"]
         unexpected = [k for k in state_dict if k not in names]

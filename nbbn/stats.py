@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _layout
+from . import _dispatch, _layout
 from ._cpu.moments import channel_moments
 
 _UNSET = object()
@@ -122,6 +122,8 @@ def _finish(values, a, axes, keepdims, dtype, out):
 def mean(a, axis=None, dtype=None, out=None, keepdims=False, *, where=_UNSET):
     """Arithmetic mean along ``axis``; drop-in for ``numpy.mean`` (float64 accumulation)."""
     _reject("where", where)
+    if _dispatch.on_device(a=a, out=out):
+        return _dispatch.cuda().mean(a, axis, dtype, out, keepdims)
     a = _layout.as_array(a, "a")
     if _numpy_fallback(a, dtype):
         return np.mean(a, axis=axis, dtype=dtype, out=out, keepdims=keepdims)
@@ -133,8 +135,10 @@ def mean(a, axis=None, dtype=None, out=None, keepdims=False, *, where=_UNSET):
 
 def mean_var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=None):
     """(mean, var) along ``axis`` from one pass over ``a``."""
-    a = _layout.as_array(a, "a")
     ddof = _ddof(ddof, correction)
+    if _dispatch.on_device(a=a):
+        return _dispatch.cuda().mean_var(a, axis, dtype, ddof, keepdims)
+    a = _layout.as_array(a, "a")
     if _numpy_fallback(a, dtype):
         return (np.mean(a, axis=axis, dtype=dtype, keepdims=keepdims),
                 np.var(a, axis=axis, dtype=dtype, ddof=ddof, keepdims=keepdims))
@@ -160,8 +164,10 @@ def std(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *,
 def _var_or_std(a, axis, dtype, out, ddof, keepdims, where, mean_, correction, op):
     _reject("where", where)
     _reject("mean", mean_)
-    a = _layout.as_array(a, "a")
     ddof = _ddof(ddof, correction)
+    if _dispatch.on_device(a=a, out=out):
+        return _dispatch.cuda().var_or_std(a, axis, dtype, out, ddof, keepdims, op)
+    a = _layout.as_array(a, "a")
     if _numpy_fallback(a, dtype):
         return getattr(np, op)(a, axis=axis, dtype=dtype, out=out, ddof=ddof, keepdims=keepdims)
     count, axes, _, m2 = _reduce(a, axis)
@@ -173,6 +179,8 @@ def _var_or_std(a, axis, dtype, out, ddof, keepdims, where, mean_, correction, o
 
 def moments(a, axis=None, keepdims=False):
     """The mergeable ``Moments(count, mean, m2)`` of ``a`` along ``axis`` (float64)."""
+    if _dispatch.on_device(a=a):
+        return _dispatch.cuda().moments_(a, axis, keepdims)
     a = _layout.as_array(a, "a")
     if a.dtype.kind not in _layout.KERNEL_KINDS or a.dtype.itemsize > 8:
         raise TypeError(f"moments needs real numeric input, got dtype {a.dtype}")

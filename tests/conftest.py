@@ -1,4 +1,8 @@
+# The CUDA tests run in Numba's CUDA simulator unless told otherwise (a real GPU:
+# NUMBA_ENABLE_CUDASIM=0). It must be set before numba is imported, hence first.
 import os
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import numpy as np
 import pytest

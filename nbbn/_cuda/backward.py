@@ -1,0 +1,143 @@
+"""Batch-norm backward on the device: one fused reduction, then one elementwise pass.
+
+Reduction: per channel ``sum(dy)`` and ``sum(dy * (x - mean))``, per thread in
+the accumulation dtype over the same grid-stride walk as the statistics, per
+block in float64 (``launch.block_sum2``), per channel over the blocks'
+partials in ``finalize_backward``, which also forms dx's coefficients and
+dweight/dbias. Elementwise: ``dx = g[c]*dy + h[c]*(x - mean[c]) + k[c]``, as
+the CPU path (h = k = 0 for running statistics).
+"""
+from numba import cuda, float64
+
+from .launch import block_sum2
+from .normalize import inv_sqrt
+
+# finalize_backward flags
+HAS_WEIGHT, BATCH_STATS, WRITE_GRADS = 1, 2, 4
+
+
+@cuda.jit
+def sums_rows(dy, x, mean, zero, bx, partial):
+    """x, dy [outer, C, inner]: the walk of ``moments.moments_rows``; partial[:, block, c]."""
+    n_outer, nchan, n_inner = x.shape
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    ntx = cuda.blockDim.x
+    nty = cuda.blockDim.y
+    tid = ty * ntx + tx
+    b = cuda.blockIdx.x
+    by = cuda.gridDim.x // bx
+    o0 = (b // bx) * nty + ty
+    ostep = by * nty
+    i0 = (b % bx) * ntx + tx
+    istep = bx * ntx
+    for c in range(cuda.blockIdx.y, nchan, cuda.gridDim.y):
+        m = zero + mean[c]
+        s_dy = zero
+        s_dxm = zero
+        for o in range(o0, n_outer, ostep):
+            for i in range(i0, n_inner, istep):
+                g = zero + dy[o, c, i]
+                s_dy += g
+                s_dxm += g * ((zero + x[o, c, i]) - m)
+        s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, ntx * nty, 1)
+        if tid == 0:
+            partial[0, b, c] = s_dy
+            partial[1, b, c] = s_dxm
+
+
+@cuda.jit
+def sums_columns(dy, x, mean, zero, partial):
+    """x, dy [rows, C], channels-last: the walk of ``moments.moments_columns``."""
+    n_rows, nchan = x.shape
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    ntx = cuda.blockDim.x
+    nty = cuda.blockDim.y
+    tid = ty * ntx + tx
+    part = cuda.blockIdx.y
+    r0 = part * nty + ty
+    rstep = cuda.gridDim.y * nty
+    for c0 in range(cuda.blockIdx.x * ntx, nchan, cuda.gridDim.x * ntx):
+        c = c0 + tx
+        s_dy = zero
+        s_dxm = zero
+        if c < nchan:
+            m = zero + mean[c]
+            for r in range(r0, n_rows, rstep):
+                g = zero + dy[r, c]
+                s_dy += g
+                s_dxm += g * ((zero + x[r, c]) - m)
+        s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, ntx * nty, ntx)
+        if tid < ntx and c < nchan:
+            partial[0, part, c] = s_dy
+            partial[1, part, c] = s_dxm
+
+
+@cuda.jit
+def finalize_backward(partial, count, var, weight, flags, eps, coef, dweight, dbias):
+    """Per channel: the sums over the blocks' partials, dx's coefficients coef[:, c] =
+    (g, h, k) and, with WRITE_GRADS, dweight[c] = sum(dy*(x-mean))*invstd, dbias[c] = sum(dy)."""
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    for c in range(cuda.blockIdx.x, partial.shape[2], cuda.gridDim.x):
+        s_dy = 0.0
+        s_dxm = 0.0
+        for p in range(tid, partial.shape[1], nthreads):
+            s_dy += partial[0, p, c]
+            s_dxm += partial[1, p, c]
+        s_dy, s_dxm = block_sum2(s_dy, s_dxm, tid, nthreads, 1)
+        if tid == 0:
+            invstd = inv_sqrt(float64(var[c]) + eps)
+            g = invstd * (float64(weight[c]) if flags & HAS_WEIGHT else 1.0)
+            h = 0.0
+            k = 0.0
+            if flags & BATCH_STATS and count > 0:
+                # The mean and variance depend on x too: their gradients, folded per channel.
+                h = -g * invstd * invstd * s_dxm / count
+                k = -g * s_dy / count
+            coef[0, c] = g
+            coef[1, c] = h
+            coef[2, c] = k
+            if flags & WRITE_GRADS:
+                dweight[c] = s_dxm * invstd
+                dbias[c] = s_dy
+
+
+@cuda.jit
+def dx_rows(dy, x, mean, coef, zero, dx):
+    """dx[outer, C, inner], threads as ``normalize.affine_rows``."""
+    n_outer, nchan, n_inner = x.shape
+    i0 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    istep = cuda.gridDim.x * cuda.blockDim.x
+    r0 = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+    rstep = cuda.gridDim.y * cuda.blockDim.y
+    for r in range(r0, n_outer * nchan, rstep):
+        o = r // nchan
+        c = r - o * nchan
+        m = zero + mean[c]
+        g = coef[0, c]
+        h = coef[1, c]
+        k = coef[2, c]
+        for i in range(i0, n_inner, istep):
+            dx[o, c, i] = g * (zero + dy[o, c, i]) + h * ((zero + x[o, c, i]) - m) + k
+
+
+@cuda.jit
+def dx_columns(dy, x, mean, coef, zero, dx):
+    """dx[rows, C], channels-last, threads as ``normalize.affine_columns``."""
+    n_rows, nchan = x.shape
+    c0 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    cstep = cuda.gridDim.x * cuda.blockDim.x
+    r0 = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+    rstep = cuda.gridDim.y * cuda.blockDim.y
+    for c in range(c0, nchan, cstep):
+        m = zero + mean[c]
+        g = coef[0, c]
+        h = coef[1, c]
+        k = coef[2, c]
+        for r in range(r0, n_rows, rstep):
+            dx[r, c] = g * (zero + dy[r, c]) + h * ((zero + x[r, c]) - m) + k
+
+
+KERNELS = ("sums_rows", "sums_columns", "finalize_backward", "dx_rows", "dx_columns")
