@@ -37,7 +37,7 @@ def as_array(a, name):
 
 def kernel_input(a):
     """A native-byte-order array of a dtype the kernels read (widening float16)."""
-    if a.dtype == np.float16:
+    if a.dtype.kind == "f" and a.dtype.itemsize == 2:  # float16, either byte order
         return a.astype(np.float32)
     if not a.dtype.isnative:
         return a.astype(a.dtype.newbyteorder("="))

@@ -184,9 +184,6 @@ def test_statistics_match_the_reference(case, keepdims, ddof):
     assert a.tobytes() == before.tobytes()
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="_layout.kernel_input widens only native float16; a byte-swapped "
-                          "one reaches Numba as float16 (fix: test dtype.kind/itemsize)")
 def test_byteswapped_float16():
     a = np.arange(6, dtype=">f2").reshape(2, 3)
     np.testing.assert_allclose(nbbn.var(a, axis=0), np.var(a.astype(np.float64), axis=0))
