@@ -26,10 +26,14 @@ class Moments(NamedTuple):
         """The moments of the union of the data behind ``self`` and ``other``."""
         n_a, n_b = np.asarray(self.count), np.asarray(other.count)
         n = n_a + n_b
-        with np.errstate(invalid="ignore", divide="ignore"):
+        mean_a, mean_b = np.asarray(self.mean, np.float64), np.asarray(other.mean, np.float64)
+        # The same cases as the kernels' _math.chan_merge, elementwise.
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             n_safe = np.where(n == 0, 1, n).astype(np.float64)
-            delta = np.asarray(other.mean, np.float64) - self.mean
-            mean = (n_a * np.asarray(self.mean, np.float64) + n_b * np.asarray(other.mean, np.float64)) / n_safe
+            delta = mean_b - mean_a
+            mean = np.where(delta == 0, mean_a,
+                            np.where(np.isfinite(delta), mean_a + delta * (n_b / n_safe),
+                                     (n_a * mean_a + n_b * mean_b) / n_safe))
             m2 = np.asarray(self.m2, np.float64) + other.m2 + delta * delta * (n_a * (n_b / n_safe))
         # An empty side contributes nothing (its mean is nan, not a number to weigh).
         mean = np.where(n_b == 0, self.mean, np.where(n_a == 0, other.mean, mean))
@@ -95,8 +99,8 @@ def _reduce(a, axis):
     n_outer, n_chan, n_inner = x3.shape
     count = n_outer * n_inner
     if count == 0 or n_chan == 0:
-        mean = np.full(n_chan, np.nan)
-        m2 = np.full(n_chan, np.nan)
+        mean = np.full(n_chan, np.nan)  # NumPy's mean of nothing
+        m2 = np.zeros(n_chan)  # a sum over nothing
     else:
         mean, m2 = channel_moments(x3)
     return count, axes, mean, m2
