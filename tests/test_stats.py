@@ -268,6 +268,7 @@ def test_moments_of_parts_merge_to_the_whole(rng):
         folded = folded.merge(p)
     np.testing.assert_allclose(folded.m2, whole.m2, rtol=1e-12)
     empty = nbbn.moments(x[:0], axis=(0, 2))
+    assert empty.count == 0 and np.all(np.isnan(empty.mean)) and np.all(empty.m2 == 0)
     same = whole.merge(empty)
     np.testing.assert_array_equal(same.mean, whole.mean)
     np.testing.assert_array_equal(empty.merge(whole).m2, whole.m2)
