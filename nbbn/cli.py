@@ -62,6 +62,11 @@ def build_parser():
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--plot", metavar="FILE", help="also write a PNG bar chart (needs matplotlib: nbbn[plot])")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # `nbbn demo ARGS` is handed to nbbn.demo.main whole (see main); listed here for --help.
+    sub.add_parser("demo", add_help=False,
+                   help="train a NumPy MLP/CNN on sklearn digits with and without nbbn.BatchNorm "
+                        "(nbbn demo --help; needs nbbn[demo])")
     return parser
 
 
@@ -190,6 +195,10 @@ def cmd_bench(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo_main
+        return demo_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "info":
