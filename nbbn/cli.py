@@ -59,6 +59,8 @@ def build_parser():
     bench.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 7; 3 with --quick)")
     bench.add_argument("--budget", type=float, default=1.0,
                        help="seconds per case after which rounds stop early (at least 3 rounds; default 1)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="threads for nbbn, the floor and PyTorch alike (default: all cores)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--plot", metavar="FILE", help="also write a PNG bar chart (needs matplotlib: nbbn[plot])")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -166,6 +168,8 @@ def cmd_bench(args):
         except ImportError:
             print("nbbn bench: --plot needs matplotlib: pip install 'nbbn[plot]'", file=sys.stderr)
             return 2
+    if args.threads:
+        runner.set_threads(args.threads)
     busy = runner.busy_fraction()
     if busy is not None and busy > 0.25:
         print(f"warning: the CPUs were {busy:.0%} busy before the run; timings will be noisy "

@@ -24,8 +24,11 @@ def calibrate(fn, min_sample):
         number *= 2 if elapsed * 8 > min_sample else 8
 
 
-def interleaved(thunks, rounds=7, budget_s=None, min_sample=MIN_SAMPLE_S):
+def interleaved(thunks, rounds=7, budget_s=None, min_sample=MIN_SAMPLE_S, stat=statistics.median):
     """{name: median seconds per call} of zero-arg callables timed round-robin.
+
+    ``stat=min`` gives the fastest sample instead, the better estimate where
+    other processes keep the CPUs busy (interference only ever adds time).
 
     Each callable is called once first (compilation, caches), then calibrated;
     each round times every callable once, starting each round at the next one
@@ -54,7 +57,7 @@ def interleaved(thunks, rounds=7, budget_s=None, min_sample=MIN_SAMPLE_S):
     finally:
         if enabled:
             gc.enable()
-    return {n: statistics.median(s) for n, s in samples.items()}
+    return {n: stat(s) for n, s in samples.items()}
 
 
 def ratios(times):
@@ -68,6 +71,16 @@ def ratios(times):
         if "floor" in times:
             out["x_floor"] = nb / times["floor"]
     return out
+
+
+def set_threads(n):
+    """Give nbbn (and the floor, through Numba) and PyTorch the same number of threads."""
+    import numba
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    from .registry import _torch
+    torch = _torch()
+    if torch is not None:
+        torch.set_num_threads(n)
 
 
 def busy_fraction(interval=0.25):

@@ -154,31 +154,45 @@ def moments_rows(x, nthreads):
 def shifted_rows(x, r0, r1, c0, shift, s1, s2):
     """Accumulate sum(x - shift) and sum((x - shift)**2) of rows r0:r1 per column.
 
-    Four rows per sweep so the per-column accumulators are loaded and stored
-    once per four elements (they live in memory, not registers).
+    Eight rows per sweep: the per-column accumulators live in memory, so each
+    is loaded and stored once per eight elements, and the eight nearby row
+    streams keep the prefetchers busy (measured, one thread, 51 MB float32
+    input: 9.7 G elements/s with eight rows, 6.7 with four, 8.0 with sixteen,
+    against 13 for a plain read).
     """
     width = shift.shape[0]
     r = r0
-    while r + 4 <= r1:
-        a = x[r, c0:c0 + width]
-        b = x[r + 1, c0:c0 + width]
-        c = x[r + 2, c0:c0 + width]
-        d = x[r + 3, c0:c0 + width]
+    while r + 8 <= r1:
+        # Row slices first: indexing them with j >= 0 needs no negative-index
+        # fix-up, which would otherwise turn the loads into gathers.
+        a0 = x[r, c0:c0 + width]
+        a1 = x[r + 1, c0:c0 + width]
+        a2 = x[r + 2, c0:c0 + width]
+        a3 = x[r + 3, c0:c0 + width]
+        a4 = x[r + 4, c0:c0 + width]
+        a5 = x[r + 5, c0:c0 + width]
+        a6 = x[r + 6, c0:c0 + width]
+        a7 = x[r + 7, c0:c0 + width]
         for j in range(width):
             k = shift[j]
-            da = np.float64(a[j]) - k
-            db = np.float64(b[j]) - k
-            dc = np.float64(c[j]) - k
-            dd = np.float64(d[j]) - k
-            s1[j] += (da + db) + (dc + dd)
-            s2[j] += (da * da + db * db) + (dc * dc + dd * dd)
-        r += 4
+            d0 = np.float64(a0[j]) - k
+            d1 = np.float64(a1[j]) - k
+            d2 = np.float64(a2[j]) - k
+            d3 = np.float64(a3[j]) - k
+            d4 = np.float64(a4[j]) - k
+            d5 = np.float64(a5[j]) - k
+            d6 = np.float64(a6[j]) - k
+            d7 = np.float64(a7[j]) - k
+            s1[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            s2[j] += (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+                      + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
+        r += 8
     while r < r1:
-        a = x[r, c0:c0 + width]
+        a0 = x[r, c0:c0 + width]
         for j in range(width):
-            da = np.float64(a[j]) - shift[j]
-            s1[j] += da
-            s2[j] += da * da
+            d = np.float64(a0[j]) - shift[j]
+            s1[j] += d
+            s2[j] += d * d
         r += 1
 
 
