@@ -65,6 +65,10 @@ def _scalar_or_array(v):
 
 
 def _divide_m2(m2, count, ddof):
+    if type(count) is int and count - ddof > 0:
+        # The usual call (one count, enough values): no warning to decide, nothing
+        # to guard; the general path below costs ~6 us, a third of a small call.
+        return _scalar_or_array(np.asarray(m2, np.float64) / (count - ddof))
     dof = np.asarray(count) - ddof
     if np.any(dof <= 0):
         warnings.warn("Degrees of freedom <= 0 for slice", RuntimeWarning, stacklevel=3)
