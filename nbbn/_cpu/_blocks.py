@@ -7,6 +7,8 @@ short to vectorize, so contiguous rows are regrouped: (R, C) is viewed as
 (R // k, k*C) — k copies of each channel side by side — plus R % k leftover
 rows; each family folds the k copies back into C channels.
 """
+from ._jit import helper
+
 # Elements per row item: small enough to stay in L1/L2 between two passes.
 BLOCK = 4096
 # Channels-last rows shorter than this are regrouped (see above).
@@ -31,3 +33,12 @@ def widen(*arrays):
     wide = tuple(a[:cut].reshape(cut // k, k * nchan) for a in arrays)
     rest = tuple(a[cut:] for a in arrays) if cut < n_rows else None
     return k, wide, rest
+
+
+@helper
+def row_block(item, nchan, blocks_per_row, n_inner):
+    """(o, c, start, stop) of row item ``item``: block ``x[o, c, start:stop]``."""
+    row, blk = divmod(item, blocks_per_row)
+    o, c = divmod(row, nchan)
+    start = blk * BLOCK
+    return o, c, start, min(n_inner, start + BLOCK)

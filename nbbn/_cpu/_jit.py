@@ -54,7 +54,7 @@ _source_digest = None
 
 
 def _kernel_sources_digest():
-    """Hash of every kernel module's source.
+    """Hash of every kernel module's source (and the shared ``_math.py``).
 
     Numba keys a cache entry on the function's own bytecode and its file's
     timestamp only; a helper or constant imported from a sibling file (e.g.
@@ -63,7 +63,8 @@ def _kernel_sources_digest():
     global _source_digest
     if _source_digest is None:
         h = hashlib.sha256()
-        for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+        here = pathlib.Path(__file__).parent
+        for path in sorted(here.glob("*.py")) + [here.parent / "_math.py"]:
             h.update(path.name.encode())
             h.update(path.read_bytes())
         _source_digest = h.hexdigest()

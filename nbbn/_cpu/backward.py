@@ -9,8 +9,8 @@ coefficients, which covers training (batch statistics) and evaluation
 import numpy as np
 from numba import prange
 
-from ._jit import kernel, thread_plan
-from ._blocks import BLOCK, widen
+from ._jit import helper, kernel, thread_plan
+from ._blocks import BLOCK, row_block, widen
 
 
 @kernel
@@ -21,11 +21,9 @@ def sums_rows(dy, x, mean, nthreads):
     partial = np.zeros((nthreads, 2, nchan))
     for t in prange(nthreads):
         for item in range(t * n_items // nthreads, (t + 1) * n_items // nthreads):
-            row, blk = divmod(item, blocks_per_row)
-            o, c = divmod(row, nchan)
-            start = blk * BLOCK
-            g = dy[o, c, start:min(n_inner, start + BLOCK)]
-            v = x[o, c, start:min(n_inner, start + BLOCK)]
+            o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
+            g = dy[o, c, start:stop]
+            v = x[o, c, start:stop]
             m = mean[c]
             s_dy = 0.0
             s_dxm = 0.0
@@ -38,20 +36,42 @@ def sums_rows(dy, x, mean, nthreads):
     return partial.sum(axis=0)
 
 
+@helper
+def column_sums(dy, x, r0, r1, mean, s_dy, s_dxm):
+    """Add sum(dy) and sum(dy * (x - mean)) of rows r0:r1 into per-column accumulators.
+
+    Four rows of dy and x per sweep: the accumulators live in memory, so each
+    is loaded and stored once per four elements (as ``moments.shifted_rows``).
+    """
+    width = mean.shape[0]
+    r = r0
+    while r + 4 <= r1:
+        g0, g1, g2, g3 = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
+        v0, v1, v2, v3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+        for j in range(width):
+            m = mean[j]
+            d0, d1 = np.float64(g0[j]), np.float64(g1[j])
+            d2, d3 = np.float64(g2[j]), np.float64(g3[j])
+            s_dy[j] += (d0 + d1) + (d2 + d3)
+            s_dxm[j] += ((d0 * (np.float64(v0[j]) - m) + d1 * (np.float64(v1[j]) - m))
+                         + (d2 * (np.float64(v2[j]) - m) + d3 * (np.float64(v3[j]) - m)))
+        r += 4
+    while r < r1:
+        g0, v0 = dy[r], x[r]
+        for j in range(width):
+            d0 = np.float64(g0[j])
+            s_dy[j] += d0
+            s_dxm[j] += d0 * (np.float64(v0[j]) - mean[j])
+        r += 1
+
+
 @kernel
 def sums_columns(dy, x, mean, nthreads):
     n_rows, nchan = x.shape
     partial = np.zeros((nthreads, 2, nchan))
     for t in prange(nthreads):
-        s_dy = partial[t, 0]
-        s_dxm = partial[t, 1]
-        for r in range(t * n_rows // nthreads, (t + 1) * n_rows // nthreads):
-            g = dy[r]
-            v = x[r]
-            for c in range(nchan):
-                d = np.float64(g[c])
-                s_dy[c] += d
-                s_dxm[c] += d * (np.float64(v[c]) - mean[c])
+        column_sums(dy, x, t * n_rows // nthreads, (t + 1) * n_rows // nthreads, mean,
+                    partial[t, 0], partial[t, 1])
     return partial.sum(axis=0)
 
 
@@ -62,10 +82,7 @@ def dx_rows(dy, x, mean, g, h, k, dx, nthreads):
     n_items = n_outer * nchan * blocks_per_row
     for t in prange(nthreads):
         for item in range(t * n_items // nthreads, (t + 1) * n_items // nthreads):
-            row, blk = divmod(item, blocks_per_row)
-            o, c = divmod(row, nchan)
-            start = blk * BLOCK
-            stop = min(n_inner, start + BLOCK)
+            o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
             gy = dy[o, c, start:stop]
             v = x[o, c, start:stop]
             out = dx[o, c, start:stop]

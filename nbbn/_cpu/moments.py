@@ -21,6 +21,7 @@ One pass over memory, float64 accumulation, stable, vectorized:
 import numpy as np
 from numba import prange
 
+from .. import _math
 from ._blocks import BLOCK, widen
 from ._jit import helper, kernel, thread_plan
 
@@ -31,22 +32,8 @@ COLUMN_TILE_ROWS = 256
 COLUMN_TILE_CHANNELS = 1024
 
 
-@helper
-def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Merge two (count, mean, m2) states; exact for unequal counts and count 0."""
-    if n_b == 0:
-        return n_a, mean_a, m2_a
-    if n_a == 0:
-        return n_b, mean_b, m2_b
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    if delta == 0:  # exact for constant data
-        mean = mean_a
-    elif np.isfinite(delta):  # weights <= 1: no overflow near the float64 limit
-        mean = mean_a + delta * (n_b / n)
-    else:  # inf/nan data: NumPy's (sum / n) semantics
-        mean = (n_a * mean_a + n_b * mean_b) / n
-    return n, mean, m2_a + m2_b + delta * delta * (n_a * n_b / n)
+# Chan et al.'s merge, shared with the CUDA kernels.
+chan_merge = helper(_math.chan_merge)
 
 
 @helper

@@ -3,7 +3,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import kernel, thread_plan
-from ._blocks import BLOCK, widen
+from ._blocks import BLOCK, row_block, widen
 
 
 @kernel
@@ -14,11 +14,9 @@ def affine_rows(x, scale, shift, y, nthreads):
     n_items = n_outer * nchan * blocks_per_row
     for t in prange(nthreads):
         for item in range(t * n_items // nthreads, (t + 1) * n_items // nthreads):
-            row, blk = divmod(item, blocks_per_row)
-            o, c = divmod(row, nchan)
-            start = blk * BLOCK
-            src = x[o, c, start:min(n_inner, start + BLOCK)]
-            dst = y[o, c, start:min(n_inner, start + BLOCK)]
+            o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
+            src = x[o, c, start:stop]
+            dst = y[o, c, start:stop]
             a = scale[c]
             b = shift[c]
             for i in range(src.shape[0]):
