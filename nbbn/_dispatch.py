@@ -40,6 +40,20 @@ def on_device(**arrays):
     return bool(device)
 
 
+def layer_stages(**arrays):
+    """``nbbn.BatchNorm``'s stages (``batchnorm.LayerStages``) for a call's arrays: the
+    device's where they live on a CUDA device, else the host's (mixed: TypeError)."""
+    if on_device(**arrays):
+        return cuda().STAGES
+    from .batchnorm import HOST_STAGES  # here, not at the top: batchnorm imports this module
+    return HOST_STAGES
+
+
+def to_host(a):
+    """``a`` as a NumPy array: host arrays as they are, CUDA arrays copied to the host."""
+    return to_numba(a).copy_to_host() if is_device(a) else np.asarray(a)
+
+
 _backend = None
 
 

@@ -6,6 +6,8 @@ Backward: one fused pass for ``sum(dy)`` and ``sum(dy * (x - mean))``, then
 one elementwise pass for ``dx``. Every argument is validated before anything
 is computed or written, so a call that raises changes nothing.
 """
+from typing import Callable, NamedTuple
+
 import numpy as np
 
 from . import _dispatch, _layout
@@ -75,7 +77,7 @@ def _scale_shift(mean, var, weight, bias, eps):
     return scale, shift
 
 
-def _normalize(call, mean, var, weight, bias, eps, out):
+def _normalize(call, mean, var, weight, bias, eps, out=None):
     """y = (x - mean) / sqrt(var + eps) * weight + bias as one affine pass."""
     scale, shift = _scale_shift(mean, var, weight, bias, eps)
     view, finish = call.output(out)
@@ -104,12 +106,13 @@ def _mean_var(m):
 
 
 def _batch_moments(call):
-    """Batch (mean, biased var) per channel in float64."""
-    return _mean_var(_local_moments(call))
+    """``(count, mean, biased var)`` per channel of this call's x, float64."""
+    m = _local_moments(call)
+    return (m.count, *_mean_var(m))
 
 
 def _forward(call, weight, bias, eps, out):
-    mean, var = _batch_moments(call)
+    _, mean, var = _batch_moments(call)
     y = _normalize(call, mean, var, weight, bias, eps, out)
     return y, mean, var
 
@@ -189,15 +192,17 @@ def _backward_sums(call, dy3, mean):
     return backward_sums(dy3, call.view(call.x), np.asarray(mean, np.float64))
 
 
-def _grad_input(call, dy3, mean, invstd, weight, sum_dy, sum_dy_xmu, count, batch_stats, out):
+def _grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, batch_stats,
+                out=None):
     """dx from the per-channel sums; ``count`` is the number of values behind the statistics.
 
-    ``batch_stats`` says whether mean/invstd came from x (then their gradients
+    ``batch_stats`` says whether mean/var came from x (then their gradients
     are folded in per channel) or are constants (running statistics).
     """
     view, finish = call.output(out)
     if call.x.size == 0:
         return finish()
+    invstd = _invstd(var, eps)
     g = invstd * _as64(weight, 1.0, call.nchan)
     if batch_stats:
         # The mean and variance depend on x too: their gradients, folded per channel.
@@ -209,20 +214,11 @@ def _grad_input(call, dy3, mean, invstd, weight, sum_dy, sum_dy_xmu, count, batc
     return finish()
 
 
-def _backward(call, dy, mean, invstd, weight, out, batch_stats):
-    """dx and the per-channel sums; ``batch_stats`` says whether mean/invstd came from x."""
-    dy3 = _dy_view(call, dy)
-    call.check_out(out)
-    sum_dy, sum_dy_xmu = _backward_sums(call, dy3, mean)
-    dx = _grad_input(call, dy3, mean, invstd, weight, sum_dy, sum_dy_xmu, call.count,
-                     batch_stats, out)
-    return dx, sum_dy, sum_dy_xmu
-
-
-def _param_grads(weight, invstd, sum_dy, sum_dy_xmu):
+def _param_grads(weight, var, eps, sum_dy, sum_dy_xmu):
+    """(dweight, dbias) in weight's dtype; (None, None) without weight."""
     if weight is None:
         return None, None
-    return (sum_dy_xmu * invstd).astype(weight.dtype), sum_dy.astype(weight.dtype)
+    return (sum_dy_xmu * _invstd(var, eps)).astype(weight.dtype), sum_dy.astype(weight.dtype)
 
 
 def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=None):
@@ -238,9 +234,12 @@ def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=
     var = call.vector(var, "var")
     weight = call.vector(weight, "weight")
     eps = _layout.check_eps(eps)
-    invstd = _invstd(var, eps)
-    dx, sum_dy, sum_dy_xmu = _backward(call, dy, mean, invstd, weight, out, batch_stats=True)
-    return (dx, *_param_grads(weight, invstd, sum_dy, sum_dy_xmu))
+    dy3 = _dy_view(call, dy)
+    call.check_out(out)
+    sum_dy, sum_dy_xmu = _backward_sums(call, dy3, mean)
+    dx = _grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, call.count, True,
+                     out)
+    return (dx, *_param_grads(weight, var, eps, sum_dy, sum_dy_xmu))
 
 
 def _ema(running_mean, running_var, mean, var, momentum, var_factor):
@@ -322,3 +321,37 @@ def fold_into(w, b, running_mean, running_var, weight=None, bias=None, eps=1e-5)
     b_folded = shift if b is None else b * scale + shift
     b_dtype = w.dtype if b is None else np.promote_types(w.dtype, b.dtype)
     return w_folded.astype(w.dtype), b_folded.astype(b_dtype)
+
+
+# ---- the stages nbbn.BatchNorm is written over ------------------------------------------
+
+
+class LayerStages(NamedTuple):
+    """``nbbn.BatchNorm``'s building blocks on one side: ``HOST_STAGES`` here, the device's
+    in ``nbbn._cuda.api``; ``_dispatch.layer_stages`` picks them per call.
+
+    Per-channel vectors (statistics, sums) are float64 and stay on their side;
+    counts are host integers. ``dy3`` is ``dy_view``'s result.
+    """
+
+    call: Callable            # (x, axis) -> call: x, its layout, .nchan, .count
+    local_moments: Callable   # (call) -> Moments(count, mean, m2) of this call's x
+    batch_moments: Callable   # (call) -> (count, mean, biased var) of this call's x
+    normalize: Callable       # (call, mean, var, weight, bias, eps) -> y
+    ema: Callable             # (running_mean, running_var, mean, var, momentum, var_factor)
+    dy_view: Callable         # (call, dy) -> dy3: dy validated, in x's layout
+    backward_sums: Callable   # (call, dy3, mean) -> (sum(dy), sum(dy * (x - mean)))
+    grad_input: Callable      # (call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count,
+                              #  batch_stats) -> dx
+    param_grads: Callable     # (weight, var, eps, sum_dy, sum_dy_xmu) -> (dweight, dbias)
+    float64_copy: Callable    # (vector on the host or this side) -> float64 copy on this side
+    copy: Callable            # (array) -> its copy (state_dict)
+    assign: Callable          # (array, value: host or this side's, same shape) -> None
+
+
+HOST_STAGES = LayerStages(
+    call=_Call, local_moments=_local_moments, batch_moments=_batch_moments,
+    normalize=_normalize, ema=_ema, dy_view=_dy_view, backward_sums=_backward_sums,
+    grad_input=_grad_input, param_grads=_param_grads,
+    float64_copy=lambda v: np.array(v, np.float64),
+    copy=np.copy, assign=lambda a, value: np.copyto(a, np.asarray(value), casting="unsafe"))

@@ -20,6 +20,7 @@ a rank that raises before communicating leaves the others waiting.
 """
 import numpy as np
 
+from . import _dispatch
 from . import batchnorm as bn
 from .layer import BatchNorm
 from .stats import Moments
@@ -105,27 +106,9 @@ def _gather(comm, a):
     return rows
 
 
-def _is_device(a):
-    """A CUDA array (``__cuda_array_interface__`` or Numba's simulator marker)."""
-    if a is None or isinstance(a, (np.ndarray, np.generic, list, tuple, int, float)):
-        return False
-    return hasattr(a, "__cuda_ndarray__") or hasattr(a, "__cuda_array_interface__")
-
-
 def _host(a):
-    """A float64 NumPy array of ``a``: host arrays as they are, GPU arrays copied to the host
-    (per-channel vectors only: C values)."""
-    if hasattr(a, "copy_to_host"):                      # Numba device array (also simulator)
-        a = a.copy_to_host()
-    elif hasattr(a, "__cuda_array_interface__"):
-        if hasattr(a, "get") and not hasattr(a, "detach"):    # CuPy
-            a = a.get()
-        elif hasattr(a, "detach"):                             # torch CUDA tensor
-            a = a.detach().cpu().numpy()
-        else:
-            from numba import cuda
-            a = cuda.as_cuda_array(a).copy_to_host()
-    return np.asarray(a, np.float64)
+    """A float64 NumPy array of ``a`` (GPU arrays: per-channel vectors, copied to the host)."""
+    return np.asarray(_dispatch.to_host(a), np.float64)
 
 
 # ---- collectives on statistics -------------------------------------------------------------
@@ -198,7 +181,8 @@ class SyncBatchNorm(BatchNorm):
     ``forward`` and ``backward`` in the same order and mode.
 
     ``comm``: an mpi4py communicator, a ``TorchComm`` or any object with
-    ``rank``, ``size`` and ``allgather(array) -> (size, n)``.
+    ``rank``, ``size`` and ``allgather(array) -> (size, n)``. Host or CUDA arrays
+    (``device="cuda"``), as ``BatchNorm``.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
@@ -211,23 +195,17 @@ class SyncBatchNorm(BatchNorm):
     def __repr__(self):
         return "Sync" + super().__repr__() + f" on {self.comm.size} ranks"
 
-    def forward(self, x):
-        if _is_device(x) and not self._DEVICE_PATH_USES_HOOKS:
-            # The synchronization lives in the _batch_stats/_reduce_sums hooks; a device
-            # code path that bypassed them would silently normalize with the local shard.
-            raise NotImplementedError("SyncBatchNorm: CUDA arrays are not synchronized by this "
-                                      "build's CUDA layer path yet; use host arrays")
-        return super().forward(x)
+    # The all-reduces move per-channel float64 vectors through the host (C values per rank,
+    # from and back to the device for CUDA arrays); the per-element work stays on its side.
 
-    __call__ = forward
+    def _batch_stats(self, stages, call):
+        total = _allreduce_moments(stages.local_moments(call), self.comm)
+        mean, var = bn._mean_var(total)
+        return total.count, stages.float64_copy(mean), stages.float64_copy(var)
 
-    def _batch_stats(self, call):
-        total = _allreduce_moments(bn._local_moments(call), self.comm)
-        return (total.count, *bn._mean_var(total))
-
-    def _reduce_sums(self, sum_dy, sum_dy_xmu, batch_stats):
+    def _reduce_sums(self, stages, sum_dy, sum_dy_xmu, batch_stats):
         # dx needs the batch's sums when the statistics came from the batch; the
         # parameter gradients always do. Same decision on every rank (configuration).
         if not batch_stats and self.weight is None:
             return sum_dy, sum_dy_xmu
-        return _allreduce_sum(self.comm, sum_dy, sum_dy_xmu)
+        return tuple(map(stages.float64_copy, _allreduce_sum(self.comm, sum_dy, sum_dy_xmu)))

@@ -1,8 +1,22 @@
 """``BatchNorm``: a batch-norm layer for custom trainers, state-dict compatible with PyTorch."""
+from typing import NamedTuple
+
 import numpy as np
 
 from . import _dispatch, _layout
 from . import batchnorm as bn
+
+_COUNTER = "num_batches_tracked"
+
+
+class _Saved(NamedTuple):
+    """What ``backward`` needs from the last ``forward`` (statistics as normalized with)."""
+
+    call: object
+    mean: object
+    var: object
+    count: int
+    batch_stats: bool
 
 
 class BatchNorm:
@@ -64,62 +78,65 @@ class BatchNorm:
     def _uses_batch_stats(self):
         return self.training or not self.track_running_stats
 
+    def _stages(self, **arrays):
+        """The host's or the device's stages, by where the call's and the layer's arrays are."""
+        return _dispatch.layer_stages(**arrays, weight=self.weight,
+                                      running_mean=self.running_mean)
+
     def forward(self, x):
-        if _dispatch.on_device(x=x, weight=self.weight, running_mean=self.running_mean):
-            return _dispatch.cuda().layer_forward(self, x)
-        call = bn._Call(x, self.axis)
+        stages = self._stages(x=x)
+        call = stages.call(x, self.axis)
         if call.nchan != self.num_features:
             raise ValueError(f"x has {call.nchan} channels on axis {self.axis}, expected "
                              f"{self.num_features}")
         batch_stats = self._uses_batch_stats()
-        if not batch_stats:
-            mean, var, count = self.running_mean, self.running_var, call.count
-        else:
-            count, mean, var = self._batch_stats(call)
+        if batch_stats:
+            count, mean, var = self._batch_stats(stages, call)
             bn._require_values(call, count)
-        y = bn._normalize(call, mean, var, self.weight, self.bias, self.eps, None)
+        else:  # copies: backward must see the statistics this forward used
+            count = call.count
+            mean = stages.float64_copy(self.running_mean)
+            var = stages.float64_copy(self.running_var)
+        y = stages.normalize(call, mean, var, self.weight, self.bias, self.eps)
         if batch_stats and self.training and self.track_running_stats:
             self.num_batches_tracked += 1
             factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
                       else self.momentum)
-            bn._ema(self.running_mean, self.running_var, mean, var, factor, count / (count - 1))
-        self._saved = (call, np.asarray(mean, np.float64), bn._invstd(var, self.eps),
-                       batch_stats, count)
+            stages.ema(self.running_mean, self.running_var, mean, var, factor,
+                       count / (count - 1))
+        self._saved = _Saved(call, mean, var, count, batch_stats)
         return y
 
     __call__ = forward
 
     def backward(self, dy):
         """dx for the last ``forward``; sets ``grad_weight`` and ``grad_bias``."""
-        if _dispatch.on_device(dy=dy, weight=self.weight, x=getattr(self._saved, "x", None)):
-            return _dispatch.cuda().layer_backward(self, dy)
-        if self._saved is None:
+        saved = self._saved
+        if saved is None:
             raise RuntimeError("backward called before forward")
-        call, mean, invstd, batch_stats, count = self._saved
-        dy3 = bn._dy_view(call, dy)
-        sum_dy, sum_dy_xmu = self._reduce_sums(*bn._backward_sums(call, dy3, mean), batch_stats)
-        dx = bn._grad_input(call, dy3, mean, invstd, self.weight, sum_dy, sum_dy_xmu, count,
-                            batch_stats, None)
-        self.grad_weight, self.grad_bias = bn._param_grads(self.weight, invstd, sum_dy,
-                                                           sum_dy_xmu)
+        stages = self._stages(dy=dy, x=saved.call.x)
+        call, mean, var = saved.call, saved.mean, saved.var
+        dy3 = stages.dy_view(call, dy)
+        sum_dy, sum_dy_xmu = self._reduce_sums(stages, *stages.backward_sums(call, dy3, mean),
+                                               saved.batch_stats)
+        dx = stages.grad_input(call, dy3, mean, var, self.weight, self.eps, sum_dy, sum_dy_xmu,
+                               saved.count, saved.batch_stats)
+        self.grad_weight, self.grad_bias = stages.param_grads(self.weight, var, self.eps,
+                                                              sum_dy, sum_dy_xmu)
         return dx
 
-    # ---- stages a subclass may extend (nbbn.distributed.SyncBatchNorm) ----------------------
-    # A synchronized subclass all-reduces between the stages: forward computes the batch
-    # statistics through ``_batch_stats`` and backward reduces its per-channel sums through
-    # ``_reduce_sums`` (both exchange host float64 vectors, C values). A device (CUDA) code
-    # path must go through both hooks too; set this True once it does, and SyncBatchNorm
-    # accepts CUDA arrays (until then it refuses them rather than normalize per shard).
-    _DEVICE_PATH_USES_HOOKS = False
+    # ---- hooks a subclass may extend (nbbn.distributed.SyncBatchNorm) ------------------------
+    # A synchronized subclass all-reduces in them: forward gets the batch statistics from
+    # ``_batch_stats`` and backward reduces its per-channel sums in ``_reduce_sums``. Both see
+    # the call's ``stages`` (host or device) and return vectors on the same side.
 
-    def _batch_stats(self, call):
+    def _batch_stats(self, stages, call):
         """``(count, mean, var)`` per channel of the batch: values per channel, float64
         mean and biased variance. Here the batch is ``call.x``; a synchronized layer
         merges the moments of every shard of the batch."""
-        m = bn._local_moments(call)
-        return (m.count, *bn._mean_var(m))
+        return stages.batch_moments(call)
 
-    def _reduce_sums(self, sum_dy, sum_dy_xmu, batch_stats):
+    def _reduce_sums(self, stages, sum_dy, sum_dy_xmu, batch_stats):
         """The backward pass's per-channel ``sum(dy)``, ``sum(dy * (x - mean))`` over the
         batch, from this call's (float64); ``batch_stats`` as in ``forward``."""
         return sum_dy, sum_dy_xmu
@@ -134,28 +151,26 @@ class BatchNorm:
 
     def state_dict(self):
         """Copies of the parameters and buffers under ``torch.nn.BatchNorm2d``'s keys."""
-        if self.device == "cuda":
-            return _dispatch.cuda().layer_state_dict(self)
-        return {name: getattr(self, name).copy() for name in self._state_names()}
+        stages = self._stages()
+        return {name: self.num_batches_tracked.copy() if name == _COUNTER
+                else stages.copy(getattr(self, name)) for name in self._state_names()}
 
     def load_state_dict(self, state_dict, strict=True):
         """Load a state dict (e.g. a PyTorch one converted to NumPy); all-or-nothing."""
-        if self.device == "cuda":
-            return _dispatch.cuda().layer_load_state_dict(self, state_dict, strict)
         names = self._state_names()
-        missing = [k for k in names if k not in state_dict and k != "num_batches_tracked"]
+        missing = [k for k in names if k not in state_dict and k != _COUNTER]
         unexpected = [k for k in state_dict if k not in names]
         if strict and (missing or unexpected):
             raise KeyError(f"Error(s) in loading state_dict for BatchNorm: missing keys "
                            f"{missing}, unexpected keys {unexpected}")
-        staged = {}
-        for name in names:
-            if name not in state_dict:
-                continue
-            value = np.asarray(state_dict[name])
-            current = getattr(self, name)
-            if value.shape != current.shape:
-                raise ValueError(f"{name} must have shape {current.shape}, got {value.shape}")
-            staged[name] = value
-        for name, value in staged.items():
-            np.copyto(getattr(self, name), value, casting="unsafe")
+        staged = [name for name in names if name in state_dict]
+        for name in staged:
+            shape, want = tuple(np.shape(state_dict[name])), tuple(getattr(self, name).shape)
+            if shape != want:
+                raise ValueError(f"{name} must have shape {want}, got {shape}")
+        stages = self._stages()
+        for name in staged:
+            if name == _COUNTER:  # a host counter on either side
+                np.copyto(self.num_batches_tracked, state_dict[name], casting="unsafe")
+            else:
+                stages.assign(getattr(self, name), state_dict[name])

@@ -292,6 +292,22 @@ def test_layer_matches_cpu(momentum, rng):
             close(sd[k], sd0[k], np.float32)
 
 
+def test_layer_stays_on_the_device(rng, monkeypatch):
+    """Training and evaluation, forward and backward: no copy to or from the host."""
+    layer = nbbn.BatchNorm(3, momentum=None, device="cuda")
+    x = dev(rng.standard_normal((4, 3, 2)).astype(np.float32))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host transfer")
+
+    monkeypatch.setattr(cuda, "to_device", refuse)
+    monkeypatch.setattr(type(x), "copy_to_host", refuse)
+    for mode in (True, False):
+        layer.train(mode)
+        layer.backward(layer(x))
+    assert int(layer.num_batches_tracked) == 1
+
+
 # ---- dispatch and interop ---------------------------------------------------------------------
 
 

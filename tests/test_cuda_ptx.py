@@ -69,10 +69,13 @@ SCRIPT = textwrap.dedent('''
                 arr(p, 1))
         compile(normalize, "scale_shift", arr(p, 1), arr(p, 1), arr(p, 1), arr(p, 1),
                 t.int64, f8, arr(acc, 1), arr(acc, 1))
-        compile(backward, "finalize_backward", arr(f8, 3), f8, arr(p, 1), arr(p, 1), t.int64,
-                f8, arr(acc, 2), arr(p, 1), arr(p, 1))
+        compile(backward, "dx_coefficients", arr(f8, 1), arr(f8, 1), f8, arr(out, 1),
+                arr(p, 1), t.int64, f8, arr(acc, 2))
+        compile(backward, "param_grads", arr(f8, 1), arr(f8, 1), arr(out, 1), f8, arr(p, 1),
+                arr(p, 1))
         compile(ema, "ema", arr(p, 1), arr(p, 1), arr(out, 1), arr(out, 1), f8, f8)
         compile(arrays, "fill_kernel", arr(p, 1), f8)
+    compile(backward, "finalize_sums", arr(f8, 3), arr(f8, 1), arr(f8, 1))
     every = {(m.__name__, k) for m in (arrays, backward, ema, moments, normalize)
              for k in m.KERNELS}
     missing = every - compiled

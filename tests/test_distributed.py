@@ -6,6 +6,7 @@ communicator (fast, exact same code path as MPI/torch past the transport);
 ``mpiexec`` (MPICH, shared memory) and ``torch.distributed`` (gloo over
 the loopback interface, file rendezvous), each bounded by a timeout.
 """
+import copy
 import importlib.util
 import os
 import shutil
@@ -200,14 +201,6 @@ def test_errors():
     with pytest.raises(ValueError, match="channels"):
         layer(np.ones((4, 2)))
 
-    class FakeDeviceArray:
-        __cuda_array_interface__ = {"shape": (4, 3), "typestr": "<f4", "data": (0, False),
-                                    "version": 3}
-
-    if not layer._DEVICE_PATH_USES_HOOKS:
-        with pytest.raises(NotImplementedError, match="CUDA"):
-            layer(FakeDeviceArray())
-
 
 def test_import_nbbn_imports_no_scale_out_dependency():
     code = ("import sys, nbbn; bad = [m for m in ('nbbn.distributed', 'nbbn.dask', 'mpi4py', "
@@ -322,6 +315,80 @@ def test_submodules_load_on_first_use():
     assert out.stdout.strip() == "SyncBatchNorm"
     with pytest.raises(AttributeError):
         nbbn.no_such_thing  # noqa: B018
+
+
+@pytest.fixture
+def cuda_ranks(monkeypatch):
+    """numba.cuda for ranks as threads: tiny launches, and in the simulator (which runs one
+    kernel at a time and configures a kernel object in place) launches one at a time, each
+    on its own configured copy of the kernel."""
+    cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    if not cuda.is_available():
+        pytest.skip("no CUDA device and the simulator is off (NUMBA_ENABLE_CUDASIM=1)")
+    from nbbn._cuda import launch
+    monkeypatch.setattr(launch, "MIN_WORK", 1)
+    if cuda.config.ENABLE_CUDASIM:
+        from numba.cuda.simulator.kernel import FakeCUDAKernel
+        monkeypatch.setattr(launch, "THREADS", 4)
+        monkeypatch.setattr(launch, "BLOCKS_PER_SM", 2)
+        lock = threading.Lock()
+        configure, call = FakeCUDAKernel.__getitem__, FakeCUDAKernel.__call__
+
+        def locked_call(kernel, *args):
+            if kernel._device:  # a device function, called from inside a running kernel
+                return call(kernel, *args)
+            with lock:
+                return call(kernel, *args)
+
+        monkeypatch.setattr(FakeCUDAKernel, "__getitem__",
+                            lambda kernel, config: configure(copy.copy(kernel), config))
+        monkeypatch.setattr(FakeCUDAKernel, "__call__", locked_call)
+    return cuda
+
+
+@pytest.mark.parametrize("axis,dtype,splits,momentum", [
+    (1, np.float32, [3, 0, 2], 0.1),    # an empty shard
+    (-1, np.float64, [1, 4], None),     # channels-last, cumulative average
+], ids=str)
+def test_sync_batchnorm_cuda(axis, dtype, splits, momentum, cuda_ranks):
+    """CUDA shards: every rank equals one BatchNorm(device="cuda") and one on the host."""
+    cuda = cuda_ranks
+    rng = np.random.default_rng(3)
+    c = 2
+    shape = (sum(splits), c, 3) if axis == 1 else (sum(splits), 3, c)
+    steps = [((rng.standard_normal(shape) * (k + 1) + k).astype(dtype),
+              rng.standard_normal(shape).astype(dtype), training)
+             for k, training in enumerate((True, True, False))]
+    params = {"weight": (rng.random(c) + 0.5).astype(dtype),
+              "bias": rng.standard_normal(c).astype(dtype)}
+    keys = ("grad_weight", "grad_bias", "running_mean", "running_var", "num_batches_tracked")
+
+    def run(layer, rows=slice(None)):
+        on_device = layer.device == "cuda"
+        put = cuda.to_device if on_device else np.asarray
+        get = (lambda a: a.copy_to_host()) if on_device else np.array  # copies
+        layer.load_state_dict(params, strict=False)
+        results = []
+        for x, dy, training in steps:
+            y = get(layer.train(training)(put(x[rows])))
+            dx = get(layer.backward(put(dy[rows])))
+            results.append([y, dx, *(get(getattr(layer, k)) for k in keys[:4]),
+                            layer.num_batches_tracked.copy()])
+        return results
+
+    kw = dict(momentum=momentum, axis=axis, dtype=dtype)
+    starts = np.cumsum([0, *splits])
+    ranks = ThreadGroup(len(splits)).run(lambda comm, rank: run(
+        SyncBatchNorm(c, comm=comm, device="cuda", **kw), slice(starts[rank], starts[rank + 1])))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    for want in (run(nbbn.BatchNorm(c, device="cuda", **kw)), run(nbbn.BatchNorm(c, **kw))):
+        for step, expected in enumerate(want):
+            for i, name in enumerate(("y", "dx")):
+                got = np.concatenate([r[step][i] for r in ranks])
+                np.testing.assert_allclose(got, expected[i], **tol, err_msg=f"{step} {name}")
+            for r in ranks:
+                for name, got, value in zip(keys, r[step][2:], expected[2:]):
+                    np.testing.assert_allclose(got, value, **tol, err_msg=f"{step} {name}")
 
 
 def test_allreduce_moments_of_device_arrays():

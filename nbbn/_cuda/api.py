@@ -11,12 +11,12 @@ import math
 import warnings
 
 import numpy as np
+from numba import cuda
 
 from .. import _dispatch, _layout
 from .. import batchnorm as _bn
 from .. import stats as _stats
-from . import arrays, backward, moments, normalize
-from .ema import ema as _ema_kernel
+from . import arrays, backward, ema, moments, normalize
 from .launch import channels_config, columns_config, final_config, launch, rows_config
 
 F8 = np.dtype(np.float64)
@@ -242,8 +242,8 @@ def _affine(call, scale, shift, out):
     return finish()
 
 
-def _normalize(call, mean, var, weight, bias, eps, out):
-    """Normalization with given statistics (evaluation)."""
+def _normalize(call, mean, var, weight, bias, eps, out=None):
+    """y with given per-channel statistics: scale/shift by a kernel, then the affine pass."""
     scale = arrays.scratch((call.nchan,), call.acc)
     shift = arrays.scratch((call.nchan,), call.acc)
     if call.nchan:
@@ -310,49 +310,67 @@ def batch_norm_forward(x, weight, bias, eps, axis, out):
     return y, mean, var
 
 
-def _backward(call, dy, mean, var, weight, eps, out, batch_stats, grad_family):
-    """(dx, dweight, dbias): the fused sums pass, per-channel coefficients, the dx pass."""
+def _dy_view(call, dy):
+    """Validated dy as a kernel view in x's layout (None for an empty x)."""
     dyn = call.like_x(dy, "dy")
-    call.check_out(out)
+    return call.layout.view(dyn) if call.size else None
+
+
+def _backward_sums(call, dy3, mean):
+    """Per-channel float64 (sum(dy), sum(dy * (x - mean))): block partials, then merged."""
     nchan = call.nchan
     outer, _, inner = call.layout.shape3
-    if call.size:
-        dy3 = call.layout.view(dyn)
-        x3 = call.x3()
-        if inner == 1:
-            cfg = columns_config(outer, nchan)
-            partial = arrays.scratch((2, cfg.parts, nchan), F8)
-            launch(backward.sums_columns, cfg, _columns(dy3), _columns(x3), mean, call.zero,
-                   partial)
-        else:
-            cfg = rows_config(outer, nchan, inner)
-            partial = arrays.scratch((2, cfg.parts, nchan), F8)
-            launch(backward.sums_rows, cfg, dy3, x3, mean, call.zero, cfg.bx, partial)
-    else:
+    if not call.size:
         partial = arrays.scratch((2, 0, nchan), F8)
-    coef = arrays.scratch((3, nchan), call.acc)
-    dweight = dbias = None
-    if weight is not None:
-        dweight = grad_family.empty((nchan,), weight.dtype)
-        dbias = grad_family.empty((nchan,), weight.dtype)
+    elif inner == 1:
+        cfg = columns_config(outer, nchan)
+        partial = arrays.scratch((2, cfg.parts, nchan), F8)
+        launch(backward.sums_columns, cfg, _columns(dy3), _columns(call.x3()), mean, call.zero,
+               partial)
+    else:
+        cfg = rows_config(outer, nchan, inner)
+        partial = arrays.scratch((2, cfg.parts, nchan), F8)
+        launch(backward.sums_rows, cfg, dy3, call.x3(), mean, call.zero, cfg.bx, partial)
+    sum_dy = arrays.scratch((nchan,), F8)
+    sum_dy_xmu = arrays.scratch((nchan,), F8)
     if nchan:
-        flags = ((backward.HAS_WEIGHT if weight is not None else 0)
-                 | (backward.BATCH_STATS if batch_stats else 0)
-                 | (backward.WRITE_GRADS if weight is not None else 0))
-        dummy = arrays.scratch((1,), F8)
-        launch(backward.finalize_backward, final_config(nchan), partial, float(call.count),
-               var, _or(weight, var), flags, eps, coef,
-               dummy if dweight is None else _dispatch.to_numba(dweight),
-               dummy if dbias is None else _dispatch.to_numba(dbias))
+        launch(backward.finalize_sums, final_config(nchan), partial, sum_dy, sum_dy_xmu)
+    return sum_dy, sum_dy_xmu
+
+
+def _grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, batch_stats,
+                out=None):
+    """dx from the per-channel sums (``count`` values behind the statistics)."""
     view, finish = call.output(out)
     if call.size:
+        outer, nchan, inner = call.layout.shape3
+        coef = arrays.scratch((3, nchan), call.acc)
+        flags = ((backward.HAS_WEIGHT if weight is not None else 0)
+                 | (backward.BATCH_STATS if batch_stats else 0))
+        launch(backward.dx_coefficients, channels_config(nchan), sum_dy, sum_dy_xmu,
+               float(count), var, _or(weight, var), flags, eps, coef)
+        x3 = call.x3()
         if inner == 1:
             launch(backward.dx_columns, columns_config(outer, nchan, reduction=False),
                    _columns(dy3), _columns(x3), mean, coef, call.zero, _columns(view))
         else:
             launch(backward.dx_rows, rows_config(outer, nchan, inner, reduction=False),
                    dy3, x3, mean, coef, call.zero, view)
-    return finish(), dweight, dbias
+    return finish()
+
+
+def _param_grads(weight, var, eps, sum_dy, sum_dy_xmu, family=None):
+    """(dweight, dbias) in weight's dtype, allocated by ``family`` (default: weight's)."""
+    if weight is None:
+        return None, None
+    nchan = weight.shape[0]
+    family = _dispatch.Family(weight) if family is None else family
+    dweight = family.empty((nchan,), weight.dtype)
+    dbias = family.empty((nchan,), weight.dtype)
+    if nchan:
+        launch(backward.param_grads, channels_config(nchan), sum_dy, sum_dy_xmu, var, eps,
+               _dispatch.to_numba(dweight), _dispatch.to_numba(dbias))
+    return dweight, dbias
 
 
 def batch_norm_backward(dy, x, mean, var, weight, eps, axis, out):
@@ -361,7 +379,19 @@ def batch_norm_backward(dy, x, mean, var, weight, eps, axis, out):
     var = call.vector(var, "var")
     weight = call.vector(weight, "weight")
     eps = _layout.check_eps(eps)
-    return _backward(call, dy, mean, var, weight, eps, out, True, call.family)
+    dy3 = _dy_view(call, dy)
+    call.check_out(out)
+    sums = _backward_sums(call, dy3, mean)
+    dx = _grad_input(call, dy3, mean, var, weight, eps, *sums, call.count, True, out)
+    return (dx, *_param_grads(weight, var, eps, *sums, family=call.family))
+
+
+def _ema(running_mean, running_var, mean, var, momentum, var_factor):
+    """running = (1 - momentum) * running + momentum * batch, in place on the device."""
+    nchan = running_mean.shape[0]
+    if nchan:
+        launch(ema.ema, channels_config(nchan), running_mean, running_var, mean, var, momentum,
+               var_factor)
 
 
 def ema_update(running_mean, running_var, mean, var, count, momentum, unbiased):
@@ -375,9 +405,8 @@ def ema_update(running_mean, running_var, mean, var, count, momentum, unbiased):
     if count < (2 if unbiased else 1):
         raise ValueError(f"count must be >= {2 if unbiased else 1} "
                          f"({'unbiased' if unbiased else 'biased'} update), got {count}")
-    if nchan:
-        launch(_ema_kernel, channels_config(nchan), running_mean, running_var, mean, var,
-               momentum, count / (count - 1) if unbiased else 1.0)
+    _ema(running_mean, running_var, mean, var, momentum,
+         count / (count - 1) if unbiased else 1.0)
 
 
 def _fold(running_mean, running_var, weight, bias, eps, scale, shift):
@@ -453,109 +482,59 @@ def _vector_affine(v, scale, shift, out):
 # ---- the layer ----------------------------------------------------------------------------
 
 
-class _Saved:
-    """What ``backward`` needs from the last device ``forward``."""
-
-    def __init__(self, call, mean, var, batch_stats):
-        self.call, self.mean, self.var, self.batch_stats = call, mean, var, batch_stats
-        self.x = call.x
-
-
-_BUFFERS = ("weight", "bias", "running_mean", "running_var")
-
-
 def layer_to_device(layer):
     """Move a new layer's parameters and running buffers to the device (once, at creation)."""
-    from numba import cuda
-    for name in _BUFFERS:
+    for name in ("weight", "bias", "running_mean", "running_var"):
         value = getattr(layer, name)
         if value is not None:
             setattr(layer, name, cuda.to_device(value))
 
 
-def _copy64(a):
-    out = arrays.scratch((a.shape[0],), F8)
+def _channel_moments(call, mode):
+    """call.x's per-channel float64 (mean, m2 or biased var: ``mode``), nan where empty."""
+    partial = _partials(call.x, call.layout, call.x3() if call.size else None)
+    mean = arrays.scratch((call.nchan,), F8)
+    second = arrays.scratch((call.nchan,), F8)
+    _finalize(partial, 0, mode, mean, second)
+    return mean, second
+
+
+def _local_moments(call):
+    return _stats.Moments(call.count, *_channel_moments(call, moments.RAW_M2))
+
+
+def _batch_moments(call):
+    return (call.count, *_channel_moments(call, moments.VARIANCE))
+
+
+def _float64_copy(v):
+    """A float64 device copy of a per-channel vector; a host one (SyncBatchNorm's all-reduced
+    statistics and sums: C values) is uploaded."""
+    if not _dispatch.is_device(v):
+        return cuda.to_device(np.array(v, np.float64))
+    v = _dispatch.to_numba(v)
+    out = arrays.scratch(v.shape, F8)
+    arrays.copy(v, out)
+    return out
+
+
+def _copy(a):
+    out = arrays.scratch(a.shape, a.dtype)
     arrays.copy(a, out)
     return out
 
 
-def layer_forward(layer, x):
-    call = _Call(x, layer.axis)
-    if call.nchan != layer.num_features:
-        raise ValueError(f"x has {call.nchan} channels on axis {layer.axis}, expected "
-                         f"{layer.num_features}")
-    weight, bias = layer.weight, layer.bias
-    batch_stats = layer._uses_batch_stats()
-    if not batch_stats:
-        mean, var = _copy64(layer.running_mean), _copy64(layer.running_var)
-        y = _normalize(call, mean, var, weight, bias, layer.eps, None)
+def _assign(a, value):
+    """a[...] = value, a host or device array of a's shape."""
+    if _dispatch.is_device(value):
+        arrays.copy(_dispatch.to_numba(value), a)
     else:
-        _bn._require_values(call)
-        running, factor = None, 0.0
-        if layer.training and layer.track_running_stats:
-            layer.num_batches_tracked += 1
-            factor = (1.0 / float(layer.num_batches_tracked) if layer.momentum is None
-                      else layer.momentum)
-            running = (layer.running_mean, layer.running_var)
-        mean = arrays.scratch((call.nchan,), F8)
-        var = arrays.scratch((call.nchan,), F8)
-        y = _forward(call, weight, bias, layer.eps, None, mean, var, running, factor,
-                     call.count / (call.count - 1))
-    layer._saved = _Saved(call, mean, var, batch_stats)
-    return y
+        a.copy_to_device(np.ascontiguousarray(value, a.dtype))
 
 
-def layer_backward(layer, dy):
-    saved = layer._saved
-    if saved is None:
-        raise RuntimeError("backward called before forward")
-    weight = layer.weight
-    dx, layer.grad_weight, layer.grad_bias = _backward(
-        saved.call, dy, saved.mean, saved.var, weight, layer.eps, None, saved.batch_stats,
-        _dispatch.Family(weight) if weight is not None else None)
-    return dx
-
-
-def layer_state_dict(layer):
-    """Device copies of the parameters and buffers (num_batches_tracked: a host counter)."""
-    state = {}
-    for name in layer._state_names():
-        value = getattr(layer, name)
-        if name == "num_batches_tracked":
-            state[name] = value.copy()
-        else:
-            state[name] = arrays.scratch(value.shape, value.dtype)
-            arrays.copy(value, state[name])
-    return state
-
-
-def layer_load_state_dict(layer, state_dict, strict):
-    """Load host or device values into the device layer; all-or-nothing."""
-    names = layer._state_names()
-    missing = [k for k in names if k not in state_dict and k != "num_batches_tracked"]
-    unexpected = [k for k in state_dict if k not in names]
-    if strict and (missing or unexpected):
-        raise KeyError(f"Error(s) in loading state_dict for BatchNorm: missing keys "
-                       f"{missing}, unexpected keys {unexpected}")
-    staged = {}
-    for name in names:
-        if name not in state_dict:
-            continue
-        value = state_dict[name]
-        current = getattr(layer, name)
-        if name != "num_batches_tracked" and _dispatch.is_device(value):
-            value = _dispatch.to_numba(value)
-        else:
-            value = np.asarray(value)
-        if tuple(value.shape) != tuple(current.shape):
-            raise ValueError(f"{name} must have shape {tuple(current.shape)}, "
-                             f"got {tuple(value.shape)}")
-        staged[name] = value
-    for name, value in staged.items():
-        current = getattr(layer, name)
-        if name == "num_batches_tracked":
-            np.copyto(current, value, casting="unsafe")
-        elif isinstance(value, np.ndarray):
-            current.copy_to_device(np.ascontiguousarray(value, current.dtype))
-        else:
-            arrays.copy(value, current)
+# BatchNorm's stages on the device: per-channel vectors stay there (no host round trip).
+STAGES = _bn.LayerStages(
+    call=_Call, local_moments=_local_moments, batch_moments=_batch_moments,
+    normalize=_normalize, ema=_ema, dy_view=_dy_view, backward_sums=_backward_sums,
+    grad_input=_grad_input, param_grads=_param_grads, float64_copy=_float64_copy, copy=_copy,
+    assign=_assign)

@@ -3,17 +3,19 @@
 Reduction: per channel ``sum(dy)`` and ``sum(dy * (x - mean))``, per thread in
 the accumulation dtype over the same grid-stride walk as the statistics, per
 block in float64 (``launch.block_sum2``), per channel over the blocks'
-partials in ``finalize_backward``, which also forms dx's coefficients and
-dweight/dbias. Elementwise: ``dx = g[c]*dy + h[c]*(x - mean[c]) + k[c]``, as
-the CPU path (h = k = 0 for running statistics).
+partials in ``finalize_sums``. Per channel, from the sums (which a
+synchronized layer adds up over ranks in between): dx's coefficients
+(``dx_coefficients``) and dweight/dbias (``param_grads``). Elementwise:
+``dx = g[c]*dy + h[c]*(x - mean[c]) + k[c]``, as the CPU path (h = k = 0 for
+running statistics).
 """
 from numba import cuda, float64
 
 from .launch import block_sum2
 from .normalize import inv_sqrt
 
-# finalize_backward flags
-HAS_WEIGHT, BATCH_STATS, WRITE_GRADS = 1, 2, 4
+# dx_coefficients flags
+HAS_WEIGHT, BATCH_STATS = 1, 2
 
 
 @cuda.jit
@@ -75,9 +77,8 @@ def sums_columns(dy, x, mean, zero, partial):
 
 
 @cuda.jit
-def finalize_backward(partial, count, var, weight, flags, eps, coef, dweight, dbias):
-    """Per channel: the sums over the blocks' partials, dx's coefficients coef[:, c] =
-    (g, h, k) and, with WRITE_GRADS, dweight[c] = sum(dy*(x-mean))*invstd, dbias[c] = sum(dy)."""
+def finalize_sums(partial, sum_dy, sum_dy_xmu):
+    """Per channel: sum(dy) and sum(dy*(x-mean)) over the blocks' partials (float64)."""
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     for c in range(cuda.blockIdx.x, partial.shape[2], cuda.gridDim.x):
@@ -88,20 +89,35 @@ def finalize_backward(partial, count, var, weight, flags, eps, coef, dweight, db
             s_dxm += partial[1, p, c]
         s_dy, s_dxm = block_sum2(s_dy, s_dxm, tid, nthreads, 1)
         if tid == 0:
-            invstd = inv_sqrt(float64(var[c]) + eps)
-            g = invstd * (float64(weight[c]) if flags & HAS_WEIGHT else 1.0)
-            h = 0.0
-            k = 0.0
-            if flags & BATCH_STATS and count > 0:
-                # The mean and variance depend on x too: their gradients, folded per channel.
-                h = -g * invstd * invstd * s_dxm / count
-                k = -g * s_dy / count
-            coef[0, c] = g
-            coef[1, c] = h
-            coef[2, c] = k
-            if flags & WRITE_GRADS:
-                dweight[c] = s_dxm * invstd
-                dbias[c] = s_dy
+            sum_dy[c] = s_dy
+            sum_dy_xmu[c] = s_dxm
+
+
+@cuda.jit
+def dx_coefficients(sum_dy, sum_dy_xmu, count, var, weight, flags, eps, coef):
+    """dx's per-channel coefficients coef[:, c] = (g, h, k) (flags: HAS_WEIGHT|BATCH_STATS)."""
+    c = cuda.grid(1)
+    if c < var.shape[0]:
+        invstd = inv_sqrt(float64(var[c]) + eps)
+        g = invstd * (float64(weight[c]) if flags & HAS_WEIGHT else 1.0)
+        h = 0.0
+        k = 0.0
+        if flags & BATCH_STATS and count > 0:
+            # The mean and variance depend on x too: their gradients, folded per channel.
+            h = -g * invstd * invstd * sum_dy_xmu[c] / count
+            k = -g * sum_dy[c] / count
+        coef[0, c] = g
+        coef[1, c] = h
+        coef[2, c] = k
+
+
+@cuda.jit
+def param_grads(sum_dy, sum_dy_xmu, var, eps, dweight, dbias):
+    """dweight[c] = sum(dy*(x-mean))*invstd, dbias[c] = sum(dy)."""
+    c = cuda.grid(1)
+    if c < var.shape[0]:
+        dweight[c] = sum_dy_xmu[c] * inv_sqrt(float64(var[c]) + eps)
+        dbias[c] = sum_dy[c]
 
 
 @cuda.jit
@@ -140,4 +156,5 @@ def dx_columns(dy, x, mean, coef, zero, dx):
             dx[r, c] = g * (zero + dy[r, c]) + h * ((zero + x[r, c]) - m) + k
 
 
-KERNELS = ("sums_rows", "sums_columns", "finalize_backward", "dx_rows", "dx_columns")
+KERNELS = ("sums_rows", "sums_columns", "finalize_sums", "dx_coefficients", "param_grads",
+           "dx_rows", "dx_columns")
