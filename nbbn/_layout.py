@@ -6,6 +6,7 @@ kept axes (channels) are collapsed into C, the reduced axes are split into
 those laid out outside the channels in memory (outer) and inside them (inner).
 No copy is made where the strides allow a view; otherwise one copy is made.
 """
+import functools
 import math
 import operator
 
@@ -75,6 +76,21 @@ def _merged_dims(dims):
     return size, stride
 
 
+@functools.lru_cache(maxsize=256)
+def _axis_order(shape, strides, axes):
+    """(order, its inverse, (outer, kept, inner) axis groups, 3-D shape); cached: calls
+    repeat shapes."""
+    kept = [i for i in range(len(shape)) if i not in axes]
+    c_stride = min((abs(strides[i]) for i in kept if shape[i] > 1), default=np.inf)
+    red = sorted(axes, key=lambda i: -abs(strides[i]))
+    outer = [i for i in red if abs(strides[i]) >= c_stride]
+    inner = [i for i in red if abs(strides[i]) < c_stride]
+    groups = (tuple(outer), tuple(kept), tuple(inner))
+    order = tuple(outer + kept + inner)
+    shape3 = tuple(math.prod(shape[i] for i in g) for g in groups)
+    return order, tuple(np.argsort(order).tolist()), groups, shape3
+
+
 class Layout:
     """An axis order that maps every array of one shape onto ``(outer, C, inner)``.
 
@@ -88,14 +104,8 @@ class Layout:
     def __init__(self, a, axes):
         """``a``: anything with ``shape`` and byte ``strides`` (NumPy, Numba device arrays)."""
         self.shape = tuple(a.shape)
-        kept = [i for i in range(len(self.shape)) if i not in axes]
-        c_stride = min((abs(a.strides[i]) for i in kept if a.shape[i] > 1), default=np.inf)
-        red = sorted(axes, key=lambda i: -abs(a.strides[i]))
-        outer = [i for i in red if abs(a.strides[i]) >= c_stride]
-        inner = [i for i in red if abs(a.strides[i]) < c_stride]
-        self.order = tuple(outer + kept + inner)
-        self.groups = (tuple(outer), tuple(kept), tuple(inner))
-        self.shape3 = tuple(math.prod(a.shape[i] for i in g) for g in self.groups)
+        self.order, self.inverse, self.groups, self.shape3 = _axis_order(
+            self.shape, tuple(a.strides), tuple(axes))
 
     def strides3(self, a):
         """Byte strides of the 3-D view of ``a`` (shaped like the source, given by its
@@ -125,7 +135,7 @@ class Layout:
     def empty(self, dtype):
         """A new array of this shape, laid out like the source array: (array, its 3-D view)."""
         buf = np.empty([self.shape[i] for i in self.order], dtype)
-        return buf.transpose(np.argsort(self.order)), buf.reshape(self.shape3)
+        return buf.transpose(self.inverse), buf.reshape(self.shape3)
 
 
 def flip_reduced(a, axes):

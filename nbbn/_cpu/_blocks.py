@@ -7,6 +7,8 @@ short to vectorize, so contiguous rows are regrouped: (R, C) is viewed as
 (R // k, k*C) — k copies of each channel side by side — plus R % k leftover
 rows; each family folds the k copies back into C channels.
 """
+import numpy as np
+
 from ._jit import helper
 
 # Elements per row item: small enough to stay in L1/L2 between two passes.
@@ -33,6 +35,11 @@ def widen(*arrays):
     wide = tuple(a[:cut].reshape(cut // k, k * nchan) for a in arrays)
     rest = tuple(a[cut:] for a in arrays) if cut < n_rows else None
     return k, wide, rest
+
+
+def tiled(a, k):
+    """Per-channel coefficients for k regrouped copies of each channel (see ``widen``)."""
+    return a if k == 1 else np.tile(a, k)
 
 
 @helper

@@ -10,7 +10,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, thread_plan
-from ._blocks import BLOCK, row_block, widen
+from ._blocks import BLOCK, row_block, tiled, widen
 
 
 @kernel
@@ -121,7 +121,7 @@ def backward_sums(dy, x, mean):
     nchan = x.shape[1]
     k, (dyw, xw), rest = widen(dy[:, :, 0], x[:, :, 0])
     nthreads, parallel = _columns_plan(xw)
-    sums = sums_columns(dyw, xw, np.tile(mean, k), nthreads, parallel=parallel)
+    sums = sums_columns(dyw, xw, tiled(mean, k), nthreads, parallel=parallel)
     sums = sums.reshape(2, k, nchan).sum(axis=1)
     if rest:
         sums += sums_columns(*rest, mean, 1, parallel=False)
@@ -135,7 +135,7 @@ def grad_input(dy, x, mean, g, h, k, dx):
         dx_rows(dy, x, mean, g, h, k, dx, nthreads, parallel=parallel)
         return
     copies, wide, rest = widen(dy[:, :, 0], x[:, :, 0], dx[:, :, 0])
-    coeffs = [np.tile(a, copies) for a in (mean, g, h, k)]
+    coeffs = [tiled(a, copies) for a in (mean, g, h, k)]
     nthreads, parallel = _columns_plan(wide[1])
     dx_columns(*wide[:2], *coeffs, wide[2], nthreads, parallel=parallel)
     if rest:

@@ -3,7 +3,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import kernel, thread_plan
-from ._blocks import BLOCK, row_block, widen
+from ._blocks import BLOCK, row_block, tiled, widen
 
 
 @kernel
@@ -49,6 +49,6 @@ def affine(x, scale, shift, y):
         affine_rows(x, scale, shift, y, nthreads, parallel=parallel)
         return
     k, (xw, yw), rest = widen(x[:, :, 0], y[:, :, 0])
-    _affine_columns(xw, np.tile(scale, k), np.tile(shift, k), yw)
+    _affine_columns(xw, tiled(scale, k), tiled(shift, k), yw)
     if rest:
         _affine_columns(*rest[:1], scale, shift, *rest[1:])

@@ -217,12 +217,12 @@ class _Call:
             buf = arrays.scratch(in_order, self.dtype)
 
             def finish():
-                arrays.copy(arrays.permuted(buf, np.argsort(order)), on)
+                arrays.copy(arrays.permuted(buf, self.layout.inverse), on)
                 return out
 
             return buf.reshape(self.layout.shape3), finish
         buf = self.family.empty(in_order, self.dtype)
-        result = self.family.permute(buf, np.argsort(order))
+        result = self.family.permute(buf, self.layout.inverse)
         view = _dispatch.to_numba(buf).reshape(self.layout.shape3) if self.size else None
         return view, lambda: result
 

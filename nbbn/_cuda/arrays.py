@@ -113,6 +113,7 @@ class DeviceLayout:
         self.layout = _layout.Layout(self._meta(a)[0], self.axes)
         self.shape3 = self.layout.shape3
         self.order = self.layout.order
+        self.inverse = self.layout.inverse
 
     def _meta(self, a):
         from .. import _layout
