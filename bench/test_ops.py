@@ -1,4 +1,4 @@
-"""Each registry case x contender: floor, nbbn, numpy, torch (see conftest.py)."""
+"""Each registry case x contender: floor, nbbn (and nbbn with out=), numpy, torch (see conftest.py)."""
 import pytest
 
 from nbbn._bench import registry
@@ -11,7 +11,8 @@ def _params():
     out = []
     for case in registry.cases():
         for who in CONTENDERS:
-            if who == "floor" and not registry.OPS[case.op].floor:
+            op = registry.OPS[case.op]
+            if (who == "floor" and not op.floor) or (who != "floor" and who not in op.contenders):
                 continue
             out.append(pytest.param(case, who, id=f"{case.label.replace(' ', '-')}-{who}"))
     return out

@@ -203,6 +203,13 @@ def _forward_nbbn(p):
     return lambda: nbbn.batch_norm(x, rm, rv, w, b, training=True, momentum=MOMENTUM, eps=EPS, axis=ax)
 
 
+def _forward_nbbn_out(p):
+    x, rm, rv, w, b, ax = _get(p, "x", "running_mean", "running_var", "weight", "bias") + (p["case"].axis,)
+    y = np.empty_like(x)
+    return lambda: nbbn.batch_norm(x, rm, rv, w, b, training=True, momentum=MOMENTUM, eps=EPS,
+                                   axis=ax, out=y)
+
+
 def _forward_numpy(p):
     case = p["case"]
     x, rm, rv, w, b = (p[k] for k in ("x", "running_mean", "running_var", "weight", "bias"))
@@ -230,6 +237,12 @@ def _inference_nbbn(p):
     return lambda: nbbn.batch_norm(x, rm, rv, w, b, training=False, eps=EPS, axis=ax)
 
 
+def _inference_nbbn_out(p):
+    x, rm, rv, w, b, ax = _get(p, "x", "running_mean", "running_var", "weight", "bias") + (p["case"].axis,)
+    y = np.empty_like(x)
+    return lambda: nbbn.batch_norm(x, rm, rv, w, b, training=False, eps=EPS, axis=ax, out=y)
+
+
 def _inference_numpy(p):
     case = p["case"]
     x, rm, rv, w, b = (p[k] for k in ("x", "running_mean", "running_var", "weight", "bias"))
@@ -255,6 +268,12 @@ def _inference_torch(p):
 def _backward_nbbn(p):
     dy, x, m, v, w, ax = _get(p, "dy", "x", "mean", "var", "weight") + (p["case"].axis,)
     return lambda: nbbn.batch_norm_backward(dy, x, m, v, w, EPS, axis=ax)
+
+
+def _backward_nbbn_out(p):
+    dy, x, m, v, w, ax = _get(p, "dy", "x", "mean", "var", "weight") + (p["case"].axis,)
+    dx = np.empty_like(x)
+    return lambda: nbbn.batch_norm_backward(dy, x, m, v, w, EPS, axis=ax, out=dx)
 
 
 def _backward_numpy(p):
@@ -377,12 +396,15 @@ OPS = _ops(
     Op("mean_var", "statistics (mean_var)", ("read",),
        dict(nbbn=_mean_var_nbbn, numpy=_mean_var_numpy, torch=_mean_var_torch)),
     Op("forward", "training forward (batch_norm, training=True)", ("read", "copy"),
-       dict(nbbn=_forward_nbbn, numpy=_forward_numpy, torch=_forward_torch), requires=("batch_norm",)),
+       dict(nbbn=_forward_nbbn, nbbn_out=_forward_nbbn_out, numpy=_forward_numpy,
+            torch=_forward_torch), requires=("batch_norm",)),
     Op("backward", "backward (batch_norm_backward)", ("read2", "axpy"),
-       dict(nbbn=_backward_nbbn, numpy=_backward_numpy, torch=_backward_torch),
+       dict(nbbn=_backward_nbbn, nbbn_out=_backward_nbbn_out, numpy=_backward_numpy,
+            torch=_backward_torch),
        requires=("batch_norm_backward",)),
     Op("inference", "inference (batch_norm, training=False)", ("copy",),
-       dict(nbbn=_inference_nbbn, numpy=_inference_numpy, torch=_inference_torch),
+       dict(nbbn=_inference_nbbn, nbbn_out=_inference_nbbn_out, numpy=_inference_numpy,
+            torch=_inference_torch),
        requires=("batch_norm",)),
     Op("ema_update", "running-statistics update (ema_update)", (),
        dict(nbbn=_ema_nbbn, numpy=_ema_numpy, torch=_ema_torch), requires=("ema_update",),
@@ -391,7 +413,7 @@ OPS = _ops(
        dict(nbbn=_layer_nbbn, numpy=_layer_numpy, torch=_layer_torch), requires=("BatchNorm",)),
 )
 
-CONTENDERS = ("nbbn", "numpy", "torch")
+CONTENDERS = ("nbbn", "nbbn_out", "numpy", "torch")
 
 
 def thunks(case, inputs=None):

@@ -1,6 +1,6 @@
 """Presenting benchmark results: the side-by-side table and the PNG chart."""
 
-CONTENDER_ORDER = ("floor", "nbbn", "numpy", "torch")
+CONTENDER_ORDER = ("floor", "nbbn", "nbbn_out", "numpy", "torch")
 
 
 def _ms(v):
@@ -15,8 +15,8 @@ def _x(v):
 
 def table(results):
     """A plain-text table: one line per case, times in ms, speed-ups and floor multiple."""
-    header = ["op", "shape", "layout", "dtype", "floor ms", "nbbn ms", "numpy ms", "torch ms",
-              "vs numpy", "vs torch", "x floor"]
+    header = ["op", "shape", "layout", "dtype", "floor ms", "nbbn ms", "out= ms", "numpy ms",
+              "torch ms", "vs numpy", "vs torch", "x floor", "out= x floor"]
     rows = []
     for r in results:
         ms = r["ms"]
@@ -24,6 +24,7 @@ def table(results):
             r["op"], "x".join(map(str, r["shape"])), r["layout"], r["dtype"],
             *(_ms(ms.get(k)) for k in CONTENDER_ORDER),
             _x(r.get("vs_numpy")), _x(r.get("vs_torch")), _x(r.get("x_floor")),
+            _x(r.get("x_floor_out")),
         ])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     left = 4  # text columns are left-aligned, numbers right-aligned
@@ -36,7 +37,9 @@ def table(results):
     out += [line(r) for r in rows]
     out.append("vs numpy / vs torch: their time / nbbn's (above 1: nbbn faster). "
                "x floor: nbbn's time / the bandwidth floor's (plain Numba read/copy kernels "
-               "over the same bytes; 1 is the memory-speed limit).")
+               "over the same bytes, writing into preallocated arrays; 1 is the memory-speed "
+               "limit). out=: nbbn writing into a preallocated output, as the floor does; the "
+               "gap to 'nbbn ms' is the cost of paging in a fresh output array.")
     return "\n".join(out)
 
 
@@ -57,12 +60,13 @@ def plot(results, path, title="nbbn benchmark"):
     labels = [f"{r['op']}\n{'x'.join(map(str, r['shape']))} {r['layout']}\n{r['dtype']}" for r in results]
     present = [c for c in CONTENDER_ORDER if any(c in r["ms"] for r in results)]
     width = 0.8 / max(1, len(present))
-    colors = {"floor": "0.6", "nbbn": "tab:green", "numpy": "tab:blue", "torch": "tab:orange"}
+    colors = {"floor": "0.6", "nbbn": "tab:green", "nbbn_out": "tab:olive", "numpy": "tab:blue",
+              "torch": "tab:orange"}
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(results) + 2), 5.0))
     for k, name in enumerate(present):
         xs = [i + (k - (len(present) - 1) / 2) * width for i in range(len(results))]
         ys = [r["ms"].get(name, float("nan")) for r in results]
-        label = "bandwidth floor" if name == "floor" else name
+        label = {"floor": "bandwidth floor", "nbbn_out": "nbbn, out="}.get(name, name)
         ax.bar(xs, ys, width, label=label, color=colors.get(name))
     ax.set_yscale("log")
     ax.set_ylabel("milliseconds per call (median, lower is better)")

@@ -70,6 +70,8 @@ def ratios(times):
                 out[f"vs_{other}"] = times[other] / nb
         if "floor" in times:
             out["x_floor"] = nb / times["floor"]
+            if "nbbn_out" in times:  # the kernels alone: no fresh output to page in
+                out["x_floor_out"] = times["nbbn_out"] / times["floor"]
     return out
 
 
