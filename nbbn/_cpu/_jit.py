@@ -255,6 +255,13 @@ def helper(py_func):
     return numba.njit(inline="always", fastmath=FASTMATH, cache=False)(py_func)
 
 
+def strict_helper(py_func):
+    """A helper compiled without fastmath and not inlined at Numba's level (which would
+    hand its operations the caller's flags): for merge formulas whose overflow and
+    inf/nan cases reassociation breaks."""
+    return numba.njit(fastmath=False, cache=False)(py_func)
+
+
 # Below this many elements a kernel runs serially: waking the thread pool
 # costs more than the work.
 PARALLEL_MIN_ELEMENTS = 1 << 17

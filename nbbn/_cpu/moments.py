@@ -23,7 +23,7 @@ from numba import prange
 
 from .. import _math
 from ._blocks import BLOCK, widen
-from ._jit import helper, kernel, thread_plan
+from ._jit import helper, kernel, strict_helper, thread_plan
 
 # Rows per tile of the vertical (channels-last) reduction.
 COLUMN_TILE_ROWS = 256
@@ -32,8 +32,9 @@ COLUMN_TILE_ROWS = 256
 COLUMN_TILE_CHANNELS = 1024
 
 
-# Chan et al.'s merge, shared with the CUDA kernels.
-chan_merge = helper(_math.chan_merge)
+# Chan et al.'s merge, shared with the CUDA kernels; reassociation would turn
+# mean_a + (mean_b - mean_a) * w into forms that overflow near the float64 limit.
+chan_merge = strict_helper(_math.chan_merge)
 
 
 @helper
@@ -57,10 +58,27 @@ def block_mean(row):
 
 
 @helper
+def running_mean(row):
+    """Mean of a block whose plain float64 sum overflows: a running mean (no sum to
+    overflow; a division per element, but only on this slow path). inf/nan data keep
+    the plain sum's mean, as NumPy. (Scaling the sum by a power of two would not
+    survive fastmath, which may factor the scale out of the sum again.)"""
+    mean = 0.0
+    for i in range(row.shape[0]):
+        v = np.float64(row[i])
+        if not np.isfinite(v):
+            return block_mean(row)
+        mean += (v - mean) / (i + 1)
+    return mean
+
+
+@helper
 def exact_moments(row):
     """(mean, m2) of a 1-D block in two passes, NumPy's inf/nan semantics (slow path)."""
     n = row.shape[0]
     mean = block_mean(row)
+    if not np.isfinite(mean):
+        mean = running_mean(row)
     sq = 0.0
     for i in range(n):
         d = np.float64(row[i]) - mean
