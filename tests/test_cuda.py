@@ -387,3 +387,27 @@ def test_import_and_host_calls_do_not_load_cuda():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=300).stdout
     assert out.strip() == "False"
+
+
+def test_device_calls_from_several_threads(threaded_cuda, rng):
+    """Threads calling the device path at once each get their own, correct results."""
+    from concurrent.futures import ThreadPoolExecutor
+    cases = []
+    for i in range(12):
+        x = rng.standard_normal((3, 2, 5)) * (i + 1) + i
+        cases.append((i % 3, x))
+
+    def work(case):
+        kind, x = case
+        xd = threaded_cuda.to_device(x)
+        if kind == 0:
+            return host(nbbn.var(xd, axis=(0, 2))), x.var(axis=(0, 2))
+        if kind == 1:
+            y, _, _ = nbbn.batch_norm_forward(xd)
+            return host(y), nbbn.batch_norm_forward(x)[0]
+        layer = nbbn.BatchNorm(2, dtype=np.float64, device="cuda")
+        return host(layer(xd)), nbbn.BatchNorm(2, dtype=np.float64)(x)
+
+    with ThreadPoolExecutor(4) as pool:
+        for got, want in pool.map(work, cases):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)

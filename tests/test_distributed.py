@@ -6,7 +6,6 @@ communicator (fast, exact same code path as MPI/torch past the transport);
 ``mpiexec`` (MPICH, shared memory) and ``torch.distributed`` (gloo over
 the loopback interface, file rendezvous), each bounded by a timeout.
 """
-import copy
 import importlib.util
 import os
 import shutil
@@ -318,32 +317,9 @@ def test_submodules_load_on_first_use():
 
 
 @pytest.fixture
-def cuda_ranks(monkeypatch):
-    """numba.cuda for ranks as threads: tiny launches, and in the simulator (which runs one
-    kernel at a time and configures a kernel object in place) launches one at a time, each
-    on its own configured copy of the kernel."""
-    cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
-    if not cuda.is_available():
-        pytest.skip("no CUDA device and the simulator is off (NUMBA_ENABLE_CUDASIM=1)")
-    from nbbn._cuda import launch
-    monkeypatch.setattr(launch, "MIN_WORK", 1)
-    if cuda.config.ENABLE_CUDASIM:
-        from numba.cuda.simulator.kernel import FakeCUDAKernel
-        monkeypatch.setattr(launch, "THREADS", 4)
-        monkeypatch.setattr(launch, "BLOCKS_PER_SM", 2)
-        lock = threading.Lock()
-        configure, call = FakeCUDAKernel.__getitem__, FakeCUDAKernel.__call__
-
-        def locked_call(kernel, *args):
-            if kernel._device:  # a device function, called from inside a running kernel
-                return call(kernel, *args)
-            with lock:
-                return call(kernel, *args)
-
-        monkeypatch.setattr(FakeCUDAKernel, "__getitem__",
-                            lambda kernel, config: configure(copy.copy(kernel), config))
-        monkeypatch.setattr(FakeCUDAKernel, "__call__", locked_call)
-    return cuda
+def cuda_ranks(threaded_cuda):
+    """numba.cuda for ranks as threads (see conftest.threaded_cuda)."""
+    return threaded_cuda
 
 
 @pytest.mark.parametrize("axis,dtype,splits,momentum", [
