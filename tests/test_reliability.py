@@ -218,6 +218,31 @@ def test_peak_temporary_memory_is_small(name, shape, axis, capsys):
     assert peak < 0.01 * x.nbytes + per_output * n_out + 2**20
 
 
+@pytest.mark.parametrize("axis", [1, -1], ids=["NCHW", "NHWC"])
+def test_batch_norm_peak_memory_is_the_output(axis, capsys):
+    """Forward and backward allocate their output and per-channel vectors, nothing input-sized."""
+    x = np.random.default_rng(0).standard_normal((32, 64, 64, 64), dtype=np.float32)
+    c = x.shape[axis]
+    w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+    _, mean, var = nbbn.batch_norm_forward(x[:2], w, b, axis=axis)  # compile outside
+    nbbn.batch_norm_backward(x[:2], x[:2], mean, var, w, axis=axis)
+    for name, call in [("forward", lambda: nbbn.batch_norm_forward(x, w, b, axis=axis)),
+                       ("backward", lambda: nbbn.batch_norm_backward(x, x, mean, var, w,
+                                                                     axis=axis))]:
+        tracemalloc.start()
+        try:
+            result = call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        extra = peak - result[0].nbytes
+        with capsys.disabled():
+            print(f"\n{name} of {x.nbytes / 2**20:.0f} MiB: peak beyond the output "
+                  f"{extra / 2**10:.0f} KiB = {extra / x.nbytes:.1e} of the input")
+        assert extra < 2**20
+        del result
+
+
 def _available_memory():
     try:
         with open("/proc/meminfo") as f:
