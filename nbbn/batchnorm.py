@@ -39,6 +39,9 @@ class _Call:
     def vector(self, p, name):
         return _layout.channel_vector(p, name, self.nchan)
 
+    def running_buffer(self, p, name):
+        return _layout.running_buffer(p, name, self.nchan)
+
     def check_out(self, out):
         if out is not None:
             _layout.check_out_exact(out, self.x.shape, self.dtype)
@@ -125,6 +128,28 @@ def _require_values(call, count=None):
                          + ("" if count is None else f" ({count} values per channel in all)"))
 
 
+def batch_norm_args(call, running_mean, running_var, weight, bias, training, momentum, eps,
+                    out):
+    """``batch_norm``'s arguments validated, for any backend's call object (vector,
+    running_buffer, check_out): all checks before any work, so a failed call changes nothing."""
+    weight = call.vector(weight, "weight")
+    bias = call.vector(bias, "bias")
+    eps = _layout.check_eps(eps)
+    momentum = _layout.check_momentum(momentum)
+    call.check_out(out)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if not training:
+        if running_mean is None:
+            raise ValueError("running_mean and running_var are required when training=False")
+        return (call.vector(running_mean, "running_mean"), call.vector(running_var, "running_var"),
+                weight, bias, momentum, eps)
+    running_mean = call.running_buffer(running_mean, "running_mean")
+    running_var = call.running_buffer(running_var, "running_var")
+    _require_values(call)
+    return running_mean, running_var, weight, bias, momentum, eps
+
+
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, axis=1, out=None):
     """Drop-in for ``torch.nn.functional.batch_norm`` (any channel ``axis``).
@@ -138,22 +163,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         return _dispatch.cuda().batch_norm(x, running_mean, running_var, weight, bias, training,
                                            momentum, eps, axis, out)
     call = _Call(x, axis)
-    weight = call.vector(weight, "weight")
-    bias = call.vector(bias, "bias")
-    eps = _layout.check_eps(eps)
-    momentum = _layout.check_momentum(momentum)
-    call.check_out(out)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
+    running_mean, running_var, weight, bias, momentum, eps = batch_norm_args(
+        call, running_mean, running_var, weight, bias, training, momentum, eps, out)
     if not training:
-        if running_mean is None:
-            raise ValueError("running_mean and running_var are required when training=False")
-        running_mean = call.vector(running_mean, "running_mean")
-        running_var = call.vector(running_var, "running_var")
         return _normalize(call, running_mean, running_var, weight, bias, eps, out)
-    running_mean = _layout.running_buffer(running_mean, "running_mean", call.nchan)
-    running_var = _layout.running_buffer(running_var, "running_var", call.nchan)
-    _require_values(call)
     y, mean, var = _forward(call, weight, bias, eps, out)
     if running_mean is not None:
         _ema(running_mean, running_var, mean, var, momentum, call.count / (call.count - 1))

@@ -191,6 +191,8 @@ class _Call:
     def vector(self, p, name):
         return _numba_vector(p, name, self.nchan)
 
+    running_buffer = vector  # device buffers are written in place by the kernels
+
     def check_out(self, out):
         if out is not None:
             on = _dispatch.to_numba(out)
@@ -275,22 +277,10 @@ def _forward(call, weight, bias, eps, out, mean_n, var_n, running=None, momentum
 
 def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out):
     call = _Call(x, axis)
-    weight = call.vector(weight, "weight")
-    bias = call.vector(bias, "bias")
-    eps = _layout.check_eps(eps)
-    momentum = _layout.check_momentum(momentum)
-    call.check_out(out)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
+    running_mean, running_var, weight, bias, momentum, eps = _bn.batch_norm_args(
+        call, running_mean, running_var, weight, bias, training, momentum, eps, out)
     if not training:
-        if running_mean is None:
-            raise ValueError("running_mean and running_var are required when training=False")
-        running_mean = call.vector(running_mean, "running_mean")
-        running_var = call.vector(running_var, "running_var")
         return _normalize(call, running_mean, running_var, weight, bias, eps, out)
-    running_mean = call.vector(running_mean, "running_mean")
-    running_var = call.vector(running_var, "running_var")
-    _bn._require_values(call)
     stats = arrays.scratch((call.nchan,), F8)
     running = None if running_mean is None else (running_mean, running_var)
     return _forward(call, weight, bias, eps, out, stats, stats, running, momentum,
