@@ -11,7 +11,6 @@ import math
 import operator
 
 import numpy as np
-from numpy.exceptions import AxisError  # noqa: F401  (re-exported for callers)
 from numpy.lib.array_utils import normalize_axis_index, normalize_axis_tuple
 
 
