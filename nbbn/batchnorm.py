@@ -227,8 +227,9 @@ def _grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, ba
     return finish()
 
 
-def _param_grads(weight, var, eps, sum_dy, sum_dy_xmu):
-    """(dweight, dbias) in weight's dtype; (None, None) without weight."""
+def _param_grads(weight, var, eps, sum_dy, sum_dy_xmu, call=None):
+    """(dweight, dbias) in weight's dtype; (None, None) without weight. (``call``: the
+    device stage allocates in its input's library; the host has only NumPy.)"""
     if weight is None:
         return None, None
     return (sum_dy_xmu * _invstd(var, eps)).astype(weight.dtype), sum_dy.astype(weight.dtype)
@@ -240,19 +241,17 @@ def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=
     ``mean``/``var`` are the batch statistics ``batch_norm_forward`` returned
     (var biased); dweight/dbias are None when weight is None.
     """
-    if _dispatch.on_device(dy=dy, x=x, mean=mean, var=var, weight=weight, out=out):
-        return _dispatch.cuda().batch_norm_backward(dy, x, mean, var, weight, eps, axis, out)
-    call = _Call(x, axis)
+    stages = _dispatch.layer_stages(dy=dy, x=x, mean=mean, var=var, weight=weight, out=out)
+    call = stages.call(x, axis)
     mean = call.vector(mean, "mean")
     var = call.vector(var, "var")
     weight = call.vector(weight, "weight")
     eps = _layout.check_eps(eps)
-    dy3 = _dy_view(call, dy)
+    dy3 = stages.dy_view(call, dy)
     call.check_out(out)
-    sum_dy, sum_dy_xmu = _backward_sums(call, dy3, mean)
-    dx = _grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, call.count, True,
-                     out)
-    return (dx, *_param_grads(weight, var, eps, sum_dy, sum_dy_xmu))
+    sums = stages.backward_sums(call, dy3, mean)
+    dx = stages.grad_input(call, dy3, mean, var, weight, eps, *sums, call.count, True, out)
+    return (dx, *stages.param_grads(weight, var, eps, *sums, call=call))
 
 
 def _ema(running_mean, running_var, mean, var, momentum, var_factor):
@@ -355,8 +354,9 @@ class LayerStages(NamedTuple):
     dy_view: Callable         # (call, dy) -> dy3: dy validated, in x's layout
     backward_sums: Callable   # (call, dy3, mean) -> (sum(dy), sum(dy * (x - mean)))
     grad_input: Callable      # (call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count,
-                              #  batch_stats) -> dx
-    param_grads: Callable     # (weight, var, eps, sum_dy, sum_dy_xmu) -> (dweight, dbias)
+                              #  batch_stats, out=None) -> dx
+    param_grads: Callable     # (weight, var, eps, sum_dy, sum_dy_xmu, call=None)
+                              #  -> (dweight, dbias)
     float64_copy: Callable    # (vector on the host or this side) -> float64 copy on this side
     copy: Callable            # (array) -> its copy (state_dict)
     assign: Callable          # (array, value: host or this side's, same shape) -> None

@@ -349,12 +349,13 @@ def _grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, ba
     return finish()
 
 
-def _param_grads(weight, var, eps, sum_dy, sum_dy_xmu, family=None):
-    """(dweight, dbias) in weight's dtype, allocated by ``family`` (default: weight's)."""
+def _param_grads(weight, var, eps, sum_dy, sum_dy_xmu, call=None):
+    """(dweight, dbias) in weight's dtype, allocated by the library of ``call``'s input
+    (default: weight's)."""
     if weight is None:
         return None, None
     nchan = weight.shape[0]
-    family = _dispatch.Family(weight) if family is None else family
+    family = _dispatch.Family(weight) if call is None else call.family
     dweight = family.empty((nchan,), weight.dtype)
     dbias = family.empty((nchan,), weight.dtype)
     if nchan:
@@ -363,17 +364,6 @@ def _param_grads(weight, var, eps, sum_dy, sum_dy_xmu, family=None):
     return dweight, dbias
 
 
-def batch_norm_backward(dy, x, mean, var, weight, eps, axis, out):
-    call = _Call(x, axis)
-    mean = call.vector(mean, "mean")
-    var = call.vector(var, "var")
-    weight = call.vector(weight, "weight")
-    eps = _layout.check_eps(eps)
-    dy3 = _dy_view(call, dy)
-    call.check_out(out)
-    sums = _backward_sums(call, dy3, mean)
-    dx = _grad_input(call, dy3, mean, var, weight, eps, *sums, call.count, True, out)
-    return (dx, *_param_grads(weight, var, eps, *sums, family=call.family))
 
 
 def _ema(running_mean, running_var, mean, var, momentum, var_factor):
