@@ -11,7 +11,7 @@ running statistics).
 """
 from numba import cuda, float64
 
-from .launch import block_sum2
+from .launch import block_sum2, columns_walk, rows_walk
 from .normalize import inv_sqrt
 
 # dx_coefficients flags
@@ -22,17 +22,9 @@ HAS_WEIGHT, BATCH_STATS = 1, 2
 def sums_rows(dy, x, mean, zero, bx, partial):
     """x, dy [outer, C, inner]: the walk of ``moments.moments_rows``; partial[:, block, c]."""
     n_outer, nchan, n_inner = x.shape
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    ntx = cuda.blockDim.x
-    nty = cuda.blockDim.y
-    tid = ty * ntx + tx
+    tid, o0, ostep, i0, istep = rows_walk(bx)
+    nthreads = cuda.blockDim.x * cuda.blockDim.y
     b = cuda.blockIdx.x
-    by = cuda.gridDim.x // bx
-    o0 = (b // bx) * nty + ty
-    ostep = by * nty
-    i0 = (b % bx) * ntx + tx
-    istep = bx * ntx
     for c in range(cuda.blockIdx.y, nchan, cuda.gridDim.y):
         m = zero + mean[c]
         s_dy = zero
@@ -42,7 +34,7 @@ def sums_rows(dy, x, mean, zero, bx, partial):
                 g = zero + dy[o, c, i]
                 s_dy += g
                 s_dxm += g * ((zero + x[o, c, i]) - m)
-        s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, ntx * nty, 1)
+        s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, 1)
         if tid == 0:
             partial[0, b, c] = s_dy
             partial[1, b, c] = s_dxm
@@ -52,14 +44,10 @@ def sums_rows(dy, x, mean, zero, bx, partial):
 def sums_columns(dy, x, mean, zero, partial):
     """x, dy [rows, C], channels-last: the walk of ``moments.moments_columns``."""
     n_rows, nchan = x.shape
+    tid, part, r0, rstep = columns_walk()
     tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
     ntx = cuda.blockDim.x
-    nty = cuda.blockDim.y
-    tid = ty * ntx + tx
-    part = cuda.blockIdx.y
-    r0 = part * nty + ty
-    rstep = cuda.gridDim.y * nty
+    nthreads = ntx * cuda.blockDim.y
     for c0 in range(cuda.blockIdx.x * ntx, nchan, cuda.gridDim.x * ntx):
         c = c0 + tx
         s_dy = zero
@@ -70,7 +58,7 @@ def sums_columns(dy, x, mean, zero, partial):
                 g = zero + dy[r, c]
                 s_dy += g
                 s_dxm += g * ((zero + x[r, c]) - m)
-        s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, ntx * nty, ntx)
+        s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, ntx)
         if tid < ntx and c < nchan:
             partial[0, part, c] = s_dy
             partial[1, part, c] = s_dxm

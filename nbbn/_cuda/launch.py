@@ -128,6 +128,29 @@ def final_config(nchan):
 
 
 @cuda.jit(device=True)
+def rows_walk(bx):
+    """This thread's walk in a rows reduction over x[outer, C, inner]:
+    ``(tid, o0, ostep, i0, istep)``. Block b = (by_i, bx_i) reads rows
+    o = by_i*TY + ty + k*by*TY and elements i = bx_i*TX + tx + m*bx*TX."""
+    ntx = cuda.blockDim.x
+    nty = cuda.blockDim.y
+    b = cuda.blockIdx.x
+    by = cuda.gridDim.x // bx
+    return (cuda.threadIdx.y * ntx + cuda.threadIdx.x, (b // bx) * nty + cuda.threadIdx.y,
+            by * nty, (b % bx) * ntx + cuda.threadIdx.x, bx * ntx)
+
+
+@cuda.jit(device=True)
+def columns_walk():
+    """This thread's walk in a channels-last reduction over x[rows, C]: ``(tid, part, r0,
+    rstep)``: grid row ``part`` of blocks reads rows r = part*TY + ty + k*gridDim.y*TY."""
+    nty = cuda.blockDim.y
+    part = cuda.blockIdx.y
+    return (cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x, part,
+            part * nty + cuda.threadIdx.y, cuda.gridDim.y * nty)
+
+
+@cuda.jit(device=True)
 def _tree_merge(sn, sm, sq, tid, count, width):
     s = count // 2
     while s >= width:

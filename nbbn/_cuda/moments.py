@@ -17,7 +17,7 @@ import math
 from numba import cuda, float64
 
 from .ema import ema_step
-from .launch import block_merge, chan_merge
+from .launch import block_merge, chan_merge, columns_walk, rows_walk
 from .normalize import affine_coefficients
 
 # finalize_moments modes
@@ -45,17 +45,9 @@ def moments_rows(x, zero, bx, partial):
     """x[outer, C, inner]: block (bx_i, by_i) of channel c reads rows o = by_i*TY + ty + k*by*TY,
     elements i = bx_i*TX + tx + m*bx*TX; partial[:, block, c] = its (n, mean, m2)."""
     n_outer, nchan, n_inner = x.shape
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    ntx = cuda.blockDim.x
-    nty = cuda.blockDim.y
-    tid = ty * ntx + tx
+    tid, o0, ostep, i0, istep = rows_walk(bx)
+    nthreads = cuda.blockDim.x * cuda.blockDim.y
     b = cuda.blockIdx.x
-    by = cuda.gridDim.x // bx
-    o0 = (b // bx) * nty + ty
-    ostep = by * nty
-    i0 = (b % bx) * ntx + tx
-    istep = bx * ntx
     count = 0
     if o0 < n_outer and i0 < n_inner:
         count = ((n_outer - o0 + ostep - 1) // ostep) * ((n_inner - i0 + istep - 1) // istep)
@@ -78,7 +70,7 @@ def moments_rows(x, zero, bx, partial):
                 for i in range(i0, n_inner, istep):
                     total += zero + x[o, c, i]
             mean = float64(total) / n
-        n, mean, m2 = block_merge(n, mean, m2, tid, ntx * nty, 1)
+        n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, 1)
         if tid == 0:
             partial[0, b, c] = n
             partial[1, b, c] = mean
@@ -90,14 +82,10 @@ def moments_columns(x, zero, partial):
     """x[rows, C], channels-last: thread tx of a block reads channel c (consecutive threads,
     consecutive channels: coalesced), rows r = by_i*TY + ty + k*by*TY."""
     n_rows, nchan = x.shape
+    tid, part, r0, rstep = columns_walk()
     tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
     ntx = cuda.blockDim.x
-    nty = cuda.blockDim.y
-    tid = ty * ntx + tx
-    part = cuda.blockIdx.y
-    r0 = part * nty + ty
-    rstep = cuda.gridDim.y * nty
+    nthreads = ntx * cuda.blockDim.y
     rows = 0
     if r0 < n_rows:
         rows = (n_rows - r0 + rstep - 1) // rstep
@@ -119,7 +107,7 @@ def moments_columns(x, zero, partial):
             for r in range(r0, n_rows, rstep):
                 total += zero + x[r, c]
             mean = float64(total) / n
-        n, mean, m2 = block_merge(n, mean, m2, tid, ntx * nty, ntx)
+        n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, ntx)
         if tid < ntx and c < nchan:
             partial[0, part, c] = n
             partial[1, part, c] = mean
