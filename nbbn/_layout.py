@@ -1,10 +1,13 @@
-"""Axis, dtype, shape and ``out=`` rules; every call becomes an (outer, C, inner) view.
+"""Axis, dtype and shape rules; every call becomes an (outer, C, inner) plan.
 
-This is the one module that reasons about axes. The kernels only ever see a
-3-D strided view ``x[outer, C, inner]`` and reduce over axes 0 and 2: the
-kept axes (channels) are collapsed into C, the reduced axes are split into
-those laid out outside the channels in memory (outer) and inside them (inner).
-No copy is made where the strides allow a view; otherwise one copy is made.
+This is the one module that reasons about axes, and it is backend-neutral: it
+reads only an array's description (shape, byte strides, dtype), so the same
+rules and the same error messages serve NumPy arrays and CUDA arrays. The
+kernels only ever see a 3-D strided view ``x[outer, C, inner]`` and reduce
+over axes 0 and 2: the kept axes (channels) are collapsed into C, the reduced
+axes are split into those laid out outside the channels in memory (outer) and
+inside them (inner). A backend makes that view without a copy where the
+strides allow, otherwise with one copy.
 """
 import functools
 import math
@@ -18,30 +21,24 @@ class ConflictError(TypeError, ValueError):
     """Raised where NumPy's and PyTorch's conventions disagree on the exception type."""
 
 
-# Kinds the CPU kernels read natively; float16 is widened to float32 first.
+# Kinds the kernels read natively (float16 is widened to float32 on the host).
 KERNEL_KINDS = "biuf"
 
+_HOST_TYPES = (np.ndarray, np.generic, int, float, bool, list, tuple)
 
-def as_array(a, name):
-    """``numpy.asarray(a)``, with a TypeError naming the argument when a is not array-like."""
-    if isinstance(a, np.ndarray):
-        return a
+
+def is_device(a):
+    """Where ``a`` lives: True for a CUDA array (``__cuda_array_interface__``, or Numba's
+    ``__cuda_ndarray__`` marker, which is all the CUDA simulator's device arrays carry)."""
+    if a is None or isinstance(a, _HOST_TYPES):
+        return False
+    if hasattr(a, "__cuda_ndarray__"):
+        return True
     try:
-        arr = np.asarray(a)
-    except Exception as exc:
-        raise TypeError(f"{name} must be array-like, got {type(a).__name__}") from exc
-    if arr.dtype == object or arr.dtype.kind in "SUV":
-        raise TypeError(f"{name} must be a numeric array-like, got {type(a).__name__}")
-    return arr
-
-
-def kernel_input(a):
-    """A native-byte-order array of a dtype the kernels read (widening float16)."""
-    if a.dtype.kind == "f" and a.dtype.itemsize == 2:  # float16, either byte order
-        return a.astype(np.float32)
-    if not a.dtype.isnative:
-        return a.astype(a.dtype.newbyteorder("="))
-    return a
+        a.__cuda_array_interface__
+    except Exception:  # a property: torch raises for CPU tensors (AttributeError) and for
+        return bool(getattr(a, "is_cuda", False))  # CUDA tensors that require grad
+    return True
 
 
 def reduced_axes(axis, ndim):
@@ -75,21 +72,6 @@ def _merged_dims(dims):
     return size, stride
 
 
-@functools.lru_cache(maxsize=256)
-def _axis_order(shape, strides, axes):
-    """(order, its inverse, (outer, kept, inner) axis groups, 3-D shape); cached: calls
-    repeat shapes."""
-    kept = [i for i in range(len(shape)) if i not in axes]
-    c_stride = min((abs(strides[i]) for i in kept if shape[i] > 1), default=np.inf)
-    red = sorted(axes, key=lambda i: -abs(strides[i]))
-    outer = [i for i in red if abs(strides[i]) >= c_stride]
-    inner = [i for i in red if abs(strides[i]) < c_stride]
-    groups = (tuple(outer), tuple(kept), tuple(inner))
-    order = tuple(outer + kept + inner)
-    shape3 = tuple(math.prod(shape[i] for i in g) for g in groups)
-    return order, tuple(np.argsort(order).tolist()), groups, shape3
-
-
 class Layout:
     """An axis order that maps every array of one shape onto ``(outer, C, inner)``.
 
@@ -100,53 +82,34 @@ class Layout:
     their views address the same element at the same (o, c, i).
     """
 
-    def __init__(self, a, axes):
-        """``a``: anything with ``shape`` and byte ``strides`` (NumPy, Numba device arrays)."""
-        self.shape = tuple(a.shape)
-        self.order, self.inverse, self.groups, self.shape3 = _axis_order(
-            self.shape, tuple(a.strides), tuple(axes))
+    def __init__(self, shape, strides, axes):
+        kept = [i for i in range(len(shape)) if i not in axes]
+        c_stride = min((abs(strides[i]) for i in kept if shape[i] > 1), default=np.inf)
+        red = sorted(axes, key=lambda i: -abs(strides[i]))
+        outer = [i for i in red if abs(strides[i]) >= c_stride]
+        inner = [i for i in red if abs(strides[i]) < c_stride]
+        self.shape = tuple(shape)
+        self.groups = (tuple(outer), tuple(kept), tuple(inner))
+        self.order = tuple(outer + kept + inner)
+        self.inverse = tuple(np.argsort(self.order).tolist())
+        self.shape3 = tuple(math.prod(shape[i] for i in g) for g in self.groups)
 
-    def strides3(self, a):
-        """Byte strides of the 3-D view of ``a`` (shaped like the source, given by its
-        ``shape`` and ``strides``: device arrays too), or None where no view exists."""
-        merged = [_merged_dims([(a.shape[i], a.strides[i]) for i in g]) for g in self.groups]
+    def strides3(self, strides):
+        """Byte strides of the 3-D view of an array of this shape with ``strides``, or None
+        where no view exists (the axes of a group cannot merge)."""
+        merged = [_merged_dims([(self.shape[i], strides[i]) for i in g]) for g in self.groups]
         if any(m is None for m in merged):
             return None
         return tuple(m[1] for m in merged)
 
-    def view(self, a, writeable=False):
-        """The 3-D view of ``a`` (of this layout's shape); one copy where strides forbid a view.
 
-        Inputs come back read-only (one Numba specialization whatever the
-        caller's flags). With ``writeable=True`` (outputs) None means no view exists.
-        """
-        t = a.transpose(self.order)
-        try:
-            v = t.reshape(self.shape3, copy=False)
-        except ValueError:  # the axes of a group cannot merge without a copy
-            if writeable:
-                return None
-            v = np.ascontiguousarray(t).reshape(self.shape3)
-        if not writeable:
-            v.flags.writeable = False
-        return v
-
-    def empty(self, dtype):
-        """A new array of this shape, laid out like the source array: (array, its 3-D view)."""
-        buf = np.empty([self.shape[i] for i in self.order], dtype)
-        return buf.transpose(self.inverse), buf.reshape(self.shape3)
-
-
-def flip_reduced(a, axes):
-    """A view of ``a`` with reduced axes' negative strides flipped (reduction order is free)."""
-    if all(s >= 0 for s in a.strides):
-        return a
-    return a[tuple(slice(None, None, -1) if i in axes and s < 0 else slice(None)
-                   for i, s in enumerate(a.strides))]
+# Calls repeat shapes: the layouts and plans are cached by the arrays' descriptions.
+layout = functools.lru_cache(maxsize=512)(Layout)
 
 
 def flipped_strides(shape, strides, axes):
-    """``flip_reduced`` on metadata: (strides, byte offset of the flipped view's first element)."""
+    """Strides with the reduced axes' negative strides flipped (a reduction's order is
+    free), and the byte offset of the flipped view's first element."""
     offset = 0
     new = list(strides)
     for i, (n, st) in enumerate(zip(shape, strides)):
@@ -156,23 +119,62 @@ def flipped_strides(shape, strides, axes):
     return tuple(new), offset
 
 
-def three_d(a, axes):
-    """The read-only (outer, C, inner) view of ``a`` reducing ``axes``."""
-    a = flip_reduced(a, axes)
-    return Layout(a, axes).view(a)
+class Reduction:
+    """A statistic over ``axes`` of an array: its layout (negative strides of reduced axes
+    flipped), count per result, number of results and the result's shape."""
+
+    def __init__(self, shape, strides, axes, keepdims):
+        self.axes = axes
+        self.strides, self.offset = flipped_strides(shape, strides, axes)
+        self.layout = layout(tuple(shape), self.strides, axes)
+        outer, self.nchan, inner = self.layout.shape3
+        self.count = outer * inner
+        self.shape = kept_shape(shape, axes, keepdims)
 
 
-def check_out(out, shape, dtype, name="out"):
-    """Validate an ``out=`` array for a result of ``shape``/``dtype``."""
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
-    check_out_shape_dtype(out.shape, out.dtype, shape, dtype, name)
-    if not out.flags.writeable:
-        raise ValueError(f"{name} is read-only")
-    return out
+@functools.lru_cache(maxsize=512)
+def _reduction(shape, strides, axes, keepdims):
+    return Reduction(shape, strides, axes, keepdims)
 
 
-# ---- batch-norm argument rules -------------------------------------------------------------
+def reduction(a, axis, keepdims):
+    """The cached ``Reduction`` of array ``a`` (anything with shape and byte strides)."""
+    axes = reduced_axes(axis, len(a.shape))
+    return _reduction(tuple(a.shape), tuple(a.strides), axes, bool(keepdims))
+
+
+class ChannelPlan:
+    """A batch-norm input's plan: channel axis, layout, channels, values per channel,
+    and the dtypes of the results (x's float dtype, native byte order) and of the
+    batch statistics (at least float32)."""
+
+    def __init__(self, shape, strides, dtype, axis):
+        self.shape = shape
+        self.axis = axis
+        self.size = math.prod(shape)
+        self.nchan = shape[axis]
+        self.count = self.size // self.nchan if self.nchan else 0
+        self.layout = layout(shape, strides, tuple(i for i in range(len(shape)) if i != axis))
+        self.dtype = dtype.newbyteorder("=")
+        self.stats_dtype = np.promote_types(self.dtype, np.float32)
+
+
+@functools.lru_cache(maxsize=512)
+def _channel_plan(shape, strides, dtype, axis):
+    return ChannelPlan(shape, strides, dtype, axis)
+
+
+def channel_plan(a, axis, name="x", min_ndim=2):
+    """The cached ``ChannelPlan`` of a batch-norm input ``a`` (rank and axis validated)."""
+    shape = tuple(a.shape)
+    if len(shape) < min_ndim:
+        raise ValueError(f"{name} must have at least 2 dimensions (batch, channels, ...), "
+                         f"got shape {shape}")
+    axis = normalize_axis_index(operator.index(axis), len(shape), "axis")
+    return _channel_plan(shape, tuple(a.strides), np.dtype(a.dtype), axis)
+
+
+# ---- argument rules (each names the argument it blames) -------------------------------------
 
 
 def check_float_dtype(dtype, name):
@@ -180,30 +182,6 @@ def check_float_dtype(dtype, name):
     dtype = np.dtype(dtype)
     if dtype.kind != "f" or dtype.itemsize > 8:
         raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {dtype}")
-
-
-def float_array(a, name):
-    """A floating-point array (batch-norm inputs: integer and bool are TypeErrors)."""
-    a = as_array(a, name)
-    check_float_dtype(a.dtype, name)
-    return a
-
-
-def channel_axis(x, axis, name="x"):
-    """Validate a batch-norm input's rank and normalize its channel axis."""
-    if x.ndim < 2:
-        raise ValueError(f"{name} must have at least 2 dimensions (batch, channels, ...), "
-                         f"got shape {x.shape}")
-    return normalize_axis_index(operator.index(axis), x.ndim, "axis")
-
-
-def channel_vector(p, name, nchan):
-    """A per-channel float vector of shape (nchan,) (any length if nchan is None), or None."""
-    if p is None:
-        return None
-    p = float_array(p, name)
-    check_channel_shape(p.shape, name, nchan)
-    return p
 
 
 def check_channel_shape(shape, name, nchan):
@@ -216,19 +194,6 @@ def check_channel_shape(shape, name, nchan):
                          f"got shape {shape}")
 
 
-def running_buffer(p, name, nchan):
-    """A running-statistics buffer: updated in place, so a writable float ndarray."""
-    if p is None:
-        return None
-    if not isinstance(p, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
-                        f"got {type(p).__name__}")
-    p = channel_vector(p, name, nchan)
-    if not p.flags.writeable:
-        raise ValueError(f"{name} is read-only; running statistics are updated in place")
-    return p
-
-
 def check_eps(eps):
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
@@ -239,16 +204,6 @@ def check_momentum(momentum):
     if not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     return float(momentum)
-
-
-def check_out_exact(out, shape, dtype, name="out"):
-    """``out=`` of a batch-norm function: exactly the result's shape and dtype, writable."""
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
-    check_exact_shape_dtype(out.shape, out.dtype, shape, dtype, name)
-    if not out.flags.writeable:
-        raise ValueError(f"{name} is read-only")
-    return out
 
 
 def check_out_shape_dtype(out_shape, out_dtype, shape, dtype, name="out"):

@@ -21,7 +21,6 @@ a rank that raises before communicating leaves the others waiting.
 import numpy as np
 
 from . import _dispatch
-from . import batchnorm as bn
 from .layer import BatchNorm
 from .stats import Moments
 
@@ -108,7 +107,7 @@ def _gather(comm, a):
 
 def _host(a):
     """A float64 NumPy array of ``a`` (GPU arrays: per-channel vectors, copied to the host)."""
-    return np.asarray(_dispatch.to_host(a), np.float64)
+    return np.asarray(_dispatch.backend(a=a).to_host(a), np.float64)
 
 
 # ---- collectives on statistics -------------------------------------------------------------
@@ -198,14 +197,15 @@ class SyncBatchNorm(BatchNorm):
     # The all-reduces move per-channel float64 vectors through the host (C values per rank,
     # from and back to the device for CUDA arrays); the per-element work stays on its side.
 
-    def _batch_stats(self, stages, call):
-        total = _allreduce_moments(stages.local_moments(call), self.comm)
-        mean, var = bn._mean_var(total)
-        return total.count, stages.float64_copy(mean), stages.float64_copy(var)
+    def _batch_stats(self, be, call):
+        local = Moments(call.plan.count, *be.batch_moments(call))
+        total = _allreduce_moments(local, self.comm)
+        var = total.m2 / total.count if total.count else np.full(np.shape(total.m2), np.nan)
+        return total.count, be.to_float64(total.mean), be.to_float64(var)
 
-    def _reduce_sums(self, stages, sum_dy, sum_dy_xmu, batch_stats):
+    def _reduce_sums(self, be, sum_dy, sum_dy_xmu, batch_stats):
         # dx needs the batch's sums when the statistics came from the batch; the
         # parameter gradients always do. Same decision on every rank (configuration).
         if not batch_stats and self.weight is None:
             return sum_dy, sum_dy_xmu
-        return tuple(map(stages.float64_copy, _allreduce_sum(self.comm, sum_dy, sum_dy_xmu)))
+        return tuple(map(be.to_float64, _allreduce_sum(self.comm, sum_dy, sum_dy_xmu)))

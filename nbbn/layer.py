@@ -4,7 +4,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _dispatch, _layout
-from . import batchnorm as bn
+from .batchnorm import Call, normalize, require_values
 
 _COUNTER = "num_batches_tracked"
 
@@ -61,7 +61,10 @@ class BatchNorm:
         self._saved = None
         self.device = device
         if device == "cuda":  # parameters and running buffers live on the GPU
-            _dispatch.cuda().layer_to_device(self)
+            be = _dispatch.device()
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(self, name) is not None:
+                    setattr(self, name, be.from_host(getattr(self, name)))
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -78,32 +81,30 @@ class BatchNorm:
     def _uses_batch_stats(self):
         return self.training or not self.track_running_stats
 
-    def _stages(self, **arrays):
-        """The host's or the device's stages, by where the call's and the layer's arrays are."""
-        return _dispatch.layer_stages(**arrays, weight=self.weight,
-                                      running_mean=self.running_mean)
+    def _backend(self, **arrays):
+        """The host's or the device's backend, by where the call's and the layer's arrays are."""
+        return _dispatch.backend(**arrays, weight=self.weight, running_mean=self.running_mean)
 
     def forward(self, x):
-        stages = self._stages(x=x)
-        call = stages.call(x, self.axis)
-        if call.nchan != self.num_features:
-            raise ValueError(f"x has {call.nchan} channels on axis {self.axis}, expected "
+        be = self._backend(x=x)
+        call = Call(be, x, self.axis)
+        if call.plan.nchan != self.num_features:
+            raise ValueError(f"x has {call.plan.nchan} channels on axis {self.axis}, expected "
                              f"{self.num_features}")
         batch_stats = self._uses_batch_stats()
         if batch_stats:
-            count, mean, var = self._batch_stats(stages, call)
-            bn._require_values(call, count)
+            count, mean, var = self._batch_stats(be, call)
+            require_values(call, count)
         else:  # copies: backward must see the statistics this forward used
-            count = call.count
-            mean = stages.float64_copy(self.running_mean)
-            var = stages.float64_copy(self.running_var)
-        y = stages.normalize(call, mean, var, self.weight, self.bias, self.eps)
+            count = call.plan.count
+            mean = be.to_float64(self.running_mean)
+            var = be.to_float64(self.running_var)
+        y = normalize(call, mean, var, self.weight, self.bias, self.eps)
         if batch_stats and self.training and self.track_running_stats:
             self.num_batches_tracked += 1
             factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
                       else self.momentum)
-            stages.ema(self.running_mean, self.running_var, mean, var, factor,
-                       count / (count - 1))
+            be.ema(self.running_mean, self.running_var, mean, var, factor, count / (count - 1))
         self._saved = _Saved(call, mean, var, count, batch_stats)
         return y
 
@@ -114,29 +115,31 @@ class BatchNorm:
         saved = self._saved
         if saved is None:
             raise RuntimeError("backward called before forward")
-        stages = self._stages(dy=dy, x=saved.call.x)
+        be = self._backend(dy=dy, x=saved.call.like)
         call, mean, var = saved.call, saved.mean, saved.var
-        dy3 = stages.dy_view(call, dy)
-        sum_dy, sum_dy_xmu = self._reduce_sums(stages, *stages.backward_sums(call, dy3, mean),
+        dy3 = call.like_x(dy, "dy")
+        sum_dy, sum_dy_xmu = self._reduce_sums(be, *be.backward_sums(call, dy3, mean),
                                                saved.batch_stats)
-        dx = stages.grad_input(call, dy3, mean, var, self.weight, self.eps, sum_dy, sum_dy_xmu,
-                               saved.count, saved.batch_stats)
-        self.grad_weight, self.grad_bias = stages.param_grads(self.weight, var, self.eps,
-                                                              sum_dy, sum_dy_xmu)
+        dx = be.grad_input(call, dy3, mean, var, self.weight, self.eps, sum_dy, sum_dy_xmu,
+                           saved.count, saved.batch_stats, None)
+        self.grad_weight = self.grad_bias = None
+        if self.weight is not None:
+            self.grad_weight, self.grad_bias = be.param_grads(self.weight, self.weight, var,
+                                                              self.eps, sum_dy, sum_dy_xmu)
         return dx
 
     # ---- hooks a subclass may extend (nbbn.distributed.SyncBatchNorm) ------------------------
     # A synchronized subclass all-reduces in them: forward gets the batch statistics from
     # ``_batch_stats`` and backward reduces its per-channel sums in ``_reduce_sums``. Both see
-    # the call's ``stages`` (host or device) and return vectors on the same side.
+    # the call's backend ``be`` (host or device) and return vectors on the same side.
 
-    def _batch_stats(self, stages, call):
+    def _batch_stats(self, be, call):
         """``(count, mean, var)`` per channel of the batch: values per channel, float64
         mean and biased variance. Here the batch is ``call.x``; a synchronized layer
         merges the moments of every shard of the batch."""
-        return stages.batch_moments(call)
+        return (call.plan.count, *be.batch_moments(call, variance=True))
 
-    def _reduce_sums(self, stages, sum_dy, sum_dy_xmu, batch_stats):
+    def _reduce_sums(self, be, sum_dy, sum_dy_xmu, batch_stats):
         """The backward pass's per-channel ``sum(dy)``, ``sum(dy * (x - mean))`` over the
         batch, from this call's (float64); ``batch_stats`` as in ``forward``."""
         return sum_dy, sum_dy_xmu
@@ -151,9 +154,9 @@ class BatchNorm:
 
     def state_dict(self):
         """Copies of the parameters and buffers under ``torch.nn.BatchNorm2d``'s keys."""
-        stages = self._stages()
+        be = self._backend()
         return {name: self.num_batches_tracked.copy() if name == _COUNTER
-                else stages.copy(getattr(self, name)) for name in self._state_names()}
+                else be.copy(getattr(self, name)) for name in self._state_names()}
 
     def load_state_dict(self, state_dict, strict=True):
         """Load a state dict (e.g. a PyTorch one converted to NumPy); all-or-nothing."""
@@ -168,9 +171,9 @@ class BatchNorm:
             shape, want = tuple(np.shape(state_dict[name])), tuple(getattr(self, name).shape)
             if shape != want:
                 raise ValueError(f"{name} must have shape {want}, got {shape}")
-        stages = self._stages()
+        be = self._backend()
         for name in staged:
             if name == _COUNTER:  # a host counter on either side
                 np.copyto(self.num_batches_tracked, state_dict[name], casting="unsafe")
             else:
-                stages.assign(getattr(self, name), state_dict[name])
+                be.assign(getattr(self, name), state_dict[name])

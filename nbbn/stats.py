@@ -5,7 +5,6 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _dispatch, _layout
-from ._cpu.moments import channel_moments
 
 _UNSET = object()
 
@@ -89,109 +88,77 @@ def _ddof(ddof, correction):
     return ddof
 
 
-def _numpy_fallback(a, dtype):
-    """True where NumPy must answer: complex/object/odd dtypes, or a non-float dtype= request."""
-    if a.dtype.kind not in _layout.KERNEL_KINDS or a.dtype.itemsize > 8:
-        return True
-    return dtype is not None and np.dtype(dtype).kind != "f"
-
-
-def _reduce(a, axis):
-    """(count, mean[kept], m2[kept]) in float64 over ``axis``; kept is the C-order kept shape."""
-    axes = _layout.reduced_axes(axis, a.ndim)
-    x3 = _layout.three_d(_layout.kernel_input(a), axes)
-    n_outer, n_chan, n_inner = x3.shape
-    count = n_outer * n_inner
-    if count == 0 or n_chan == 0:
-        mean = np.full(n_chan, np.nan)  # NumPy's mean of nothing
-        m2 = np.zeros(n_chan)  # a sum over nothing
-    else:
-        mean, m2 = channel_moments(x3)
-    return count, axes, mean, m2
-
-
 def _result_dtype(a, dtype):
     if dtype is not None:
         return np.dtype(dtype)
     return a.dtype.newbyteorder("=") if a.dtype.kind == "f" else np.dtype(np.float64)
 
 
-def _finish(values, a, axes, keepdims, dtype, out):
-    """Reshape to the kept shape, cast to the result dtype, honour ``out=``."""
-    shape = _layout.kept_shape(a.shape, axes, keepdims)
-    values = values.reshape(shape)
+# NumPy's functions that answer, per statistic, where the kernels can't (complex, object).
+_NUMPY_OPS = {"mean": ("mean",), "var": ("var",), "std": ("std",), "mean_var": ("mean", "var")}
+
+
+def _statistics(op, a, axis, dtype, out, ddof, keepdims, kinds):
+    """The statistics ``kinds`` of ``a`` along ``axis`` (a tuple, see
+    ``_backend.statistics``) from one pass over ``a``, on the backend where it lives."""
+    be = _dispatch.backend(a=a, out=out)
+    like, a = a, be.array(a, "a")
+    if (a.dtype.kind not in _layout.KERNEL_KINDS or a.dtype.itemsize > 8
+            or dtype is not None and np.dtype(dtype).kind != "f"):
+        opts = dict(axis=axis, dtype=dtype, keepdims=keepdims)
+        if out is not None:
+            opts["out"] = out
+        return tuple(be.fallback(name, a, **opts, **({} if name == "mean" else {"ddof": ddof}))
+                     for name in _NUMPY_OPS[op])
+    red = _layout.reduction(a, axis, keepdims)
+    rdtype = _result_dtype(a, dtype)
+    if op == "mean" and red.count == 0:
+        warnings.warn("Mean of empty slice", RuntimeWarning, stacklevel=3)
+    if ("var" in kinds or "std" in kinds) and red.count - ddof <= 0:
+        warnings.warn("Degrees of freedom <= 0 for slice", RuntimeWarning, stacklevel=3)
     if out is not None:
-        _layout.check_out(out, shape, dtype)
-        np.copyto(out, values, casting="unsafe")
-        return out
-    return _scalar_or_array(values.astype(dtype, copy=False))
+        be.check_writable(out, "out")
+        o = be.array(out, "out")
+        _layout.check_out_shape_dtype(o.shape, o.dtype, red.shape, rdtype)
+    return be.statistics(like, a, red, kinds, ddof, rdtype, out)
 
 
 def mean(a, axis=None, dtype=None, out=None, keepdims=False, *, where=_UNSET):
     """Arithmetic mean along ``axis``; drop-in for ``numpy.mean`` (float64 accumulation)."""
     _reject("where", where)
-    if _dispatch.on_device(a=a, out=out):
-        return _dispatch.cuda().mean(a, axis, dtype, out, keepdims)
-    a = _layout.as_array(a, "a")
-    if _numpy_fallback(a, dtype):
-        return np.mean(a, axis=axis, dtype=dtype, out=out, keepdims=keepdims)
-    count, axes, m, _ = _reduce(a, axis)
-    if count == 0:
-        warnings.warn("Mean of empty slice", RuntimeWarning, stacklevel=2)
-    return _finish(m, a, axes, keepdims, _result_dtype(a, dtype), out)
+    return _statistics("mean", a, axis, dtype, out, 0, keepdims, ("mean",))[0]
 
 
 def mean_var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=None):
     """(mean, var) along ``axis`` from one pass over ``a``."""
-    ddof = _ddof(ddof, correction)
-    if _dispatch.on_device(a=a):
-        return _dispatch.cuda().mean_var(a, axis, dtype, ddof, keepdims)
-    a = _layout.as_array(a, "a")
-    if _numpy_fallback(a, dtype):
-        return (np.mean(a, axis=axis, dtype=dtype, keepdims=keepdims),
-                np.var(a, axis=axis, dtype=dtype, ddof=ddof, keepdims=keepdims))
-    count, axes, m, m2 = _reduce(a, axis)
-    v = np.asarray(_divide_m2(m2, count, ddof))
-    rdtype = _result_dtype(a, dtype)
-    return (_finish(m, a, axes, keepdims, rdtype, None),
-            _finish(v, a, axes, keepdims, rdtype, None))
+    return _statistics("mean_var", a, axis, dtype, None, _ddof(ddof, correction), keepdims,
+                       ("mean", "var"))
 
 
 def var(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *,
         where=_UNSET, mean=_UNSET, correction=None):
     """Variance along ``axis``; drop-in for ``numpy.var``, one pass, float64 accumulation."""
-    return _var_or_std(a, axis, dtype, out, ddof, keepdims, where, mean, correction, "var")
+    _reject("where", where)
+    _reject("mean", mean)
+    return _statistics("var", a, axis, dtype, out, _ddof(ddof, correction), keepdims,
+                       ("var",))[0]
 
 
 def std(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *,
         where=_UNSET, mean=_UNSET, correction=None):
     """Standard deviation along ``axis``; drop-in for ``numpy.std``."""
-    return _var_or_std(a, axis, dtype, out, ddof, keepdims, where, mean, correction, "std")
-
-
-def _var_or_std(a, axis, dtype, out, ddof, keepdims, where, mean_, correction, op):
     _reject("where", where)
-    _reject("mean", mean_)
-    ddof = _ddof(ddof, correction)
-    if _dispatch.on_device(a=a, out=out):
-        return _dispatch.cuda().var_or_std(a, axis, dtype, out, ddof, keepdims, op)
-    a = _layout.as_array(a, "a")
-    if _numpy_fallback(a, dtype):
-        return getattr(np, op)(a, axis=axis, dtype=dtype, out=out, ddof=ddof, keepdims=keepdims)
-    count, axes, _, m2 = _reduce(a, axis)
-    v = np.asarray(_divide_m2(m2, count, ddof))
-    if op == "std":
-        v = np.sqrt(v)
-    return _finish(v, a, axes, keepdims, _result_dtype(a, dtype), out)
+    _reject("mean", mean)
+    return _statistics("std", a, axis, dtype, out, _ddof(ddof, correction), keepdims,
+                       ("std",))[0]
 
 
 def moments(a, axis=None, keepdims=False):
     """The mergeable ``Moments(count, mean, m2)`` of ``a`` along ``axis`` (float64)."""
-    if _dispatch.on_device(a=a):
-        return _dispatch.cuda().moments_(a, axis, keepdims)
-    a = _layout.as_array(a, "a")
+    be = _dispatch.backend(a=a)
+    like, a = a, be.array(a, "a")
     if a.dtype.kind not in _layout.KERNEL_KINDS or a.dtype.itemsize > 8:
         raise TypeError(f"moments needs real numeric input, got dtype {a.dtype}")
-    count, axes, m, m2 = _reduce(a, axis)
-    shape = _layout.kept_shape(a.shape, axes, keepdims)
-    return Moments(count, _scalar_or_array(m.reshape(shape)), _scalar_or_array(m2.reshape(shape)))
+    red = _layout.reduction(a, axis, keepdims)
+    return Moments(red.count, *be.statistics(like, a, red, ("mean", "m2"), 0,
+                                             np.dtype(np.float64), None))

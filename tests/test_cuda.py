@@ -339,15 +339,16 @@ def test_dispatch_recognizes_device_arrays():
 
 def test_results_in_the_inputs_library():
     """CuPy in -> CuPy out, torch in -> torch out (allocation and views by the library)."""
-    assert _dispatch.library(FakeCAI(module="cupy._core.core")) == "cupy"
-    assert _dispatch.library(FakeCAI(module="torch")) == "torch"
-    assert _dispatch.library(dev(np.ones(2))) == "numba"
+    from nbbn._cuda.arrays import Family, library
+    assert library(FakeCAI(module="cupy._core.core")) == "cupy"
+    assert library(FakeCAI(module="torch")) == "torch"
+    assert library(dev(np.ones(2))) == "numba"
     torch = pytest.importorskip("torch")
-    family = _dispatch.Family(torch.ones(2))  # a CPU tensor stands in for a CUDA one here
+    family = Family(torch.ones(2))  # a CPU tensor stands in for a CUDA one here
     buf = family.empty((2, 3, 4), np.float16)
     assert isinstance(buf, torch.Tensor) and buf.dtype == torch.float16
     assert tuple(family.permute(buf, (2, 0, 1)).shape) == (4, 2, 3)
-    numba_family = _dispatch.Family(dev(np.ones(2)))
+    numba_family = Family(dev(np.ones(2)))
     buf = numba_family.empty((2, 3), np.float32)
     assert hasattr(buf, "__cuda_ndarray__")
     assert tuple(numba_family.permute(buf, (1, 0)).shape) == (3, 2)
@@ -360,7 +361,7 @@ def test_foreign_arrays_in_the_simulator_are_refused():
 
 
 def test_no_cuda_is_a_runtime_error(monkeypatch):
-    monkeypatch.setattr(_dispatch, "_backend", None)
+    monkeypatch.setattr(_dispatch, "_device", None)
     monkeypatch.setattr(cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="nbbn\\[cuda\\]"):
         nbbn.var(dev(np.ones(3)))

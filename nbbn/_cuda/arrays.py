@@ -1,14 +1,95 @@
-"""Device arrays as the kernels see them: (outer, C, inner) views, scratch, strided copies.
+"""Device arrays: interop with torch/CuPy/Numba, (outer, C, inner) views, scratch, copies.
 
-A view is made without a copy where the strides allow (``_layout.Layout``'s
+Any CUDA array is handled as a Numba device array over its memory (``to_numba``:
+zero-copy); results are allocated by the input's own library (``Family``), so
+CuPy in gives CuPy out and torch in gives torch out, in that library's memory
+pool. A view is made without a copy where the strides allow (``_layout``'s
 rules, applied to the device array's shape and strides); otherwise the array
 is copied once, on the device, into the layout's order (``copy_strided``).
 """
 import numpy as np
 from numba import cuda
 
-from .. import _dispatch
-from .launch import cdiv, target_blocks, threads
+from .launch import SIMULATOR, cdiv, target_blocks, threads
+
+
+# ---- interop: Numba views of any CUDA array, results of the input's own kind ----------------
+
+
+def library(a):
+    """'torch', 'cupy' or 'numba': who allocates results for input ``a``."""
+    top = type(a).__module__.split(".", 1)[0]
+    return top if top in ("torch", "cupy") else "numba"
+
+
+def to_numba(a):
+    """A Numba device array over ``a``'s memory (zero-copy)."""
+    if hasattr(a, "__cuda_ndarray__"):
+        return a
+    if SIMULATOR:
+        raise RuntimeError(f"nbbn: the CUDA simulator cannot read a {type(a).__name__} "
+                           "(only Numba device arrays exist there); unset NUMBA_ENABLE_CUDASIM")
+    if getattr(a, "requires_grad", False):  # torch hides the interface of such tensors
+        a = a.detach()
+    return cuda.as_cuda_array(a)
+
+
+class _HostInterface:
+    """Exposes an ``__array_interface__`` while keeping the memory's owner alive."""
+
+    def __init__(self, interface, owner):
+        self.__array_interface__ = interface
+        self.owner = owner
+
+
+def strided(a, shape, strides, offset=0):
+    """A Numba device array over ``a``'s memory: origin at a's first element + ``offset``
+    bytes, any ``shape``/``strides`` (bytes). ``a`` is a Numba device array."""
+    shape, strides = tuple(int(n) for n in shape), tuple(int(s) for s in strides)
+    if SIMULATOR:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+        host = a._ary  # the simulator's device memory is this NumPy array
+        desc = {"data": (host.__array_interface__["data"][0] + offset, False), "shape": shape,
+                "strides": strides, "typestr": host.dtype.str, "version": 3}
+        return FakeCUDAArray(np.asarray(_HostInterface(desc, host)))
+    cai = a.__cuda_array_interface__
+    desc = {"data": (cai["data"][0] + offset, False), "shape": shape, "strides": strides,
+            "typestr": cai["typestr"], "version": 3}
+    return cuda.from_cuda_array_interface(desc, owner=a, sync=False)
+
+
+class Family:
+    """Allocation and reshaping in the library of an input array (torch, CuPy or Numba)."""
+
+    def __init__(self, like):
+        self.like = like
+        self.kind = library(like)
+
+    def empty(self, shape, dtype):
+        dtype = np.dtype(dtype)
+        shape = tuple(int(n) for n in shape)
+        if self.kind == "torch":
+            import torch
+            return torch.empty(shape, dtype=getattr(torch, dtype.name), device=self.like.device)
+        if self.kind == "cupy":
+            import cupy
+            with self.like.device:
+                return cupy.empty(shape, dtype)
+        return cuda.device_array(shape, dtype)
+
+    def permute(self, a, axes):
+        """``a`` with its axes reordered (a view, as numpy.transpose)."""
+        axes = tuple(int(i) for i in axes)
+        if axes == tuple(range(len(axes))):
+            return a
+        if self.kind == "torch":
+            return a.permute(*axes)
+        if self.kind == "cupy":
+            return a.transpose(axes)
+        return permuted(a, axes)
+
+
+# ---- kernels over any strides ----------------------------------------------------------------
 
 
 @cuda.jit
@@ -53,7 +134,7 @@ def _flat(a):
     item = a.dtype.itemsize
     lo = sum((n - 1) * s for n, s in zip(a.shape, a.strides) if s < 0)
     hi = sum((n - 1) * s for n, s in zip(a.shape, a.strides) if s > 0)
-    view = _dispatch.strided(a, ((hi - lo) // item + 1,), (item,), lo)
+    view = strided(a, ((hi - lo) // item + 1,), (item,), lo)
     return view, -lo // item, tuple(int(s) // item for s in a.strides)
 
 
@@ -74,15 +155,6 @@ def scratch(shape, dtype):
     return cuda.device_array(tuple(int(n) for n in shape), np.dtype(dtype))
 
 
-class _Meta:
-    """Shape and byte strides of an array, as ``_layout.Layout`` reads them."""
-
-    def __init__(self, shape, strides):
-        self.shape = tuple(shape)
-        self.strides = tuple(strides)
-        self.ndim = len(self.shape)
-
-
 def is_c_contiguous(a):
     expected = a.dtype.itemsize
     for n, s in zip(reversed(a.shape), reversed(a.strides)):
@@ -94,56 +166,30 @@ def is_c_contiguous(a):
 
 def flat_view(a):
     """A C-contiguous device array as 1-D."""
-    return _dispatch.strided(a, (int(np.prod(a.shape, dtype=np.int64)),), (a.dtype.itemsize,))
+    return strided(a, (int(np.prod(a.shape, dtype=np.int64)),), (a.dtype.itemsize,))
 
 
-class DeviceLayout:
-    """A device array's (outer, C, inner) layout for reducing ``axes`` (``_layout`` rules).
+def view3(a, layout, strides=None, offset=0):
+    """The (outer, C, inner) kernel view of device array ``a`` in ``layout`` (``strides``/
+    ``offset``: a's, possibly with reduced axes flipped); one device copy into the layout's
+    order where the strides forbid a view. Views never carry negative strides: such
+    arrays take the copy."""
+    s3 = layout.strides3(tuple(a.strides) if strides is None else strides)
+    if s3 is not None and not any(s < 0 or s % a.dtype.itemsize for s in s3):
+        return strided(a, layout.shape3, s3, offset)
+    buf = scratch([layout.shape[i] for i in layout.order], a.dtype)
+    copy(permuted(a, layout.order), buf)
+    return buf.reshape(layout.shape3)
 
-    ``flip``: reduced axes with negative strides are read backwards (a pure
-    reduction's order is free; elementwise passes must not flip). Views never
-    carry negative strides: such arrays take the copy.
-    """
 
-    def __init__(self, a, axes, flip):
-        from .. import _layout
-        self.axes = tuple(axes)
-        self.flip = flip
-        self.shape = tuple(int(n) for n in a.shape)
-        self.layout = _layout.Layout(self._meta(a)[0], self.axes)
-        self.shape3 = self.layout.shape3
-        self.order = self.layout.order
-        self.inverse = self.layout.inverse
-
-    def _meta(self, a):
-        from .. import _layout
-        strides, offset = tuple(a.strides), 0
-        if self.flip:
-            strides, offset = _layout.flipped_strides(self.shape, strides, self.axes)
-        return _Meta(self.shape, strides), offset
-
-    def _strides3(self, meta, itemsize):
-        s3 = self.layout.strides3(meta)
-        if s3 is None or any(s < 0 or s % itemsize for s in s3):
-            return None
-        return s3
-
-    def view(self, a):
-        """Kernel view (outer, C, inner) of device array ``a`` shaped like the source."""
-        meta, offset = self._meta(a)
-        s3 = self._strides3(meta, a.dtype.itemsize)
-        if s3 is not None:
-            return _dispatch.strided(a, self.shape3, s3, offset)
-        buf = scratch([self.shape[i] for i in self.order], a.dtype)
-        copy(permuted(a, self.order), buf)
-        return buf.reshape(self.shape3)
-
-    def write_view(self, a):
-        """A writable kernel view of ``a``, or None where a copy is needed."""
-        s3 = self._strides3(_Meta(self.shape, tuple(a.strides)), a.dtype.itemsize)
-        return None if s3 is None else _dispatch.strided(a, self.shape3, s3)
+def write_view(a, layout):
+    """A writable kernel view of ``a`` in ``layout``, or None where a copy is needed."""
+    s3 = layout.strides3(tuple(a.strides))
+    if s3 is None or any(s < 0 or s % a.dtype.itemsize for s in s3):
+        return None
+    return strided(a, layout.shape3, s3)
 
 
 def permuted(a, axes):
     """Numba device array ``a`` with its axes reordered (a view)."""
-    return _dispatch.strided(a, [a.shape[i] for i in axes], [a.strides[i] for i in axes])
+    return strided(a, [a.shape[i] for i in axes], [a.strides[i] for i in axes])

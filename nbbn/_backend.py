@@ -1,0 +1,105 @@
+"""The stages a backend implements: the contract between the face and ``_cpu``/``_cuda``.
+
+The public functions (``stats``, ``batchnorm``, ``layer``) are written once:
+they validate their arguments from backend-neutral descriptions (``_layout``),
+then call these stages of the backend ``_dispatch.backend`` picks. Each
+backend is a module (``nbbn._cpu.backend``, ``nbbn._cuda.backend``) defining
+every function below with the same parameters (a test checks it).
+
+Conventions: ``call`` is the face's description of a batch-norm input
+(``call.like``: the array as given; ``call.x``: the backend's array of it;
+``call.plan``: its ``_layout.ChannelPlan``; ``call.x3``: its 3-D view).
+Per-channel vectors are 1-D arrays of the backend (NumPy or Numba device
+arrays); statistics and sums are float64. Arrays returned to the caller are
+allocated in the library of the array they are "like" (NumPy on the host;
+torch, CuPy or Numba on the device).
+"""
+from typing import Protocol
+
+
+class Backend(Protocol):
+    # ---- arrays ------------------------------------------------------------------------------
+
+    def array(self, a, name):
+        """``a`` as this backend's array (shape, strides, dtype); TypeError naming ``name``
+        where it is not array-like."""
+
+    def check_writable(self, a, name):
+        """Raise where ``a`` (as given) cannot be written in place (running buffers, out=)."""
+
+    def view(self, call, a):
+        """The read-only (outer, C, inner) view of ``a`` (this backend's array, shaped like
+        ``call.x``) in ``call``'s layout; one copy where strides forbid a view."""
+
+    def fallback(self, op, a, **kwargs):
+        """Statistic ``op`` of an array whose dtype the kernels don't read (complex,
+        object, a non-float ``dtype=``): NumPy's answer on the host, a TypeError on the device."""
+
+    # ---- statistics ----------------------------------------------------------------------
+
+    def statistics(self, like, a, red, kinds, ddof, dtype, out):
+        """The statistics ``kinds`` ("mean", "m2", "var", "std") of array ``a`` (``like``: as
+        given) over the ``_layout.Reduction`` ``red``, each of shape ``red.shape`` in
+        ``dtype``, in like's library; ``out``
+        (validated, or None) receives the first. var/std divide m2 by count - ddof (inf or
+        nan where that is <= 0, as NumPy)."""
+
+    # ---- batch norm ----------------------------------------------------------------------
+
+    def batch_moments(self, call, variance=False):
+        """Per-channel float64 (mean, m2) of ``call.x``, or (mean, biased variance) with
+        ``variance``; nan where the batch is empty."""
+
+    def coefficients(self, dtype, mean, var, weight, bias, eps):
+        """Batch norm of data of ``dtype`` as ``x * scale + shift``: (scale, shift) vectors
+        for ``affine``; weight/bias may be None."""
+
+    def affine(self, call, scale, shift, out):
+        """``y = x * scale[c] + shift[c]`` over ``call.x``, into ``out`` (validated) or a new
+        array laid out like x."""
+
+    def forward(self, call, weight, bias, eps, out, stats_dtype, running, momentum,
+                var_factor):
+        """Training forward: ``(y, mean, var)``, the batch mean and biased variance in
+        ``stats_dtype``, allocated in x's library (None: float64 work vectors); where ``running`` = (running_mean, running_var) is given, those are
+        updated in place (``ema`` with momentum, var_factor)."""
+
+    def ema(self, running_mean, running_var, mean, var, momentum, var_factor):
+        """``running = (1 - momentum) * running + momentum * batch`` in place (the variance's
+        batch term scaled by var_factor)."""
+
+    def backward_sums(self, call, dy3, mean):
+        """Per-channel float64 ``(sum(dy), sum(dy * (x - mean)))``; dy3 from ``view``."""
+
+    def grad_input(self, call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count,
+                   batch_stats, out):
+        """dx from the per-channel sums, ``count`` values behind the statistics;
+        ``batch_stats``: mean/var came from x (their gradients are folded in)."""
+
+    def param_grads(self, like, weight, var, eps, sum_dy, sum_dy_xmu):
+        """(dweight, dbias) in weight's dtype, in ``like``'s library."""
+
+    def folded(self, w, b, scale, shift, b_dtype):
+        """(w * scale per output channel (w's axis 0), b * scale + shift) as new arrays in
+        w's dtype and ``b_dtype``, in w's library; ``w`` as given, ``b`` validated or None
+        (then b_folded = shift)."""
+
+    # ---- per-channel vectors -------------------------------------------------------------
+
+    def cast(self, like, v, dtype):
+        """A new copy of vector ``v`` in ``dtype``, in ``like``'s library."""
+
+    def to_float64(self, v):
+        """A float64 copy of ``v`` on this side (``v`` on the host or on this side)."""
+
+    def to_host(self, a):
+        """A NumPy array of ``a``."""
+
+    def copy(self, a):
+        """A copy of ``a`` on this side, same dtype."""
+
+    def from_host(self, a):
+        """A copy of host array ``a`` on this side, same dtype."""
+
+    def assign(self, a, value):
+        """``a[...] = value`` for ``value`` on the host or this side, of a's shape."""
