@@ -32,8 +32,9 @@ class Backend(Protocol):
         ``call.x``) in ``call``'s layout; one copy where strides forbid a view."""
 
     def fallback(self, op, a, **kwargs):
-        """Statistic ``op`` of an array whose dtype the kernels don't read (complex,
-        object, a non-float ``dtype=``): NumPy's answer on the host, a TypeError on the device."""
+        """NumPy's function ``op`` (``numpy.mean``, ...) of an array whose dtype the kernels
+        don't read (complex, object, longdouble, a non-float ``dtype=``): NumPy's answer on the
+        host, a TypeError on the device."""
 
     # ---- statistics ----------------------------------------------------------------------
 

@@ -46,7 +46,10 @@ def reduced_axes(axis, ndim):
     if axis is None:
         return tuple(range(ndim))
     if not isinstance(axis, tuple):
-        axis = (operator.index(axis),)
+        axis = (axis,)
+    if any(isinstance(i, (bool, np.bool_)) for i in axis):  # NumPy: an integer is required
+        raise TypeError(f"axis must be an integer or a tuple of integers, got {axis!r}")
+    axis = tuple(operator.index(i) for i in axis)
     return tuple(sorted(normalize_axis_tuple(axis, ndim, "axis")))
 
 
@@ -206,11 +209,12 @@ def check_momentum(momentum):
     return float(momentum)
 
 
-def check_out_shape_dtype(out_shape, out_dtype, shape, dtype, name="out"):
-    """A reduction's ``out=``: the result's shape, a dtype it can be cast to (same kind)."""
+def check_out_shape_dtype(out_shape, out_dtype, shape, dtype, casting, name="out"):
+    """A reduction's ``out=``: the result's shape, a dtype the result can be cast to under
+    NumPy's ``casting`` rule for that statistic ("unsafe" for mean/var, "same_kind" for std)."""
     if tuple(out_shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(out_shape)}, expected {tuple(shape)}")
-    if not np.can_cast(dtype, out_dtype, "same_kind"):
+    if not np.can_cast(dtype, out_dtype, casting):
         raise ConflictError(f"{name} has dtype {out_dtype}, cannot hold a {np.dtype(dtype)} result")
 
 

@@ -113,7 +113,7 @@ def moments(a, axis=None, keepdims=False, *, split_every=None):
     return Moments(count, _field(state, "mean", np.float64), _field(state, "m2", np.float64))
 
 
-def mean_var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=None,
+def mean_var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=np._NoValue,
              split_every=None):
     """Lazy ``(mean, var)`` along ``axis`` from one pass over ``a``; as ``nbbn.mean_var``."""
     a = _as_dask(a)
@@ -138,11 +138,13 @@ def _var_or_std(a, axis, dtype, ddof, keepdims, correction, split_every, root):
     return _var_blocks(state, ddof, _result_dtype(a, dtype), root)
 
 
-def var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=None, split_every=None):
+def var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=np._NoValue,
+        split_every=None):
     """Lazy variance along ``axis``; as ``nbbn.var`` (one pass per block, float64 merge)."""
     return _var_or_std(a, axis, dtype, ddof, keepdims, correction, split_every, root=False)
 
 
-def std(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=None, split_every=None):
+def std(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=np._NoValue,
+        split_every=None):
     """Lazy standard deviation along ``axis``; as ``nbbn.std``."""
     return _var_or_std(a, axis, dtype, ddof, keepdims, correction, split_every, root=True)
