@@ -11,6 +11,7 @@ strides allow, otherwise with one copy.
 """
 import functools
 import math
+import numbers
 import operator
 
 import numpy as np
@@ -197,16 +198,38 @@ def check_channel_shape(shape, name, nchan):
                          f"got shape {shape}")
 
 
-def check_eps(eps):
+def _real(value, name):
+    """A real number (not bool) as a float, or a TypeError naming the argument."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_eps(eps, training=False):
+    """eps >= 0, and > 0 in training (PyTorch: a constant channel would divide by zero)."""
+    eps = _real(eps, "eps")
+    if training and not eps > 0:
+        raise ValueError(f"eps must be positive during training, got {eps}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    return float(eps)
+    return eps
 
 
 def check_momentum(momentum):
+    momentum = _real(momentum, "momentum")
     if not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    return float(momentum)
+    return momentum
+
+
+def check_count(count, minimum):
+    """A whole number of values per channel, at least ``minimum``."""
+    if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral):
+        raise TypeError(f"count must be an integer (values per channel), got "
+                        f"{type(count).__name__} {count!r}")
+    if count < minimum:
+        raise ValueError(f"count must be >= {minimum}, got {count}")
+    return int(count)
 
 
 def check_out_shape_dtype(out_shape, out_dtype, shape, dtype, casting, name="out"):

@@ -28,6 +28,19 @@ def check_writable(a, name):
         raise ValueError(f"{name} is read-only")
 
 
+def overlap(a, b):
+    if not a.size or not b.size or not np.may_share_memory(a, b):
+        return None
+    if (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides
+            and a.dtype.itemsize == b.dtype.itemsize):
+        return "same"
+    try:
+        return "partial" if np.shares_memory(a, b, max_work=10_000) else None
+    except np.exceptions.TooHardError:
+        return "partial"
+
+
 def _kernel_input(a):
     """A native-byte-order array of a dtype the kernels read (widening float16)."""
     if a.dtype.kind == "f" and a.dtype.itemsize == 2:  # float16, either byte order
@@ -202,8 +215,8 @@ def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_fa
 
 
 def ema(running_mean, running_var, mean, var, momentum, var_factor):
-    if running_mean.dtype == np.float16 or running_var.dtype == np.float16:
-        # The kernels read float32/float64 only; float16 buffers are tiny anyway.
+    if any(b.dtype == np.float16 or not b.dtype.isnative for b in (running_mean, running_var)):
+        # The kernels read native float32/float64 only; the buffers are tiny anyway.
         new_mean = (1 - momentum) * running_mean.astype(np.float64) + momentum * mean
         new_var = (1 - momentum) * running_var.astype(np.float64) + momentum * var_factor * var
         np.copyto(running_mean, new_mean, casting="unsafe")

@@ -13,7 +13,8 @@ from numba import cuda
 from .. import _layout
 from . import arrays, backward, ema as ema_kernels, moments as moment_kernels, normalize
 from .arrays import Family, to_numba
-from .launch import channels_config, columns_config, final_config, launch, rows_config
+from .launch import (SIMULATOR, channels_config, columns_config, final_config, launch,
+                     rows_config)
 
 F8 = np.dtype(np.float64)
 
@@ -46,6 +47,27 @@ def array(a, name):
 
 def check_writable(a, name):
     """Device arrays are always writable."""
+
+
+def _address_range(a):
+    """[first byte, last byte] of a Numba device array's elements."""
+    start = a._ary.ctypes.data if SIMULATOR else a.__cuda_array_interface__["data"][0]
+    low = sum((n - 1) * s for n, s in zip(a.shape, a.strides) if s < 0)
+    high = sum((n - 1) * s for n, s in zip(a.shape, a.strides) if s > 0)
+    return start + low, start + high + a.dtype.itemsize - 1
+
+
+def overlap(a, b):
+    """From the address ranges: "partial" where they intersect (conservative)."""
+    if not a.size or not b.size:
+        return None
+    (a_lo, a_hi), (b_lo, b_hi) = _address_range(a), _address_range(b)
+    if a_hi < b_lo or b_hi < a_lo:
+        return None
+    if a_lo == b_lo and a.shape == b.shape and a.strides == b.strides \
+            and a.dtype.itemsize == b.dtype.itemsize:
+        return "same"
+    return "partial"
 
 
 def view(call, a):
