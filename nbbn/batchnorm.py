@@ -139,11 +139,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     weight = call.vector(weight, "weight")
     bias = call.vector(bias, "bias")
     eps = _layout.check_eps(eps, training)
-    momentum = _layout.check_momentum(momentum)
+    if training:  # evaluation ignores momentum, as PyTorch does
+        momentum = _layout.check_momentum(momentum)
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
-        raise TypeError(f"running_mean and running_var must be given together (or both None): "
-                        f"{missing} is None")
+        raise ValueError(f"running_mean and running_var must be given together (or both "
+                         f"None, as in PyTorch): {missing} is None")
     if not training:
         if running_mean is None:
             raise ValueError("running_mean and running_var are required when training=False")
