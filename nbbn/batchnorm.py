@@ -8,6 +8,8 @@ Forward: one statistics pass, then one elementwise pass ``y = x * scale +
 shift`` with per-channel coefficients. Backward: one fused pass for
 ``sum(dy)`` and ``sum(dy * (x - mean))``, then one elementwise pass for ``dx``.
 """
+import copy
+
 import numpy as np
 
 from . import _dispatch, _layout
@@ -31,15 +33,21 @@ class Call:
             self._x3 = self.be.view(self, self.x)
         return self._x3
 
-    def private(self):
+    def private(self, earlier=None):
         """This call, reading its own copy of x's values where x3 is a view of the caller's x
-        (a layer keeps it for backward: later in-place changes to x must not reach it)."""
-        if self.plan.size and self.be.overlap(self.x3, self.x):
-            kept = Call.__new__(Call)
-            vars(kept).update(vars(self))
-            kept._x3 = self.be.view(self, self.be.copy(self.x))
-            return kept
-        return self
+        (a layer keeps it for backward: later in-place changes to x must not reach it).
+        ``earlier``: a private call no longer needed, whose copy is reused if it fits (a
+        fresh array costs more than the copy: its pages are new)."""
+        if not (self.plan.size and self.be.overlap(self.x3, self.x)):
+            return self
+        kept = copy.copy(self)
+        kept.copy_of_x = getattr(earlier, "copy_of_x", None)
+        if kept.copy_of_x is not None and earlier.plan is self.plan:
+            self.be.assign(kept.copy_of_x, self.x)
+        else:
+            kept.copy_of_x = self.be.copy(self.x)
+        kept._x3 = self.be.view(self, kept.copy_of_x)
+        return kept
 
     def vector(self, p, name):
         return vector(self.be, p, name, self.plan.nchan)

@@ -124,7 +124,9 @@ class BatchNorm:
                 if count > 1:  # PyTorch: an empty batch moves the counter, not the buffers
                     be.ema(self.running_mean, self.running_var, mean, var, factor,
                            count / (count - 1))
-        self._local.saved = _Saved(call.private(), mean, var, count, batch_stats)
+        earlier = getattr(self._local, "saved", None)
+        self._local.saved = _Saved(call.private(earlier and earlier.call), mean, var, count,
+                                   batch_stats)
         return y
 
     __call__ = forward
