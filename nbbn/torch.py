@@ -195,7 +195,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                momentum=0.1, eps=1e-5):
     """Drop-in for ``torch.nn.functional.batch_norm`` computing with nbbn's kernels."""
     _check_arguments(x, running_mean, running_var, weight, bias)
-    if torch._C._are_functorch_transforms_active():
+    if getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
         raise NotImplementedError(
             "nbbn.torch batch norm does not support torch.func transforms (vmap, grad, jacrev, "
             "...); use torch.nn.functional.batch_norm there")

@@ -114,7 +114,8 @@ def _numpy_flags(a, red, kinds, ddof, mean, m2):
     second = "var" in kinds or "std" in kinds
     made_nan = np.isnan(mean) | (np.isnan(m2) if second else False)
     if a.dtype.kind == "f" and made_nan.any():
-        had_nan = np.isnan(a).any(axis=red.axes).reshape(-1)
+        # min propagates nan (and no inf makes one): one pass, no input-sized temporary
+        had_nan = np.isnan(np.minimum.reduce(a, axis=red.axes)).reshape(-1)
         if (made_nan & ~had_nan).any():
             steps.append("inf - mean" if second else "mean of inf and -inf")
     if second and red.count - ddof <= 0:
