@@ -146,13 +146,18 @@ def _reduce(op, a, axis, dtype, out, keepdims, ddof=0, correction=_NOT_GIVEN,
     return result
 
 
+# NumPy's functions that answer, per statistic, where the kernels can't (complex, object,
+# timedelta, longdouble data or dtype=).
+_NUMPY_OPS = {"mean": ("mean",), "var": ("var",), "std": ("std",), "mean_var": ("mean", "var")}
+
+
 def _statistics(op, a, axis, dtype, out, ddof, keepdims, kinds):
     """The statistics ``kinds`` of ``a`` along ``axis`` (a tuple, see
     ``_backend.statistics``) from one pass over ``a``, on the backend where it lives."""
     be = _dispatch.backend(a=a, out=out)
     like, a = a, be.array(a, "a")
-    if (a.dtype.kind not in _layout.KERNEL_KINDS or a.dtype.itemsize > 8
-            or dtype is not None and (np.dtype(dtype).kind != "f" or np.dtype(dtype).itemsize > 8)):
+    if not _layout.kernels_read(a.dtype) or dtype is not None and (
+            np.dtype(dtype).kind != "f" or not _layout.kernels_read(dtype)):
         opts = dict(axis=axis, dtype=dtype, keepdims=keepdims)
         if out is not None:
             opts["out"] = out
@@ -171,10 +176,6 @@ def _statistics(op, a, axis, dtype, out, ddof, keepdims, kinds):
         _layout.check_out_shape_dtype(o.shape, o.dtype, red.shape, rdtype,
                                       "same_kind" if op == "std" else "unsafe")
     return be.statistics(like, a, red, kinds, ddof, rdtype, out)
-
-
-# NumPy's functions that answer, per statistic, where the kernels can't (complex, object).
-_NUMPY_OPS = {"mean": ("mean",), "var": ("var",), "std": ("std",), "mean_var": ("mean", "var")}
 
 
 def mean(a, axis=None, dtype=None, out=None, keepdims=False, *, where=_NOT_GIVEN):
@@ -207,9 +208,11 @@ def std(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *,
 
 def moments(a, axis=None, keepdims=False):
     """The mergeable ``Moments(count, mean, m2)`` of ``a`` along ``axis`` (float64)."""
+    if _answered_by_numpy("mean", a, (a,)):  # a mask, a duck array: no Welford state here
+        raise TypeError(f"moments needs an ndarray or a CUDA array, got {type(a).__name__}")
     be = _dispatch.backend(a=a)
     like, a = a, be.array(a, "a")
-    if a.dtype.kind not in _layout.KERNEL_KINDS or a.dtype.itemsize > 8:
+    if not _layout.kernels_read(a.dtype):
         raise TypeError(f"moments needs real numeric input, got dtype {a.dtype}")
     red = _layout.reduction(a, axis, keepdims)
     return Moments(red.count, *be.statistics(like, a, red, ("mean", "m2"), 0,

@@ -30,6 +30,8 @@ def test_masked_arrays_respect_the_mask(op):
     assert nbbn.mean(np.ma.array([1.0, 2, 100], mask=[0, 0, 1])) == 1.5
     m, v = nbbn.mean_var(np.ma.array([1.0, 2, 100], mask=[0, 0, 1]))
     assert (m, v) == (1.5, 0.25)
+    with pytest.raises(TypeError, match="MaskedArray"):  # a Welford state can't carry a mask
+        nbbn.moments(np.ma.array([1.0, 2, 100], mask=[0, 0, 1]))
 
 
 @pytest.mark.parametrize("op", OPS)
