@@ -22,11 +22,14 @@ class ConflictError(TypeError, ValueError):
     """Raised where NumPy's and PyTorch's conventions disagree on the exception type."""
 
 
+# Kinds the kernels read natively (float16 is widened to float32 on the host).
+KERNEL_KINDS = "biuf"
+
+
 def kernels_read(dtype):
-    """Whether the kernels read data of ``dtype``: bool, integer, float up to 64 bits (float16
-    is widened to float32 on the host)."""
+    """Whether the kernels read data of ``dtype`` (bool, integer, float up to 64 bits)."""
     dtype = np.dtype(dtype)
-    return dtype.kind in "biuf" and dtype.itemsize <= 8
+    return dtype.kind in KERNEL_KINDS and dtype.itemsize <= 8
 
 _HOST_TYPES = (np.ndarray, np.generic, int, float, bool, list, tuple)
 
