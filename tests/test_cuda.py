@@ -412,3 +412,121 @@ def test_device_calls_from_several_threads(threaded_cuda, rng):
     with ThreadPoolExecutor(4) as pool:
         for got, want in pool.map(work, cases):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+# ---- streams, workspace, launches ---------------------------------------------------------------
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every kernel launch as (kernel name, stream, queue)."""
+    from nbbn._cuda import arrays
+    seen = []
+    launch = arrays.Queue.launch
+
+    def spy(queue, kernel, config, *args):
+        seen.append((kernel.__name__, queue.stream, queue))
+        return launch(queue, kernel, config, *args)
+
+    monkeypatch.setattr(arrays.Queue, "launch", spy)
+    return seen
+
+
+def public_calls(x, dy, w, b):
+    """Every public device function on x (dy, w, b alike), and layer steps (the layer's own
+    buffers on x's stream)."""
+    nbbn.mean_var(x, axis=tuple(i for i in range(x.ndim) if i != 1))
+    nbbn.var(x, axis=1)
+    y, mean, var = nbbn.batch_norm_forward(x, w, b)
+    nbbn.batch_norm_backward(dy, x, mean, var, w)
+    nbbn.batch_norm(x, None, None, w, b, training=True)
+    nbbn.fold(mean, var, w, b)
+    layer = nbbn.BatchNorm(x.shape[1], dtype=x.dtype, device="cuda")
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(layer, name).stream = x.stream
+    layer.backward(layer(x))
+    layer.eval()
+    layer.backward(layer(x))
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 5), (6, 2)], ids=str)
+def test_every_launch_runs_on_the_inputs_stream(shape, launches, rng):
+    """Arrays associated with a stream: every kernel of every call goes to that stream."""
+    stream = cuda.stream()
+    x, w, b, dy = make(shape, 1, np.float32, rng)
+    on = [dev(a) for a in (x, dy, w, b)]
+    for a in on:
+        a.stream = stream  # what cuda.to_device(a, stream=stream) gives on a GPU
+    public_calls(*on)
+    assert launches and {id(s) for _, s, _ in launches} == {id(stream)}
+
+
+def test_launched_kernels_have_static_signatures(launches, rng):
+    """The static table (tests/cuda_static.py, checked in test_cuda_ptx.py) lists every kernel
+    the public functions launch."""
+    from numba import types
+
+    from tests import cuda_static
+    listed = {name for _, name, _ in cuda_static.specializations(types)}
+    for shape, axis in (((3, 2, 5), 1), ((6, 2), 1)):
+        x, w, b, dy = make(shape, axis, np.float32, rng)
+        public_calls(*(dev(a) for a in (x, dy, w, b)))
+    nbbn.var(dev(rng.standard_normal((3, 4)))[:, ::-1], axis=0)  # a device copy
+    launched = {name for name, _, _ in launches}
+    assert launched - listed == set()
+    assert {"moments_rows", "moments_columns", "sums_rows", "dx_columns"} <= launched
+
+
+def test_no_device_allocation_per_call_but_the_results(monkeypatch, rng):
+    """After a first call, a call allocates its results and nothing else (temporaries come
+    from the cached workspace), and the last-block tickets are left at zero."""
+    from nbbn._cuda import arrays
+    x, w, b, dy = (dev(a) for a in make((3, 2, 5), 1, np.float32, rng))
+    calls = {"forward": (lambda: nbbn.batch_norm_forward(x, w, b), 3),
+             "backward": (lambda: nbbn.batch_norm_backward(dy, x, w, w, w), 3),
+             "mean_var": (lambda: nbbn.mean_var(x, axis=(0, 2)), 2),
+             "eval": (lambda: nbbn.batch_norm(x, w, w, w, b), 1)}
+    allocate = cuda.device_array
+    count = []
+    monkeypatch.setattr(cuda, "device_array", lambda *a, **k: count.append(a) or allocate(*a, **k))
+    for name, (call, results) in calls.items():
+        call()
+        count.clear()
+        call()
+        assert len(count) == results, name
+    queue = arrays.queue_of(x)
+    assert not host(queue.tickets(2)).any()
+
+
+def test_views_of_foreign_arrays_do_not_synchronize(monkeypatch):
+    """torch/CuPy arrays are viewed with their interface's stream and no synchronization;
+    torch tensors that require grad are viewed detached; views are cached."""
+    from nbbn._cuda import arrays
+    made = []
+
+    def view(desc, owner=None, sync=True):
+        made.append((desc["stream"], sync, owner))
+        return object()
+
+    monkeypatch.setattr(arrays, "SIMULATOR", False)
+    monkeypatch.setattr(cuda, "from_cuda_array_interface", view, raising=False)
+    monkeypatch.setattr(arrays, "_views", {})
+
+    class Tensor(FakeCAI):
+        requires_grad = True
+
+        @property
+        def __cuda_array_interface__(self):
+            if self.requires_grad:
+                raise RuntimeError("Can't get __cuda_array_interface__ on Variable that "
+                                   "requires grad")
+            return {**super().__cuda_array_interface__, "stream": 7}
+
+        def detach(self):
+            t = Tensor(module="torch")
+            t.requires_grad = False
+            return t
+
+    first = arrays.to_numba(Tensor(module="torch"))
+    assert arrays.to_numba(Tensor(module="torch")) is first
+    assert made == [(7, False, None)]

@@ -106,7 +106,9 @@ def strided(a, shape, strides, offset=0, stream=None, dtype=None):
         host = a._ary  # the simulator's device memory is this NumPy array
         desc = {"data": (host.__array_interface__["data"][0] + offset, False), "shape": shape,
                 "strides": strides, "typestr": dtype.str, "version": 3}
-        return FakeCUDAArray(np.asarray(_HostInterface(desc, host)))
+        view = FakeCUDAArray(np.asarray(_HostInterface(desc, host)))
+        view.stream = a.stream if stream is None else stream
+        return view
     from numba.cuda.cudadrv import devicearray, driver
     ptr = (a.device_ctypes_pointer.value or 0) + offset
     size = driver.memory_size_from_info(shape, strides, dtype.itemsize) if all(shape) else 0
@@ -118,7 +120,10 @@ def strided(a, shape, strides, offset=0, stream=None, dtype=None):
 
 def stream_key(stream):
     """An int naming a Numba stream (0: Numba's default stream)."""
-    return int(stream.handle) if hasattr(stream, "handle") else int(stream)
+    if isinstance(stream, int):
+        return stream
+    handle = getattr(stream, "handle", None)
+    return id(stream) if handle is None else int(handle)  # the simulator's have no handle
 
 
 # ---- where a call runs: device, stream, workspace ---------------------------------------------
