@@ -18,11 +18,12 @@ allow (``_layout``'s rules), else copied once on the device (``copy_strided``).
 import contextlib
 import functools
 import threading
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
 
-from .launch import SIMULATOR, cdiv, index_type, target_blocks, threads
+from .launch import SIMULATOR, cdiv, target_blocks, threads
 from .strided import copy_strided, fill_kernel
 
 _CACHE_LIMIT = 256  # cached views and queues (cleared when full)
@@ -156,7 +157,7 @@ class Queue:
         view = self._views.get(key)
         if view is None:
             buf = self._buffer(purpose, max(1, int(np.prod(shape, dtype=np.int64))) * dtype.itemsize)
-            view = strided(buf, shape, _c_strides(shape, dtype.itemsize), stream=self.stream,
+            view = strided(buf, shape, c_strides(shape, dtype.itemsize), stream=self.stream,
                            dtype=dtype)
             if len(self._views) >= _CACHE_LIMIT:
                 self._views.clear()
@@ -183,7 +184,9 @@ class Queue:
         return allocate(self, shape, dtype, lasting=False)
 
 
-def _c_strides(shape, itemsize):
+@functools.lru_cache(maxsize=1024)
+def c_strides(shape, itemsize):
+    """Byte strides of a C-contiguous array."""
     strides, step = [], itemsize
     for n in reversed(shape):
         strides.append(step)
@@ -198,19 +201,22 @@ def queue_of(*arrays):
     """The queue of a call over Numba arrays ``arrays``: the stream of the first that has one
     (an explicit stream: torch's and CuPy's arrays always do; ours carry their queue's),
     else Numba's default stream; the device of the first array."""
+    first = None
     stream = 0
     for a in arrays:
-        if a is not None and getattr(a, "stream", 0):
-            stream = a.stream
-            break
-    first = next(a for a in arrays if a is not None)
-    device = device_index(first)
-    key = (device, stream_key(stream), threading.get_ident())
+        if a is not None:
+            if first is None:
+                first = a
+            if a.stream:
+                stream = a.stream
+                break
+    key = (stream_key(stream), threading.get_ident(),
+           device_index(first) if gpu_count() > 1 else None)
     queue = _queues.get(key)
     if queue is None:
         if len(_queues) >= _CACHE_LIMIT:
             _queues.clear()
-        queue = _queues[key] = Queue(stream, device)
+        queue = _queues[key] = Queue(stream, key[2])
     return queue
 
 
@@ -220,10 +226,16 @@ def allocate(queue, shape, dtype, lasting):
     ``lasting`` buffers and where the driver has no such allocator, Numba's."""
     shape = tuple(int(n) for n in shape)
     dtype = np.dtype(dtype)
-    with device_context(queue.device):
-        if SIMULATOR or lasting:
-            return cuda.device_array(shape, dtype, stream=queue.stream)
-        return _allocate_async(queue, shape, dtype)
+    if queue.device is not None:
+        with device_context(queue.device):
+            return _allocate(queue, shape, dtype, lasting)
+    return _allocate(queue, shape, dtype, lasting)
+
+
+def _allocate(queue, shape, dtype, lasting):
+    if SIMULATOR or lasting:
+        return cuda.device_array(shape, dtype, stream=queue.stream)
+    return _allocate_async(queue, shape, dtype)
 
 
 def _allocate_async(queue, shape, dtype):
@@ -237,7 +249,7 @@ def _allocate_async(queue, shape, dtype):
         return cuda.device_array(shape, dtype, stream=queue.stream)
     data = driver.MemoryPointer(cuda.current_context(), ptr, nbytes,
                                 finalizer=functools.partial(_free_async, ptr, handle))
-    return devicearray.DeviceNDArray(shape, _c_strides(shape, dtype.itemsize), dtype,
+    return devicearray.DeviceNDArray(shape, c_strides(shape, dtype.itemsize), dtype,
                                      gpu_data=data, stream=queue.stream)
 
 
@@ -284,40 +296,43 @@ class Family:
 # ---- kernel operands ---------------------------------------------------------------------------
 
 
-class Operand:
+class Operand(NamedTuple):
     """An array as the kernels read it: ``flat``, a 1-D element view starting at its first
     element and spanning it (``span`` elements), and the element ``strides`` and ``shape`` of
     its (outer, C, inner) view (non-negative strides)."""
 
-    __slots__ = ("flat", "strides", "shape", "span", "dtype", "_typed")
+    flat: object
+    strides: tuple
+    shape: tuple
+    span: int
 
-    def __init__(self, flat, strides, shape, span):
-        self.flat, self.strides, self.shape, self.span = flat, strides, shape, span
-        self.dtype = flat.dtype
-        self._typed = {}
 
-    def strides_as(self, idx, columns=False):
-        """The strides in index type ``idx`` ((row, channel) for a channels-last kernel)."""
-        key = (idx, columns)
-        typed = self._typed.get(key)
-        if typed is None:
-            strides = self.strides[:2] if columns else self.strides
-            typed = tuple(int(s) if SIMULATOR else idx(s) for s in strides)
-            self._typed[key] = typed
-        return typed
+_flats = {}
 
 
 def operand(a, shape, strides, offset=0):
     """The Operand of Numba array ``a`` read with ``shape`` and byte ``strides`` (>= 0) from
-    byte ``offset``."""
+    byte ``offset``. On a GPU the flat views are cached like ``to_numba``'s (owning nothing)."""
     item = a.dtype.itemsize
-    span = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) // item if all(shape) else 0
-    return Operand(strided(a, (span,), (item,), offset), tuple(s // item for s in strides),
-                   tuple(shape), span)
+    span, element_strides = _extent(tuple(shape), tuple(strides), item)
+    if SIMULATOR:
+        return Operand(strided(a, (span,), (item,), offset), element_strides, shape, span)
+    key = (a.device_ctypes_pointer.value, offset, span, a.dtype.str, stream_key(a.stream))
+    flat = _flats.get(key)
+    if flat is None:
+        flat = strided(a, (span,), (item,), offset)
+        flat.gpu_data._owner = None  # a description of memory the caller holds
+        if len(_flats) >= _CACHE_LIMIT:
+            _flats.clear()
+        _flats[key] = flat
+    return Operand(flat, element_strides, tuple(shape), span)
 
 
-def typed_sizes(idx, *sizes):
-    return tuple(int(n) if SIMULATOR else idx(n) for n in sizes)
+@functools.lru_cache(maxsize=1024)
+def _extent(shape, strides, itemsize):
+    """(elements spanned, element strides) of a view of ``shape``/byte ``strides`` (>= 0)."""
+    span = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) // itemsize if all(shape) else 0
+    return span, tuple(s // itemsize for s in strides)
 
 
 # ---- copies ----------------------------------------------------------------------------------
@@ -377,27 +392,31 @@ def view3(queue, a, layout, purpose, strides=None, offset=0):
     """The (outer, C, inner) Operand of device array ``a`` in ``layout`` (``strides``/
     ``offset``: a's, possibly with reduced axes flipped); one device copy into the layout's
     order (workspace ``purpose``) where the strides forbid a view (negative strides too)."""
-    s3 = layout.strides3(tuple(a.strides) if strides is None else strides)
-    if s3 is not None and not any(s < 0 or s % a.dtype.itemsize for s in s3):
+    s3 = _view_strides(layout, tuple(a.strides) if strides is None else strides,
+                       a.dtype.itemsize)
+    if s3 is not None:
         return operand(a, layout.shape3, s3, offset)
     buf = queue.work(purpose, [layout.shape[i] for i in layout.order], a.dtype)
     copy(queue, permuted(a, layout.order), buf)
-    return operand(buf, layout.shape3, _c_strides(layout.shape3, a.dtype.itemsize))
+    return operand(buf, layout.shape3, c_strides(layout.shape3, a.dtype.itemsize))
 
 
 def write_view(a, layout):
     """A writable Operand of ``a`` in ``layout``, or None where a copy is needed."""
-    s3 = layout.strides3(tuple(a.strides))
-    if s3 is None or any(s < 0 or s % a.dtype.itemsize for s in s3):
+    s3 = _view_strides(layout, tuple(a.strides), a.dtype.itemsize)
+    return None if s3 is None else operand(a, layout.shape3, s3)
+
+
+@functools.lru_cache(maxsize=1024)
+def _view_strides(layout, strides, itemsize):
+    """The byte strides of the kernels' view of an array with ``strides`` in ``layout``, or
+    None where it needs a copy (no view, or negative or unaligned strides)."""
+    s3 = layout.strides3(strides)
+    if s3 is None or any(s < 0 or s % itemsize for s in s3):
         return None
-    return operand(a, layout.shape3, s3)
+    return s3
 
 
 def permuted(a, axes):
     """Numba device array ``a`` with its axes reordered (a view)."""
     return strided(a, [a.shape[i] for i in axes], [a.strides[i] for i in axes])
-
-
-def index_of(*operands):
-    """The index type for kernels over ``operands``."""
-    return index_type(*(op.span for op in operands))

@@ -10,12 +10,14 @@ fused where the grid allows (a reduction's last block per channel writes the cha
 results; dx's kernel computes its coefficients). Accumulation is float32 for float16
 input and float64 otherwise, as on the host; merges are float64.
 """
+import functools
+
 import numpy as np
 from numba import cuda
 
 from .. import _layout
-from . import arrays, backward, ema as ema_kernels, moments as moment_kernels, normalize
-from .arrays import Family, operand, queue_of, to_numba, typed_sizes
+from . import arrays, backward, ema as ema_kernels, launch, moments as moment_kernels, normalize
+from .arrays import Family, operand, queue_of, to_numba
 from .launch import channels_config, columns_config, padded_parts, rows_config
 
 F8 = np.dtype(np.float64)
@@ -39,16 +41,32 @@ def _flags(**named):
     return sum(flag for flag, on in named.values() if on)
 
 
-def _kernel_args(*ops):
-    """Arguments of a rows or columns kernel over Operands ``ops`` (one shape), in their
-    index type: ``(columns, shape, [flat, strides, ...])``."""
-    outer, nchan, inner = ops[0].shape
-    idx = arrays.index_of(*ops)
-    columns = inner == 1
-    outer, inner = typed_sizes(idx, outer, inner)
-    shape = (outer, int(nchan)) if columns else (outer, int(nchan), inner)
-    operands = [x for o in ops for x in (o.flat, o.strides_as(idx, columns))]
-    return columns, shape, operands
+def _kernel_args(reduction, *ops):
+    """A rows or columns kernel over Operands ``ops`` (one shape): ``(columns, config,
+    arguments)``, the arguments being each operand's flat view and strides, then the
+    shape, in the operands' index type."""
+    columns, config, shape, strides = _launch_plan(
+        reduction, ops[0].shape, tuple(op.strides for op in ops),
+        max(op.span for op in ops), launch.settings())
+    args = [x for op, st in zip(ops, strides) for x in (op.flat, st)]
+    args.append(shape)
+    return columns, config, args
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_plan(reduction, shape3, strides, span, settings):
+    """What a kernel launch over operands of ``shape3``/``strides`` needs besides the arrays:
+    ``(columns, config, shape, strides)`` with sizes and strides in the index type."""
+    outer, nchan, inner = shape3
+    idx = launch.index_type(span)
+    typed = int if launch.SIMULATOR else idx
+    if inner == 1:  # x[rows, C]: the channels-last kernels
+        config = columns_config(outer, nchan, reduction)
+        return (True, config, (typed(outer), int(nchan)),
+                tuple((typed(s[0]), typed(s[1])) for s in strides))
+    config = rows_config(outer, nchan, inner, reduction)
+    return (False, config, (typed(outer), int(nchan), typed(inner)),
+            tuple(tuple(typed(x) for x in s) for s in strides))
 
 
 def _empty_operand(queue, nchan, dtype):
@@ -62,13 +80,12 @@ def _reduction(queue, kernels, depth, ops, before, after):
     the last block of each channel: one launch. The kernel's arguments: the operands,
     ``before``, the partial states (``depth`` values per block) and tickets from the
     queue's workspace, ``after``."""
-    outer, nchan, inner = ops[0].shape
-    columns, shape, operands = _kernel_args(*ops)
-    cfg = columns_config(outer, nchan) if columns else rows_config(outer, nchan, inner)
+    nchan = ops[0].shape[1]
+    columns, cfg, args = _kernel_args(True, *ops)
     partial = queue.work("partial", (nchan if cfg.parts > 1 else 1, depth,
                                      padded_parts(cfg.parts)), F8)
-    queue.launch(kernels[1] if columns else kernels[0], cfg, *operands, shape, *before,
-                 partial, queue.tickets(nchan), *after)
+    queue.launch(kernels[1] if columns else kernels[0], cfg, *args, *before, partial,
+                 queue.tickets(nchan), *after)
 
 
 _MOMENTS = (moment_kernels.moments_rows, moment_kernels.moments_columns)
@@ -192,7 +209,7 @@ def _output(queue, plan, like, out, dtype=None):
     layout = plan.layout
     dtype = np.dtype(plan.dtype if dtype is None else dtype)
     in_order = [plan.shape[i] for i in layout.order]
-    contiguous = arrays._c_strides(layout.shape3, dtype.itemsize)
+    contiguous = arrays.c_strides(layout.shape3, dtype.itemsize)
     if out is not None:
         on = to_numba(out)
         direct = arrays.write_view(on, layout) if plan.size else None
@@ -213,18 +230,16 @@ def _output(queue, plan, like, out, dtype=None):
 
 
 def _affine(queue, x3, scale, shift, zero, y3):
-    outer, nchan, inner = x3.shape
-    columns, shape, operands = _kernel_args(x3, y3)
-    if columns:
-        queue.launch(normalize.affine_columns, columns_config(outer, nchan, reduction=False),
-                     *operands, shape, scale, shift, zero)
-    else:
-        queue.launch(normalize.affine_rows, rows_config(outer, nchan, inner, reduction=False),
-                     *operands, shape, scale, shift, zero)
+    columns, cfg, args = _kernel_args(False, x3, y3)
+    queue.launch(normalize.affine_columns if columns else normalize.affine_rows, cfg, *args,
+                 scale, shift, zero)
 
 
 def affine(call, scale, shift, out):
-    queue = queue_of(call.x)
+    return _normalized(queue_of(call.x), call, scale, shift, out)
+
+
+def _normalized(queue, call, scale, shift, out):
     y3, finish = _output(queue, call.plan, call.like, out)
     if call.plan.size:
         _affine(queue, call.x3, scale, shift, _zero(call.plan.dtype), y3)
@@ -253,7 +268,7 @@ def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_fa
     fin = _fin(moment_kernels.VARIANCE, 0, to_numba(mean), to_numba(var), scale, shift, flags,
                eps, momentum, var_factor, weight, bias, running)
     _moments(queue, call.x3, nchan, plan.dtype, fin)
-    return affine(call, scale, shift, out), mean, var
+    return _normalized(queue, call, scale, shift, out), mean, var
 
 
 def ema(running_mean, running_var, mean, var, momentum, var_factor):
@@ -286,19 +301,14 @@ def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, bat
     queue = queue_of(call.x)
     dx3, finish = _output(queue, plan, call.like, out)
     if plan.size:
-        outer, nchan, inner = plan.layout.shape3
         flags = _flags(w=(backward.HAS_WEIGHT, weight is not None),
                        s=(backward.BATCH_STATS, batch_stats))
         weight = None if weight is None else to_numba(weight)
         grad = (mean, var, _or(weight, var), sum_dy, sum_dy_xmu, float(count), flags,
                 float(eps))
-        columns, shape, operands = _kernel_args(dy3, call.x3, dx3)
-        if columns:
-            queue.launch(backward.dx_columns, columns_config(outer, nchan, reduction=False),
-                         *operands, shape, grad, _zero(plan.dtype))
-        else:
-            queue.launch(backward.dx_rows, rows_config(outer, nchan, inner, reduction=False),
-                         *operands, shape, grad, _zero(plan.dtype))
+        columns, cfg, args = _kernel_args(False, dy3, call.x3, dx3)
+        queue.launch(backward.dx_columns if columns else backward.dx_rows, cfg, *args, grad,
+                     _zero(plan.dtype))
     return finish()
 
 

@@ -21,6 +21,7 @@ intrinsics). The blocks of one channel then meet in the same launch: each writes
 partial state, and the last block to finish (an atomic ticket per channel) merges them
 and writes the channel's results (``last_block``).
 """
+import functools
 import math
 
 import numpy as np
@@ -71,10 +72,15 @@ def cdiv(a, b):
     return -(-a // b)
 
 
-def index_type(*spans):
-    """The kernels' index dtype for operands spanning ``spans`` elements: uint32 where all
-    are below 2**31 (offsets plus a grid stride stay below 2**32), else uint64."""
-    return np.uint32 if max(spans, default=0) < 2 ** 31 else np.uint64
+def index_type(span):
+    """The kernels' index dtype for operands spanning at most ``span`` elements: uint32 below
+    2**31 (offsets plus a grid stride stay below 2**32), else uint64."""
+    return np.uint32 if span < 2 ** 31 else np.uint64
+
+
+def settings():
+    """What launch configurations depend on besides the shape (tests patch the constants)."""
+    return THREADS, BLOCKS_PER_SM, MIN_WORK, UNROLL, sm_count()
 
 
 class Config:
@@ -127,6 +133,11 @@ def columns_config(n_rows, nchan, reduction=True):
 
 def channels_config(nchan):
     """One thread per channel (per-channel arithmetic: scale/shift, EMA)."""
+    return _channels_config(nchan, settings())
+
+
+@functools.lru_cache(maxsize=256)
+def _channels_config(nchan, _settings):
     t = min(threads(), pow2_at_least(nchan))
     return Config((max(1, cdiv(nchan, t)),), (t,))
 
