@@ -530,3 +530,17 @@ def test_views_of_foreign_arrays_do_not_synchronize(monkeypatch):
     first = arrays.to_numba(Tensor(module="torch"))
     assert arrays.to_numba(Tensor(module="torch")) is first
     assert made == [(7, False, None)]
+
+
+def test_layers_keep_their_copied_inputs(rng):
+    """Inputs the kernels cannot view (copied once) stay valid from a layer's forward to its
+    backward while other calls run in between."""
+    layers = [nbbn.BatchNorm(2, device="cuda") for _ in range(2)]
+    refs = [nbbn.BatchNorm(2) for _ in range(2)]
+    xs = [rng.standard_normal((3, 2, 2, 4)).astype(np.float32)[:, :, :, :3] for _ in range(2)]
+    ys = [layer(dev(np.ascontiguousarray(x.base))[:, :, :, :3]) for layer, x in zip(layers, xs)]
+    ys0 = [ref(x) for ref, x in zip(refs, xs)]
+    for y, y0 in zip(ys, ys0):
+        close(y, y0, np.float32)
+    for layer, ref, y0 in zip(layers, refs, ys0):
+        close(layer.backward(dev(y0)), ref.backward(y0), np.float32)

@@ -388,15 +388,16 @@ def flat_view(a):
     return strided(a, (int(np.prod(a.shape, dtype=np.int64)),), (a.dtype.itemsize,))
 
 
-def view3(queue, a, layout, purpose, strides=None, offset=0):
+def view3(queue, a, layout, strides=None, offset=0):
     """The (outer, C, inner) Operand of device array ``a`` in ``layout`` (``strides``/
     ``offset``: a's, possibly with reduced axes flipped); one device copy into the layout's
-    order (workspace ``purpose``) where the strides forbid a view (negative strides too)."""
+    order where the strides forbid a view (negative strides too). The copy is a new array,
+    not workspace: a layer keeps its input's view from forward to backward."""
     s3 = _view_strides(layout, tuple(a.strides) if strides is None else strides,
                        a.dtype.itemsize)
     if s3 is not None:
         return operand(a, layout.shape3, s3, offset)
-    buf = queue.work(purpose, [layout.shape[i] for i in layout.order], a.dtype)
+    buf = queue.empty([layout.shape[i] for i in layout.order], a.dtype)
     copy(queue, permuted(a, layout.order), buf)
     return operand(buf, layout.shape3, c_strides(layout.shape3, a.dtype.itemsize))
 

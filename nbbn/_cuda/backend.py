@@ -106,7 +106,7 @@ def check_writable(a, name):
 def view(call, a):
     if not call.plan.size:
         return None
-    return arrays.view3(queue_of(call.x), a, call.plan.layout, "x" if a is call.x else "dy")
+    return arrays.view3(queue_of(call.x), a, call.plan.layout)
 
 
 def fallback(op, a, **kwargs):
@@ -158,7 +158,7 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
     """One launch: the reduction, whose last block per channel writes the mean and one
     second-order statistic (then a copy where ``out`` is strided)."""
     queue = queue_of(a)
-    x3 = arrays.view3(queue, a, red.layout, "x", red.strides, red.offset) \
+    x3 = arrays.view3(queue, a, red.layout, red.strides, red.offset) \
         if red.count * red.nchan else None
     family = Family(like, queue)
     targets, finishes = {}, []
@@ -331,7 +331,7 @@ def _scaled(queue, a, scale, shift, dtype):
     plan = _layout.channel_plan(an, 0, "a", min_ndim=1)
     y3, finish = _output(queue, plan, a, None, dtype)
     if plan.size:
-        _affine(queue, arrays.view3(queue, an, plan.layout, "x"), scale, shift,
+        _affine(queue, arrays.view3(queue, an, plan.layout), scale, shift,
                 _zero(an.dtype), y3)
     return finish()
 
