@@ -11,9 +11,9 @@ k[c]``, as the CPU path (h = k = 0 for running statistics).
 """
 from numba import cuda, float64
 
-from .launch import (advance, as_index, block_sum2, cast, column_offset, column_rows, four,
-                     four_limit, four_rows, last_block, load_partial, moved, plane_walk,
-                     row_offset, walk_steps)
+from .launch import (advance, as_index, block_sum2, cast, column_start, column_walk, four,
+                     four_rows, last_block, load4, load_partial, moved, operand_walk,
+                     plane_walk)
 from .normalize import inv_sqrt
 
 # dx flags
@@ -38,6 +38,23 @@ def merged_sums(partial, c, first, stride, parts):
     return s_dy, s_dxm
 
 
+@cuda.jit(device=True, cache=True)
+def accumulate_sums4(s_dy, s_dxm, gs, vs, m, zero):
+    """The per-thread sums after four more (dy, x) pairs."""
+    g0, g1, g2, g3 = gs
+    v0, v1, v2, v3 = vs
+    s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, g0, v0, m, zero)
+    s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, g1, v1, m, zero)
+    s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, g2, v2, m, zero)
+    return accumulate_sums(s_dy, s_dxm, g3, v3, m, zero)
+
+
+@cuda.jit(device=True, cache=True)
+def write_sums(sum_dy, sum_dy_xmu, c, s_dy, s_dxm):
+    sum_dy[c] = s_dy
+    sum_dy_xmu[c] = s_dxm
+
+
 @cuda.jit(cache=True)
 def sums_rows(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_dy_xmu):
     """x, dy [outer, C, inner], flat with element strides: the walk of
@@ -46,119 +63,77 @@ def sums_rows(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_d
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     parts = cuda.gridDim.y
-    q0, o0, i0, step, step_o, step_i = plane_walk(n_outer, n_inner)
-    plane = as_index(n_outer * n_inner, n_inner)
-    limit = four_limit(plane, step)
-    step4 = as_index(step * 4, step)
-    steps_dy = walk_steps(sdy, step_o, step_i, n_inner)
-    steps_x = walk_steps(sx, step_o, step_i, n_inner)
     c = cuda.blockIdx.x
-    if c < nchan:
-        m = zero + mean[c]
-        off_dy = row_offset(sdy, o0, c, i0)
-        off_x = row_offset(sx, o0, c, i0)
-        i = i0
-        q = q0
-        s_dy = zero
-        s_dxm = zero
-        while q < limit:
-            g0, g1, g2, g3, off_dy, _ = four(off_dy, steps_dy, i, step_i, n_inner)
-            x0, x1, x2, x3, off_x, i = four(off_x, steps_x, i, step_i, n_inner)
-            a0 = dy[g0]
-            a1 = dy[g1]
-            a2 = dy[g2]
-            a3 = dy[g3]
-            v0 = x[x0]
-            v1 = x[x1]
-            v2 = x[x2]
-            v3 = x[x3]
-            s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, a0, v0, m, zero)
-            s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, a1, v1, m, zero)
-            s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, a2, v2, m, zero)
-            s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, a3, v3, m, zero)
-            q = as_index(q + step4, step)
-        while q < plane:
-            s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, dy[off_dy], x[off_x], m, zero)
-            i, wrapped = advance(i, step_i, n_inner)
-            off_dy = moved(off_dy, steps_dy, wrapped)
-            off_x = moved(off_x, steps_x, wrapped)
-            q = as_index(q + step, step)
-        s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, 1)
-        if parts > 1:
-            if tid == 0:
-                part = cuda.blockIdx.y
-                partial[c, 0, part] = s_dy
-                partial[c, 1, part] = s_dxm
-            if not last_block(tickets, c, parts, tid):
-                return
-            s_dy, s_dxm = merged_sums(partial, c, tid, nthreads, parts)
-            s_dy, s_dxm = block_sum2(s_dy, s_dxm, tid, nthreads, 1)
+    walk = plane_walk(n_outer, n_inner)
+    q, _, i, step, _, step_i, plane, limit, _ = walk
+    off_dy, steps_dy = operand_walk(sdy, walk, c)
+    off_x, steps_x = operand_walk(sx, walk, c)
+    m = zero + mean[c]
+    s_dy = zero
+    s_dxm = zero
+    while q < limit:
+        g0, g1, g2, g3, off_dy, _ = four(off_dy, steps_dy, i, step_i, n_inner)
+        x0, x1, x2, x3, off_x, i = four(off_x, steps_x, i, step_i, n_inner)
+        s_dy, s_dxm = accumulate_sums4(s_dy, s_dxm, load4(dy, g0, g1, g2, g3),
+                                       load4(x, x0, x1, x2, x3), m, zero)
+        q = as_index(q + as_index(step * 4, step), step)
+    while q < plane:
+        s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, dy[off_dy], x[off_x], m, zero)
+        i, wrapped = advance(i, step_i, n_inner)
+        off_dy = moved(off_dy, steps_dy, wrapped)
+        off_x = moved(off_x, steps_x, wrapped)
+        q = as_index(q + step, step)
+    s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, 1)
+    if parts > 1:
         if tid == 0:
-            sum_dy[c] = s_dy
-            sum_dy_xmu[c] = s_dxm
+            write_sums(partial[c, 0], partial[c, 1], cuda.blockIdx.y, s_dy, s_dxm)
+        if not last_block(tickets, c, parts, tid):
+            return
+        s_dy, s_dxm = merged_sums(partial, c, tid, nthreads, parts)
+        s_dy, s_dxm = block_sum2(s_dy, s_dxm, tid, nthreads, 1)
+    if tid == 0:
+        write_sums(sum_dy, sum_dy_xmu, c, s_dy, s_dxm)
 
 
 @cuda.jit(cache=True)
 def sums_columns(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_dy_xmu):
     """x, dy [rows, C], channels-last: the walk of ``moments.moments_columns``."""
     n_rows, nchan = shape
-    tx = cuda.threadIdx.x
     ntx = cuda.blockDim.x
-    nty = cuda.blockDim.y
-    tid = cuda.threadIdx.y * ntx + tx
-    nthreads = ntx * nty
-    part = cuda.blockIdx.y
+    nthreads = ntx * cuda.blockDim.y
+    tid = cuda.threadIdx.y * ntx + cuda.threadIdx.x
     parts = cuda.gridDim.y
-    r0, rstep, limit = column_rows(n_rows)
-    step4 = as_index(rstep * 4, rstep)
-    dy_step = as_index(rstep * sdy[0], rstep)
-    x_step = as_index(rstep * sx[0], rstep)
-    c0 = cuda.blockIdx.x * ntx
-    if c0 < nchan:
-        c = c0 + tx
-        s_dy = zero
-        s_dxm = zero
-        if c < nchan:
-            m = zero + mean[c]
-            off_dy = column_offset(sdy, r0, c)
-            off_x = column_offset(sx, r0, c)
-            r = r0
-            while r < limit:
-                g0, g1, g2, g3, off_dy = four_rows(off_dy, dy_step)
-                x0, x1, x2, x3, off_x = four_rows(off_x, x_step)
-                a0 = dy[g0]
-                a1 = dy[g1]
-                a2 = dy[g2]
-                a3 = dy[g3]
-                v0 = x[x0]
-                v1 = x[x1]
-                v2 = x[x2]
-                v3 = x[x3]
-                s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, a0, v0, m, zero)
-                s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, a1, v1, m, zero)
-                s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, a2, v2, m, zero)
-                s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, a3, v3, m, zero)
-                r = as_index(r + step4, rstep)
-            while r < n_rows:
-                s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, dy[off_dy], x[off_x], m, zero)
-                off_dy = as_index(off_dy + dy_step, dy_step)
-                off_x = as_index(off_x + x_step, x_step)
-                r = as_index(r + rstep, rstep)
-        s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, ntx)
-        if parts > 1:
-            if tid < ntx and c < nchan:
-                partial[c, 0, part] = s_dy
-                partial[c, 1, part] = s_dxm
-            if not last_block(tickets, c0 // ntx, parts, tid):
-                return
-            s_dy = 0.0
-            s_dxm = 0.0
-            if c < nchan:
-                s_dy, s_dxm = merged_sums(partial, c, cuda.threadIdx.y, nty, parts)
-            s_dy, s_dxm = block_sum2(s_dy, s_dxm, tid, nthreads, ntx)
+    c, r, rstep, limit = column_walk(n_rows)
+    s_dy = zero
+    s_dxm = zero
+    if c < nchan:
+        m = zero + mean[c]
+        off_dy, dy_step = column_start(sdy, r, c, rstep)
+        off_x, x_step = column_start(sx, r, c, rstep)
+        while r < limit:
+            g0, g1, g2, g3, off_dy = four_rows(off_dy, dy_step)
+            x0, x1, x2, x3, off_x = four_rows(off_x, x_step)
+            s_dy, s_dxm = accumulate_sums4(s_dy, s_dxm, load4(dy, g0, g1, g2, g3),
+                                           load4(x, x0, x1, x2, x3), m, zero)
+            r = as_index(r + as_index(rstep * 4, rstep), rstep)
+        while r < n_rows:
+            s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, dy[off_dy], x[off_x], m, zero)
+            off_dy = as_index(off_dy + dy_step, dy_step)
+            off_x = as_index(off_x + x_step, x_step)
+            r = as_index(r + rstep, rstep)
+    s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, ntx)
+    if parts > 1:
         if tid < ntx and c < nchan:
-            sum_dy[c] = s_dy
-            sum_dy_xmu[c] = s_dxm
+            write_sums(partial[c, 0], partial[c, 1], cuda.blockIdx.y, s_dy, s_dxm)
+        if not last_block(tickets, cuda.blockIdx.x, parts, tid):
+            return
+        s_dy = 0.0
+        s_dxm = 0.0
+        if c < nchan:
+            s_dy, s_dxm = merged_sums(partial, c, cuda.threadIdx.y, cuda.blockDim.y, parts)
+        s_dy, s_dxm = block_sum2(s_dy, s_dxm, tid, nthreads, ntx)
+    if tid < ntx and c < nchan:
+        write_sums(sum_dy, sum_dy_xmu, c, s_dy, s_dxm)
 
 
 @cuda.jit(device=True, cache=True)
@@ -186,90 +161,72 @@ def param_grads(sum_dy, sum_dy_xmu, var, eps, dweight, dbias):
         dbias[c] = sum_dy[c]
 
 
+@cuda.jit(device=True, cache=True)
+def put_dx4(dx, offsets, dys, xs, coefficients, zero):
+    """dx at four offsets from four (dy, x) pairs: g*dy + h*(x - mean) + k."""
+    g, h, k, m = coefficients
+    d0, d1, d2, d3 = offsets
+    a0, a1, a2, a3 = dys
+    v0, v1, v2, v3 = xs
+    dx[d0] = g * (zero + a0) + h * ((zero + v0) - m) + k
+    dx[d1] = g * (zero + a1) + h * ((zero + v1) - m) + k
+    dx[d2] = g * (zero + a2) + h * ((zero + v2) - m) + k
+    dx[d3] = g * (zero + a3) + h * ((zero + v3) - m) + k
+
+
 @cuda.jit(cache=True)
 def dx_rows(dy, sdy, x, sx, dx, sdx, shape, grad, zero):
     """dx[outer, C, inner], threads as ``normalize.affine_rows``."""
     n_outer, nchan, n_inner = shape
-    q0, o0, i0, step, step_o, step_i = plane_walk(n_outer, n_inner)
-    plane = as_index(n_outer * n_inner, n_inner)
-    limit = four_limit(plane, step)
-    step4 = as_index(step * 4, step)
-    steps_dy = walk_steps(sdy, step_o, step_i, n_inner)
-    steps_x = walk_steps(sx, step_o, step_i, n_inner)
-    steps_dx = walk_steps(sdx, step_o, step_i, n_inner)
     c = cuda.blockIdx.x
-    if c < nchan:
-        g, h, k, m = dx_coefficients(c, grad, zero)
-        off_dy = row_offset(sdy, o0, c, i0)
-        off_x = row_offset(sx, o0, c, i0)
-        off_dx = row_offset(sdx, o0, c, i0)
-        i = i0
-        q = q0
-        while q < limit:
-            g0, g1, g2, g3, off_dy, _ = four(off_dy, steps_dy, i, step_i, n_inner)
-            x0, x1, x2, x3, off_x, _ = four(off_x, steps_x, i, step_i, n_inner)
-            d0, d1, d2, d3, off_dx, i = four(off_dx, steps_dx, i, step_i, n_inner)
-            a0 = dy[g0]
-            a1 = dy[g1]
-            a2 = dy[g2]
-            a3 = dy[g3]
-            v0 = x[x0]
-            v1 = x[x1]
-            v2 = x[x2]
-            v3 = x[x3]
-            dx[d0] = g * (zero + a0) + h * ((zero + v0) - m) + k
-            dx[d1] = g * (zero + a1) + h * ((zero + v1) - m) + k
-            dx[d2] = g * (zero + a2) + h * ((zero + v2) - m) + k
-            dx[d3] = g * (zero + a3) + h * ((zero + v3) - m) + k
-            q = as_index(q + step4, step)
-        while q < plane:
-            dx[off_dx] = g * (zero + dy[off_dy]) + h * ((zero + x[off_x]) - m) + k
-            i, wrapped = advance(i, step_i, n_inner)
-            off_dy = moved(off_dy, steps_dy, wrapped)
-            off_x = moved(off_x, steps_x, wrapped)
-            off_dx = moved(off_dx, steps_dx, wrapped)
-            q = as_index(q + step, step)
+    walk = plane_walk(n_outer, n_inner)
+    q, _, i, step, _, step_i, plane, limit, _ = walk
+    off_dy, steps_dy = operand_walk(sdy, walk, c)
+    off_x, steps_x = operand_walk(sx, walk, c)
+    off_dx, steps_dx = operand_walk(sdx, walk, c)
+    coefficients = dx_coefficients(c, grad, zero)
+    g, h, k, m = coefficients
+    while q < limit:
+        g0, g1, g2, g3, off_dy, _ = four(off_dy, steps_dy, i, step_i, n_inner)
+        x0, x1, x2, x3, off_x, _ = four(off_x, steps_x, i, step_i, n_inner)
+        d0, d1, d2, d3, off_dx, i = four(off_dx, steps_dx, i, step_i, n_inner)
+        put_dx4(dx, (d0, d1, d2, d3), load4(dy, g0, g1, g2, g3), load4(x, x0, x1, x2, x3),
+                coefficients, zero)
+        q = as_index(q + as_index(step * 4, step), step)
+    while q < plane:
+        dx[off_dx] = g * (zero + dy[off_dy]) + h * ((zero + x[off_x]) - m) + k
+        i, wrapped = advance(i, step_i, n_inner)
+        off_dy = moved(off_dy, steps_dy, wrapped)
+        off_x = moved(off_x, steps_x, wrapped)
+        off_dx = moved(off_dx, steps_dx, wrapped)
+        q = as_index(q + step, step)
 
 
 @cuda.jit(cache=True)
 def dx_columns(dy, sdy, x, sx, dx, sdx, shape, grad, zero):
     """dx[rows, C], channels-last, threads as ``normalize.affine_columns``."""
     n_rows, nchan = shape
-    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    r0, rstep, limit = column_rows(n_rows)
-    step4 = as_index(rstep * 4, rstep)
-    dy_step = as_index(rstep * sdy[0], rstep)
-    x_step = as_index(rstep * sx[0], rstep)
-    dx_step = as_index(rstep * sdx[0], rstep)
-    if c < nchan:
-        g, h, k, m = dx_coefficients(c, grad, zero)
-        off_dy = column_offset(sdy, r0, c)
-        off_x = column_offset(sx, r0, c)
-        off_dx = column_offset(sdx, r0, c)
-        r = r0
-        while r < limit:
-            g0, g1, g2, g3, off_dy = four_rows(off_dy, dy_step)
-            x0, x1, x2, x3, off_x = four_rows(off_x, x_step)
-            d0, d1, d2, d3, off_dx = four_rows(off_dx, dx_step)
-            a0 = dy[g0]
-            a1 = dy[g1]
-            a2 = dy[g2]
-            a3 = dy[g3]
-            v0 = x[x0]
-            v1 = x[x1]
-            v2 = x[x2]
-            v3 = x[x3]
-            dx[d0] = g * (zero + a0) + h * ((zero + v0) - m) + k
-            dx[d1] = g * (zero + a1) + h * ((zero + v1) - m) + k
-            dx[d2] = g * (zero + a2) + h * ((zero + v2) - m) + k
-            dx[d3] = g * (zero + a3) + h * ((zero + v3) - m) + k
-            r = as_index(r + step4, rstep)
-        while r < n_rows:
-            dx[off_dx] = g * (zero + dy[off_dy]) + h * ((zero + x[off_x]) - m) + k
-            off_dy = as_index(off_dy + dy_step, dy_step)
-            off_x = as_index(off_x + x_step, x_step)
-            off_dx = as_index(off_dx + dx_step, dx_step)
-            r = as_index(r + rstep, rstep)
+    c, r, rstep, limit = column_walk(n_rows)
+    if c >= nchan:
+        return
+    off_dy, dy_step = column_start(sdy, r, c, rstep)
+    off_x, x_step = column_start(sx, r, c, rstep)
+    off_dx, dx_step = column_start(sdx, r, c, rstep)
+    coefficients = dx_coefficients(c, grad, zero)
+    g, h, k, m = coefficients
+    while r < limit:
+        g0, g1, g2, g3, off_dy = four_rows(off_dy, dy_step)
+        x0, x1, x2, x3, off_x = four_rows(off_x, x_step)
+        d0, d1, d2, d3, off_dx = four_rows(off_dx, dx_step)
+        put_dx4(dx, (d0, d1, d2, d3), load4(dy, g0, g1, g2, g3), load4(x, x0, x1, x2, x3),
+                coefficients, zero)
+        r = as_index(r + as_index(rstep * 4, rstep), rstep)
+    while r < n_rows:
+        dx[off_dx] = g * (zero + dy[off_dy]) + h * ((zero + x[off_x]) - m) + k
+        off_dy = as_index(off_dy + dy_step, dy_step)
+        off_x = as_index(off_x + x_step, x_step)
+        off_dx = as_index(off_dx + dx_step, dx_step)
+        r = as_index(r + rstep, rstep)
 
 
 KERNELS = ("sums_rows", "sums_columns", "param_grads", "dx_rows", "dx_columns")

@@ -180,31 +180,29 @@ as_index = cast  # offsets: an integer in the kernel's index type (``like``: one
 @cuda.jit(device=True, cache=True)
 def plane_walk(n_outer, n_inner):
     """This thread's walk over a channel's plane of n_outer * n_inner elements, in the
-    index type of n_inner: ``(q, o, i, step, step_o, step_i)``: its first element q =
-    (o, i), and the grid stride in elements and in (rows, elements)."""
+    index type of n_inner: ``(q, o, i, step, step_o, step_i, plane, limit, n_inner)``: its
+    first element q = (o, i), the grid stride in elements and in (rows, elements), the
+    plane's size, and the bound below which four elements are left (``four_limit``)."""
     q = as_index(cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x, n_inner)
     step = as_index(cuda.gridDim.y * cuda.blockDim.x, n_inner)
     o = as_index(q // n_inner, n_inner)
     step_o = as_index(step // n_inner, n_inner)
+    plane = as_index(n_outer * n_inner, n_inner)
     return (q, o, as_index(q - o * n_inner, n_inner), step, step_o,
-            as_index(step - step_o * n_inner, n_inner))
+            as_index(step - step_o * n_inner, n_inner), plane, four_limit(plane, step),
+            n_inner)
 
 
 @cuda.jit(device=True, cache=True)
-def row_offset(strides, o, c, i):
-    """Element offset of (o, c, i) for an operand of ``strides`` (index type)."""
+def operand_walk(strides, walk, c):
+    """(offset of the walk's first element in channel c, (offset step of one grid stride,
+    extra offset when the row wraps)) for an operand of element ``strides``."""
+    _, o, i, _, step_o, step_i, _, _, n_inner = walk
     s_o, s_c, s_i = strides
-    like = s_i
-    return as_index(as_index(o * s_o, like) + as_index(as_index(c, like) * s_c, like)
-                    + as_index(i * s_i, like), like)
-
-
-@cuda.jit(device=True, cache=True)
-def walk_steps(strides, step_o, step_i, n_inner):
-    """(offset step of one grid stride, extra offset when the row wraps) for an operand."""
-    s_o, _, s_i = strides
+    first = as_index(as_index(o * s_o, s_i) + as_index(as_index(c, s_i) * s_c, s_i)
+                     + as_index(i * s_i, s_i), s_i)
     step = as_index(as_index(step_o * s_o, s_i) + as_index(step_i * s_i, s_i), s_i)
-    return step, as_index(s_o - as_index(n_inner * s_i, s_i), s_i)
+    return first, (step, as_index(s_o - as_index(n_inner * s_i, s_i), s_i))
 
 
 @cuda.jit(device=True, cache=True)
@@ -249,20 +247,23 @@ def four_limit(plane, step):
 
 
 @cuda.jit(device=True, cache=True)
-def column_rows(n_rows):
-    """This thread's rows in a channels-last kernel over x[rows, C], in n_rows' index type:
-    ``(r0, rstep, limit)``: rows r0 + k*rstep (grid row ``blockIdx.y`` of blocks, TY threads
-    each), four at a time while r < limit."""
+def column_walk(n_rows):
+    """This thread's channel and rows in a channels-last kernel over x[rows, C] (TX threads
+    over consecutive channels, TY over rows), in n_rows' index type: ``(c, r0, rstep,
+    limit)``: rows r0 + k*rstep (grid row ``blockIdx.y`` of blocks), four at a time while
+    r < limit."""
     r0 = as_index(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, n_rows)
     rstep = as_index(cuda.gridDim.y * cuda.blockDim.y, n_rows)
-    return r0, rstep, four_limit(n_rows, rstep)
+    return (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, r0, rstep,
+            four_limit(n_rows, rstep))
 
 
 @cuda.jit(device=True, cache=True)
-def column_offset(strides, r, c):
-    """Element offset of (r, c) for a channels-last operand of ``strides`` (index type)."""
+def column_start(strides, r, c, rstep):
+    """(offset of (r, c), offset step of ``rstep`` rows) for a channels-last operand."""
     s_r, s_c = strides
-    return as_index(as_index(r * s_r, s_r) + as_index(as_index(c, s_c) * s_c, s_c), s_r)
+    first = as_index(as_index(r * s_r, s_r) + as_index(as_index(c, s_c) * s_c, s_c), s_r)
+    return first, as_index(rstep * s_r, s_r)
 
 
 @cuda.jit(device=True, cache=True)
@@ -272,6 +273,12 @@ def four_rows(off, row_step):
     o2 = as_index(o1 + row_step, row_step)
     o3 = as_index(o2 + row_step, row_step)
     return off, o1, o2, o3, as_index(o3 + row_step, row_step)
+
+
+@cuda.jit(device=True, cache=True)
+def load4(x, a, b, c, d):
+    """x at four offsets, the four loads issued together."""
+    return x[a], x[b], x[c], x[d]
 
 
 # ---- block-level merges ----------------------------------------------------------------------

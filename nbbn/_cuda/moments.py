@@ -20,9 +20,9 @@ import math
 from numba import cuda, float64
 
 from .ema import ema_step
-from .launch import (advance, as_index, block_merge, chan_merge, column_offset, column_rows,
-                     four, four_limit, four_rows, last_block, load_partial, moved, plane_walk,
-                     row_offset, walk_steps)
+from .launch import (advance, as_index, block_merge, chan_merge, column_start, column_walk,
+                     four, four_rows, last_block, load4, load_partial, moved, operand_walk,
+                     plane_walk)
 from .normalize import affine_coefficients
 
 # channel_result modes (the second statistic written)
@@ -112,63 +112,63 @@ def merged_partials(partial, c, first, stride, parts):
     return n, mean, m2
 
 
+@cuda.jit(device=True, cache=True)
+def accumulate4(s1, s2, values, k, zero):
+    """The per-thread sums after four more values."""
+    a, b, c, d = values
+    s1, s2 = accumulate(s1, s2, a, k, zero)
+    s1, s2 = accumulate(s1, s2, b, k, zero)
+    s1, s2 = accumulate(s1, s2, c, k, zero)
+    return accumulate(s1, s2, d, k, zero)
+
+
 @cuda.jit(cache=True)
 def moments_rows(x, sx, shape, zero, partial, tickets, fin):
     """x[outer, C, inner] as a flat array with element strides sx (index type); grid
-    (parts, channels): block b of channel c walks its share of the channel's plane, the
-    last block of the channel writes its results (``channel_result``)."""
+    (channels, parts): block (c, b) walks its share of channel c's plane, the last block of
+    the channel writes its results (``channel_result``)."""
     n_outer, nchan, n_inner = shape
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     parts = cuda.gridDim.y
-    q0, o0, i0, step, step_o, step_i = plane_walk(n_outer, n_inner)
-    plane = as_index(n_outer * n_inner, n_inner)
-    limit = four_limit(plane, step)
-    step4 = as_index(step * 4, step)
-    steps = walk_steps(sx, step_o, step_i, n_inner)
-    count = as_index(0, step)
-    if q0 < plane:
-        count = (plane - q0 + step - 1) // step
     c = cuda.blockIdx.x
-    if c < nchan:
-        off = row_offset(sx, o0, c, i0)
-        i = i0
-        q = q0
-        k = zero
-        s1 = zero
-        s2 = zero
-        if q < plane:
-            k = shift_of(x[off], zero)
-        while q < limit:
-            a, b, d, e, off, i = four(off, steps, i, step_i, n_inner)
-            va = x[a]
-            vb = x[b]
-            vd = x[d]
-            ve = x[e]
-            s1, s2 = accumulate(s1, s2, va, k, zero)
-            s1, s2 = accumulate(s1, s2, vb, k, zero)
-            s1, s2 = accumulate(s1, s2, vd, k, zero)
-            s1, s2 = accumulate(s1, s2, ve, k, zero)
-            q = as_index(q + step4, step)
-        while q < plane:
-            s1, s2 = accumulate(s1, s2, x[off], k, zero)
-            i, wrapped = advance(i, step_i, n_inner)
-            off = moved(off, steps, wrapped)
-            q = as_index(q + step, step)
-        n, mean, m2 = shifted_state(count, k, s1, s2)
-        n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, 1)
-        if parts > 1:
-            if tid == 0:
-                part = cuda.blockIdx.y
-                partial[c, 0, part] = n
-                partial[c, 1, part] = mean
-                partial[c, 2, part] = m2
-            if not last_block(tickets, c, parts, tid):
-                return
-            n, mean, m2 = merged_partials(partial, c, tid, nthreads, parts)
-            n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, 1)
+    walk = plane_walk(n_outer, n_inner)
+    q, _, i, step, _, step_i, plane, limit, _ = walk
+    off, steps = operand_walk(sx, walk, c)
+    count = as_index(0, step)
+    k = zero
+    s1 = zero
+    s2 = zero
+    if q < plane:
+        count = (plane - q + step - 1) // step
+        k = shift_of(x[off], zero)
+    while q < limit:
+        a, b, d, e, off, i = four(off, steps, i, step_i, n_inner)
+        s1, s2 = accumulate4(s1, s2, load4(x, a, b, d, e), k, zero)
+        q = as_index(q + as_index(step * 4, step), step)
+    while q < plane:
+        s1, s2 = accumulate(s1, s2, x[off], k, zero)
+        i, wrapped = advance(i, step_i, n_inner)
+        off = moved(off, steps, wrapped)
+        q = as_index(q + step, step)
+    n, mean, m2 = shifted_state(count, k, s1, s2)
+    n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, 1)
+    if parts > 1:
         if tid == 0:
-            channel_result(c, n, mean, m2, fin)
+            write_partial(partial, c, cuda.blockIdx.y, n, mean, m2)
+        if not last_block(tickets, c, parts, tid):
+            return
+        n, mean, m2 = merged_partials(partial, c, tid, nthreads, parts)
+        n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, 1)
+    if tid == 0:
+        channel_result(c, n, mean, m2, fin)
+
+
+@cuda.jit(device=True, cache=True)
+def write_partial(partial, c, part, n, mean, m2):
+    partial[c, 0, part] = n
+    partial[c, 1, part] = mean
+    partial[c, 2, part] = m2
 
 
 @cuda.jit(cache=True)
@@ -177,63 +177,42 @@ def moments_columns(x, sx, shape, zero, partial, tickets, fin):
     of a block reads channel c (consecutive threads, consecutive channels: coalesced), rows
     r = part*TY + ty + k*parts*TY; the last block of a channel tile writes its results."""
     n_rows, nchan = shape
-    tx = cuda.threadIdx.x
     ntx = cuda.blockDim.x
-    nty = cuda.blockDim.y
-    tid = cuda.threadIdx.y * ntx + tx
-    nthreads = ntx * nty
-    part = cuda.blockIdx.y
+    nthreads = ntx * cuda.blockDim.y
+    tid = cuda.threadIdx.y * ntx + cuda.threadIdx.x
     parts = cuda.gridDim.y
-    r0, rstep, limit = column_rows(n_rows)
-    step4 = as_index(rstep * 4, rstep)
-    row_step = as_index(rstep * sx[0], rstep)
+    c, r, rstep, limit = column_walk(n_rows)
     count = as_index(0, rstep)
-    if r0 < n_rows:
-        count = (n_rows - r0 + rstep - 1) // rstep
-    c0 = cuda.blockIdx.x * ntx
-    if c0 < nchan:
-        c = c0 + tx
-        k = zero
-        s1 = zero
-        s2 = zero
-        values = as_index(0, rstep)
-        if c < nchan and count > 0:
-            values = count
-            off = column_offset(sx, r0, c)
-            k = shift_of(x[off], zero)
-            r = r0
-            while r < limit:
-                a, b, d, e, off = four_rows(off, row_step)
-                va = x[a]
-                vb = x[b]
-                vd = x[d]
-                ve = x[e]
-                s1, s2 = accumulate(s1, s2, va, k, zero)
-                s1, s2 = accumulate(s1, s2, vb, k, zero)
-                s1, s2 = accumulate(s1, s2, vd, k, zero)
-                s1, s2 = accumulate(s1, s2, ve, k, zero)
-                r = as_index(r + step4, rstep)
-            while r < n_rows:
-                s1, s2 = accumulate(s1, s2, x[off], k, zero)
-                off = as_index(off + row_step, row_step)
-                r = as_index(r + rstep, rstep)
-        n, mean, m2 = shifted_state(values, k, s1, s2)
-        n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, ntx)
-        if parts > 1:
-            if tid < ntx and c < nchan:
-                partial[c, 0, part] = n
-                partial[c, 1, part] = mean
-                partial[c, 2, part] = m2
-            if not last_block(tickets, c0 // ntx, parts, tid):
-                return
-            n = 0.0
-            mean = 0.0
-            m2 = 0.0
-            if c < nchan:
-                n, mean, m2 = merged_partials(partial, c, cuda.threadIdx.y, nty, parts)
-            n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, ntx)
+    k = zero
+    s1 = zero
+    s2 = zero
+    if c < nchan and r < n_rows:
+        count = (n_rows - r + rstep - 1) // rstep
+        off, row_step = column_start(sx, r, c, rstep)
+        k = shift_of(x[off], zero)
+        while r < limit:
+            a, b, d, e, off = four_rows(off, row_step)
+            s1, s2 = accumulate4(s1, s2, load4(x, a, b, d, e), k, zero)
+            r = as_index(r + as_index(rstep * 4, rstep), rstep)
+        while r < n_rows:
+            s1, s2 = accumulate(s1, s2, x[off], k, zero)
+            off = as_index(off + row_step, row_step)
+            r = as_index(r + rstep, rstep)
+    n, mean, m2 = shifted_state(count, k, s1, s2)
+    n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, ntx)
+    if parts > 1:
         if tid < ntx and c < nchan:
-            channel_result(c, n, mean, m2, fin)
+            write_partial(partial, c, cuda.blockIdx.y, n, mean, m2)
+        if not last_block(tickets, cuda.blockIdx.x, parts, tid):
+            return
+        n = 0.0
+        mean = 0.0
+        m2 = 0.0
+        if c < nchan:
+            n, mean, m2 = merged_partials(partial, c, cuda.threadIdx.y, cuda.blockDim.y, parts)
+        n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, ntx)
+    if tid < ntx and c < nchan:
+        channel_result(c, n, mean, m2, fin)
 
 
 KERNELS = ("moments_rows", "moments_columns")

@@ -8,8 +8,8 @@ import math
 
 from numba import cuda, float64
 
-from .launch import (advance, as_index, column_offset, column_rows, four, four_rows,
-                     moved, plane_walk, row_offset, walk_steps, four_limit)
+from .launch import (advance, as_index, column_start, column_walk, four, four_rows, load4,
+                     moved, operand_walk, plane_walk)
 
 HAS_WEIGHT, HAS_BIAS = 1, 2
 
@@ -43,43 +43,40 @@ def scale_shift(mean, var, weight, bias, flags, eps, scale, shift):
         shift[c] = d
 
 
+@cuda.jit(device=True, cache=True)
+def put_affine4(y, offsets, values, a, b, zero):
+    """y at four offsets from four values: x * a + b."""
+    y0, y1, y2, y3 = offsets
+    v0, v1, v2, v3 = values
+    y[y0] = (zero + v0) * a + b
+    y[y1] = (zero + v1) * a + b
+    y[y2] = (zero + v2) * a + b
+    y[y3] = (zero + v3) * a + b
+
+
 @cuda.jit(cache=True)
 def affine_rows(x, sx, y, sy, shape, scale, shift, zero):
     """x, y [outer, C, inner] as flat arrays with element strides sx, sy (index type); grid
-    (blocks per channel, channels), each thread walking four elements of the plane at once."""
+    (channels, blocks per channel), each thread walking four elements of the plane at once."""
     n_outer, nchan, n_inner = shape
-    q0, o0, i0, step, step_o, step_i = plane_walk(n_outer, n_inner)
-    plane = as_index(n_outer * n_inner, n_inner)
-    limit = four_limit(plane, step)
-    step4 = as_index(step * 4, step)
-    steps_x = walk_steps(sx, step_o, step_i, n_inner)
-    steps_y = walk_steps(sy, step_o, step_i, n_inner)
     c = cuda.blockIdx.x
-    if c < nchan:
-        a = scale[c]
-        b = shift[c]
-        off_x = row_offset(sx, o0, c, i0)
-        off_y = row_offset(sy, o0, c, i0)
-        i = i0
-        q = q0
-        while q < limit:
-            x0, x1, x2, x3, off_x, _ = four(off_x, steps_x, i, step_i, n_inner)
-            y0, y1, y2, y3, off_y, i = four(off_y, steps_y, i, step_i, n_inner)
-            v0 = x[x0]
-            v1 = x[x1]
-            v2 = x[x2]
-            v3 = x[x3]
-            y[y0] = (zero + v0) * a + b
-            y[y1] = (zero + v1) * a + b
-            y[y2] = (zero + v2) * a + b
-            y[y3] = (zero + v3) * a + b
-            q = as_index(q + step4, step)
-        while q < plane:
-            y[off_y] = (zero + x[off_x]) * a + b
-            i, wrapped = advance(i, step_i, n_inner)
-            off_x = moved(off_x, steps_x, wrapped)
-            off_y = moved(off_y, steps_y, wrapped)
-            q = as_index(q + step, step)
+    walk = plane_walk(n_outer, n_inner)
+    q, _, i, step, _, step_i, plane, limit, _ = walk
+    off_x, steps_x = operand_walk(sx, walk, c)
+    off_y, steps_y = operand_walk(sy, walk, c)
+    a = scale[c]
+    b = shift[c]
+    while q < limit:
+        x0, x1, x2, x3, off_x, _ = four(off_x, steps_x, i, step_i, n_inner)
+        y0, y1, y2, y3, off_y, i = four(off_y, steps_y, i, step_i, n_inner)
+        put_affine4(y, (y0, y1, y2, y3), load4(x, x0, x1, x2, x3), a, b, zero)
+        q = as_index(q + as_index(step * 4, step), step)
+    while q < plane:
+        y[off_y] = (zero + x[off_x]) * a + b
+        i, wrapped = advance(i, step_i, n_inner)
+        off_x = moved(off_x, steps_x, wrapped)
+        off_y = moved(off_y, steps_y, wrapped)
+        q = as_index(q + step, step)
 
 
 @cuda.jit(cache=True)
@@ -87,34 +84,23 @@ def affine_columns(x, sx, y, sy, shape, scale, shift, zero):
     """x[rows, C], channels-last, flat with element strides (row, channel): TX threads along
     C (coalesced), TY along rows, four rows at once."""
     n_rows, nchan = shape
-    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    r0, rstep, limit = column_rows(n_rows)
-    step4 = as_index(rstep * 4, rstep)
-    x_step = as_index(rstep * sx[0], rstep)
-    y_step = as_index(rstep * sy[0], rstep)
-    if c < nchan:
-        a = scale[c]
-        b = shift[c]
-        off_x = column_offset(sx, r0, c)
-        off_y = column_offset(sy, r0, c)
-        r = r0
-        while r < limit:
-            x0, x1, x2, x3, off_x = four_rows(off_x, x_step)
-            y0, y1, y2, y3, off_y = four_rows(off_y, y_step)
-            v0 = x[x0]
-            v1 = x[x1]
-            v2 = x[x2]
-            v3 = x[x3]
-            y[y0] = (zero + v0) * a + b
-            y[y1] = (zero + v1) * a + b
-            y[y2] = (zero + v2) * a + b
-            y[y3] = (zero + v3) * a + b
-            r = as_index(r + step4, rstep)
-        while r < n_rows:
-            y[off_y] = (zero + x[off_x]) * a + b
-            off_x = as_index(off_x + x_step, x_step)
-            off_y = as_index(off_y + y_step, y_step)
-            r = as_index(r + rstep, rstep)
+    c, r, rstep, limit = column_walk(n_rows)
+    if c >= nchan:
+        return
+    off_x, x_step = column_start(sx, r, c, rstep)
+    off_y, y_step = column_start(sy, r, c, rstep)
+    a = scale[c]
+    b = shift[c]
+    while r < limit:
+        x0, x1, x2, x3, off_x = four_rows(off_x, x_step)
+        y0, y1, y2, y3, off_y = four_rows(off_y, y_step)
+        put_affine4(y, (y0, y1, y2, y3), load4(x, x0, x1, x2, x3), a, b, zero)
+        r = as_index(r + as_index(rstep * 4, rstep), rstep)
+    while r < n_rows:
+        y[off_y] = (zero + x[off_x]) * a + b
+        off_x = as_index(off_x + x_step, x_step)
+        off_y = as_index(off_y + y_step, y_step)
+        r = as_index(r + rstep, rstep)
 
 
 KERNELS = ("scale_shift", "affine_rows", "affine_columns")
