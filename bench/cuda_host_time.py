@@ -1,10 +1,12 @@
 """Host time of nbbn's device calls, with every kernel launch stubbed (no GPU needed).
 
 Runs nbbn's device path in Numba's CUDA simulator with the launches replaced by a stub that
-counts them and their array arguments: what remains is nbbn's own Python per call (argument
-checks, plans, views, allocations, launch configurations). Numba's launch itself costs about
-6.6 us plus 3.5-4 us per array argument on a real GPU (issue 17); the estimate column adds
-that to the measured time.
+counts them and their array arguments: what remains is nbbn's Python per call (argument
+checks, plans, views, allocations, launch configurations) plus the simulator's own array
+objects (``cuda.device_array`` and every view: NumPy-backed stand-ins that a GPU replaces
+by torch/CuPy allocations and cached views). The "own" column subtracts those, counted
+per call and timed alone. Numba's launch itself costs about 6.6 us plus 3.5-4 us per array
+argument on a real GPU (issue 17); the estimate column adds that to the "own" time.
 
     NUMBA_ENABLE_CUDASIM=1 PYTHONPATH=<tree> python bench/cuda_host_time.py [--rounds 9]
 
@@ -83,18 +85,54 @@ def cases(shape, axis):
     }
 
 
-def measure(fn, rounds, inner=200):
+def _timed(fn, rounds, inner):
     fn()
-    best = []
+    times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
-        best.append((time.perf_counter() - t0) / inner * 1e6)
+        times.append((time.perf_counter() - t0) / inner * 1e6)
+    return min(times), statistics.median(times)
+
+
+def simulator_arrays(fn, rounds):
+    """us per call of ``fn`` spent in the simulator's array objects: its ``cuda.device_array``
+    calls (each timed alone, by shape and dtype) and its other FakeCUDAArray objects (views,
+    timed as ``arrays.strided`` of a flat view)."""
+    from numba.cuda.simulator.cudadrv import devicearray
+
+    from nbbn._cuda import arrays
+    allocs, views = [], [0]
+    init, alloc = devicearray.FakeCUDAArray.__init__, cuda.device_array
+
+    def counting_init(self, *args, **kwargs):
+        views[0] += 1
+        init(self, *args, **kwargs)
+
+    def counting_alloc(shape, dtype=np.float64, *args, **kwargs):
+        allocs.append((shape, dtype))
+        views[0] -= 1  # its FakeCUDAArray is part of the allocation
+        return alloc(shape, dtype, *args, **kwargs)
+
+    devicearray.FakeCUDAArray.__init__, cuda.device_array = counting_init, counting_alloc
+    try:
+        fn()
+    finally:
+        devicearray.FakeCUDAArray.__init__, cuda.device_array = init, alloc
+    spent = sum(_timed(lambda s=s, d=d: alloc(s, d), rounds, 50)[0] for s, d in allocs)
+    a = alloc((1024,), np.float32)
+    view = _timed(lambda: arrays.strided(a, (1024,), (4,)), rounds, 200)[0]
+    return spent + views[0] * view
+
+
+def measure(fn, rounds, inner=200):
+    lo, med = _timed(fn, rounds, inner)
     COUNTS.update(launches=0, arrays=0, on=True)
     fn()
     COUNTS["on"] = False
-    return min(best), statistics.median(best), COUNTS["launches"], COUNTS["arrays"]
+    own = lo - simulator_arrays(fn, rounds)
+    return lo, med, own, COUNTS["launches"], COUNTS["arrays"]
 
 
 def main():
@@ -102,16 +140,16 @@ def main():
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
     stub_launches()
-    print(f"{'shape':24s} {'op':10s} {'min us':>8s} {'median':>8s} {'launches':>8s} "
-          f"{'arrays':>6s} {'+Numba est.':>11s}")
+    print(f"{'shape':24s} {'op':10s} {'min us':>8s} {'median':>8s} {'own us':>8s} "
+          f"{'launches':>8s} {'arrays':>6s} {'+Numba est.':>11s}")
     for shape, axis, label in (((64, 64, 56, 56), 1, "[64,64,56,56] NCHW"),
                                ((64, 56, 56, 64), -1, "[64,56,56,64] NHWC"),
                                ((4096, 1024), 1, "[4096,1024]"), ((32, 64), 1, "[32,64]")):
         for op, fn in cases(shape, axis).items():
-            lo, med, launches, arrays = measure(fn, args.rounds)
-            est = lo + launches * LAUNCH_US + arrays * ARRAY_ARG_US
-            print(f"{label:24s} {op:10s} {lo:8.1f} {med:8.1f} {launches:8d} {arrays:6d} "
-                  f"{est:11.0f}", flush=True)
+            lo, med, own, launches, arrays = measure(fn, args.rounds)
+            est = own + launches * LAUNCH_US + arrays * ARRAY_ARG_US
+            print(f"{label:24s} {op:10s} {lo:8.1f} {med:8.1f} {own:8.1f} {launches:8d} "
+                  f"{arrays:6d} {est:11.0f}", flush=True)
 
 
 if __name__ == "__main__":
