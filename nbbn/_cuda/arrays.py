@@ -140,6 +140,7 @@ class Queue:
         self.device = device
         self._buffers = {}  # purpose -> byte buffer
         self._views = {}    # (purpose, shape, dtype) -> view of the buffer
+        self._owners = []   # torch tensors behind buffers made during a graph capture
 
     def launch(self, kernel, config, *args):
         if self.device is None:
@@ -172,12 +173,31 @@ class Queue:
         buf = self._buffers.get(purpose)
         if buf is None or buf.shape[0] < nbytes:
             size = max(nbytes, 2 * buf.shape[0] if buf is not None else 256)
-            buf = allocate(self, (size,), np.uint8, lasting=True)
+            buf = self._capture_buffer(size) if self._capturing() else \
+                allocate(self, (size,), np.uint8, lasting=True)
             self._buffers[purpose] = buf
             self._views = {k: v for k, v in self._views.items() if k[0] != purpose}
             if purpose == "tickets":
                 fill(self, buf, 0)
         return buf
+
+    def _capturing(self):
+        """Whether this stream is being captured into a CUDA graph (no cudaMalloc allowed)."""
+        if SIMULATOR or not hasattr(self.stream, "handle"):
+            return False
+        from numba.cuda.cudadrv import driver
+        status = driver.driver.cuStreamIsCapturing(self.stream.handle)
+        return status != driver.binding.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+
+    def _capture_buffer(self, size):
+        """A workspace buffer made while the stream is captured: from torch's allocator (the
+        graph's private pool), the library that captures; kept with the queue, so replays
+        find it."""
+        import torch
+        tensor = torch.empty(size, dtype=torch.uint8,
+                             device=torch.device("cuda", self.device or torch.cuda.current_device()))
+        self._owners.append(tensor)
+        return to_numba(tensor)
 
     def empty(self, shape, dtype):
         """A new Numba device array for a caller (stream-ordered where the driver has it)."""
