@@ -242,3 +242,17 @@ def test_device_out_overlapping_an_input(rng, threaded_cuda):
     rm, rv = cuda.to_device(np.array([2.0, 3.0])), cuda.to_device(np.array([4.0, 5.0]))
     nbbn.ema_update(rm, rv, cuda.to_device(np.zeros(2)), rm, count=10, momentum=0.5)
     np.testing.assert_allclose(rv.copy_to_host(), [2 + 10 / 9, 2.5 + 1.5 * 10 / 9])
+
+
+def test_device_layer_backward_ignores_later_changes_to_x(rng, threaded_cuda):
+    cuda = threaded_cuda
+    ref, layer = nbbn.BatchNorm(3, device="cuda"), nbbn.BatchNorm(3, device="cuda")
+    for step in range(2):
+        x = rng.random((4, 3, 2)).astype(np.float32)
+        dy = cuda.to_device(rng.random((4, 3, 2)).astype(np.float32))
+        ref(cuda.to_device(x))
+        want = ref.backward(dy).copy_to_host()
+        dx = cuda.to_device(x)
+        layer(dx)
+        dx.copy_to_device(np.zeros_like(x))
+        np.testing.assert_array_equal(layer.backward(dy).copy_to_host(), want)
