@@ -103,6 +103,29 @@ def check_writable(a, name):
     """Device arrays are always writable."""
 
 
+def _address_range(a):
+    """[first byte, last byte] of a Numba device array's elements."""
+    start = a._ary.ctypes.data if launch.SIMULATOR else a.__cuda_array_interface__["data"][0]
+    low = sum((n - 1) * s for n, s in zip(a.shape, a.strides) if s < 0)
+    high = sum((n - 1) * s for n, s in zip(a.shape, a.strides) if s > 0)
+    return start + low, start + high + a.dtype.itemsize - 1
+
+
+def overlap(a, b):
+    """From the address ranges: "partial" where they intersect (conservative). An Operand
+    (a kernel's view) is compared by its flat view, which spans its elements."""
+    a, b = (x.flat if isinstance(x, arrays.Operand) else x for x in (a, b))
+    if not all(a.shape) or not all(b.shape):
+        return None
+    (a_lo, a_hi), (b_lo, b_hi) = _address_range(a), _address_range(b)
+    if a_hi < b_lo or b_hi < a_lo:
+        return None
+    if a_lo == b_lo and tuple(a.shape) == tuple(b.shape) and a.strides == b.strides \
+            and a.dtype.itemsize == b.dtype.itemsize:
+        return "same"
+    return "partial"
+
+
 def view(call, a):
     if not call.plan.size:
         return None
