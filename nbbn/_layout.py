@@ -48,6 +48,28 @@ def is_device(a):
     return True
 
 
+NOT_GIVEN = np._NoValue  # NumPy's "not given": its nan-functions pass it on explicitly
+
+
+def ddof(ddof, correction):
+    """``ddof`` from NumPy's pair (both given: an error; ``correction`` may be NOT_GIVEN)."""
+    if correction is NOT_GIVEN:
+        return ddof
+    if ddof != 0:
+        raise ConflictError("ddof and correction can't be provided simultaneously.")
+    if correction is None:
+        raise TypeError("correction must be a number, got None")
+    return correction
+
+
+def result_dtype(dtype, requested):
+    """A statistic's dtype, as NumPy's: ``requested``, else a float input's (native byte
+    order), else float64."""
+    if requested is not None:
+        return np.dtype(requested)
+    return dtype.newbyteorder("=") if dtype.kind == "f" else np.dtype(np.float64)
+
+
 def reduced_axes(axis, ndim):
     """Normalized, sorted tuple of reduced axes (None means all)."""
     if axis is None:

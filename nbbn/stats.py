@@ -1,98 +1,24 @@
-"""NumPy-compatible statistics: mean, var, std, mean_var, moments, Moments."""
+"""NumPy-compatible statistics: mean, var, std, mean_var, moments (and ``Moments``).
+
+NumPy's dispatch rules are kept: subclasses, masked arrays and other arrays with
+their own methods or ``__array_function__`` get NumPy's answer (Dask arrays go to
+``nbbn.dask``, lazily); ndarrays and CUDA arrays go to nbbn's kernels.
+"""
 import warnings
-from typing import NamedTuple
 
 import numpy as np
 
 from . import _dispatch, _layout
-
-class Moments(NamedTuple):
-    """Mergeable Welford state: count, mean and m2 (sum of squared deviations).
-
-    ``mean``/``m2`` are float64 (arrays or scalars); ``count`` is the number of
-    values behind each entry. States of disjoint parts merge exactly with
-    Chan et al.'s formula, for any counts including zero.
-    """
-
-    count: object
-    mean: object
-    m2: object
-
-    def merge(self, other):
-        """The moments of the union of the data behind ``self`` and ``other``."""
-        n_a, n_b = np.asarray(self.count), np.asarray(other.count)
-        n = n_a + n_b
-        mean_a, mean_b = np.asarray(self.mean, np.float64), np.asarray(other.mean, np.float64)
-        # The same cases as the kernels' _math.chan_merge, elementwise.
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            n_safe = np.where(n == 0, 1, n).astype(np.float64)
-            delta = mean_b - mean_a
-            mean = np.where(delta == 0, mean_a,
-                            np.where(np.isfinite(delta), mean_a + delta * (n_b / n_safe),
-                                     (n_a * mean_a + n_b * mean_b) / n_safe))
-            m2 = np.asarray(self.m2, np.float64) + other.m2 + delta * delta * (n_a * (n_b / n_safe))
-        # An empty side contributes nothing (its mean is nan, not a number to weigh).
-        mean = np.where(n_b == 0, self.mean, np.where(n_a == 0, other.mean, mean))
-        m2 = np.where(n_b == 0, self.m2, np.where(n_a == 0, other.m2, m2))
-        return Moments(_scalar_or_array(n), _scalar_or_array(mean), _scalar_or_array(m2))
-
-    @classmethod
-    def combine(cls, parts):
-        """Merge an iterable of Moments (pairwise, which keeps rounding low)."""
-        parts = list(parts)
-        if not parts:
-            raise ValueError("Moments.combine needs at least one Moments")
-        while len(parts) > 1:
-            merged = [a.merge(b) for a, b in zip(parts[::2], parts[1::2])]
-            parts = merged + ([parts[-1]] if len(parts) % 2 else [])
-        return parts[0]
-
-    def var(self, ddof=0):
-        """Variance, dividing m2 by ``count - ddof`` (nan and a warning when that is <= 0)."""
-        return _divide_m2(self.m2, self.count, ddof)
-
-    def std(self, ddof=0):
-        return np.sqrt(self.var(ddof))
-
-
-def _scalar_or_array(v):
-    v = np.asarray(v)
-    return v[()] if v.ndim == 0 else v
-
-
-def _divide_m2(m2, count, ddof):
-    if type(count) is int and count - ddof > 0:
-        # The usual call (one count, enough values): no warning to decide, nothing
-        # to guard; the general path below costs ~6 us, a third of a small call.
-        return _scalar_or_array(np.asarray(m2, np.float64) / (count - ddof))
-    dof = np.asarray(count) - ddof
-    if np.any(dof <= 0):
-        warnings.warn("Degrees of freedom <= 0 for slice", RuntimeWarning, stacklevel=3)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return _scalar_or_array(np.asarray(m2, np.float64) / np.maximum(dof, 0))
-
+from ._moments import Moments, array_moments
 
 # NumPy's own functions, taken at import: they answer the calls nbbn hands to NumPy, and
 # are not nbbn's even after ``np.mean = nbbn.mean`` (which would recurse).
 _NUMPY = {name: getattr(np, name) for name in ("mean", "var", "std")}
-_NOT_GIVEN = np._NoValue  # NumPy's "not given": its nan-functions pass it on explicitly
+_NOT_GIVEN = _layout.NOT_GIVEN
 
 
-def _ddof(ddof, correction):
-    """``ddof`` from NumPy's pair (both given: an error; ``correction`` may be ``_NoValue``)."""
-    if correction is _NOT_GIVEN:
-        return ddof
-    if ddof != 0:
-        raise _layout.ConflictError("ddof and correction can't be provided simultaneously.")
-    if correction is None:
-        raise TypeError("correction must be a number, got None")
-    return correction
-
-
-def _result_dtype(a, dtype):
-    if dtype is not None:
-        return np.dtype(dtype)
-    return a.dtype.newbyteorder("=") if a.dtype.kind == "f" else np.dtype(np.float64)
+def _is_dask(a):
+    return type(a).__module__.split(".", 1)[0] == "dask"
 
 
 def _overrides(x):
@@ -128,6 +54,11 @@ def _numpy_kwargs(**kwargs):
 def _reduce(op, a, axis, dtype, out, keepdims, ddof=0, correction=_NOT_GIVEN,
             where=_NOT_GIVEN, mean=_NOT_GIVEN):
     """``numpy.<op>`` (op: "mean", "var", "std") with NumPy's dispatch, then nbbn's kernels."""
+    if _is_dask(a) and out is None and where is _NOT_GIVEN and mean is _NOT_GIVEN:
+        from . import dask
+        extra = {} if op == "mean" else dict(ddof=ddof, correction=correction)
+        return getattr(dask, op)(a, axis=axis, dtype=dtype,
+                                 keepdims=False if keepdims is _NOT_GIVEN else keepdims, **extra)
     if _answered_by_numpy(op, a, (a, out, where, mean)):
         extra = {} if op == "mean" else _numpy_kwargs(ddof=ddof, correction=correction,
                                                       mean=mean)
@@ -138,7 +69,7 @@ def _reduce(op, a, axis, dtype, out, keepdims, ddof=0, correction=_NOT_GIVEN,
     _check_unsupported(where, mean)
     if keepdims is _NOT_GIVEN:
         keepdims = False
-    ddof = _ddof(ddof, correction)
+    ddof = _layout.ddof(ddof, correction)
     result = _statistics(op, a, axis, dtype, out, ddof, keepdims, (op,))[0]
     if out is None and type(a) is not np.ndarray and isinstance(a, np.ndarray):
         # A subclass using ndarray's method: NumPy's result is wrapped by the subclass.
@@ -165,7 +96,7 @@ def _statistics(op, a, axis, dtype, out, ddof, keepdims, kinds):
                                  **({} if name == "mean" else {"ddof": ddof}))
                      for name in _NUMPY_OPS[op])
     red = _layout.reduction(a, axis, keepdims)
-    rdtype = _result_dtype(a, dtype)
+    rdtype = _layout.result_dtype(a.dtype, dtype)
     if op == "mean" and red.count == 0:
         warnings.warn("Mean of empty slice", RuntimeWarning, stacklevel=4)
     if ("var" in kinds or "std" in kinds) and red.count - ddof <= 0:
@@ -185,12 +116,15 @@ def mean(a, axis=None, dtype=None, out=None, keepdims=False, *, where=_NOT_GIVEN
 
 def mean_var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=_NOT_GIVEN):
     """(mean, var) along ``axis`` from one pass over ``a``."""
+    if _is_dask(a):
+        from . import dask
+        return dask.mean_var(a, axis, dtype, ddof, keepdims, correction=correction)
     if _answered_by_numpy("var", a, (a,)):
         return (mean(a, axis, dtype, keepdims=keepdims),
                 var(a, axis, dtype, ddof=ddof, keepdims=keepdims, correction=correction))
     if keepdims is _NOT_GIVEN:
         keepdims = False
-    return _statistics("mean_var", a, axis, dtype, None, _ddof(ddof, correction), keepdims,
+    return _statistics("mean_var", a, axis, dtype, None, _layout.ddof(ddof, correction), keepdims,
                        ("mean", "var"))
 
 
@@ -208,12 +142,9 @@ def std(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *,
 
 def moments(a, axis=None, keepdims=False):
     """The mergeable ``Moments(count, mean, m2)`` of ``a`` along ``axis`` (float64)."""
+    if _is_dask(a):
+        from . import dask
+        return dask.moments(a, axis=axis, keepdims=keepdims)
     if _answered_by_numpy("mean", a, (a,)):  # a mask, a duck array: no Welford state here
         raise TypeError(f"moments needs an ndarray or a CUDA array, got {type(a).__name__}")
-    be = _dispatch.backend(a=a)
-    like, a = a, be.array(a, "a")
-    if not _layout.kernels_read(a.dtype):
-        raise TypeError(f"moments needs real numeric input, got dtype {a.dtype}")
-    red = _layout.reduction(a, axis, keepdims)
-    return Moments(red.count, *be.statistics(like, a, red, ("mean", "m2"), 0,
-                                             np.dtype(np.float64), None))
+    return array_moments(a, axis, keepdims)

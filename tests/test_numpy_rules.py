@@ -88,11 +88,27 @@ def test_duck_arrays_go_to_their_own_implementation():
     assert nbbn.mean(Duck()) == ("duck", "mean")
     assert nbbn.std(np.ones(3), where=Duck()) == ("duck", "std")  # where= dispatches too
     assert nbbn.var(np.ones(3), out=Duck()) == ("duck", "var")
+
+
+def test_dask_arrays_go_to_nbbn_dask(monkeypatch):
     da = pytest.importorskip("dask.array")
-    x = da.from_array(np.arange(12.0).reshape(3, 4), chunks=2)
-    lazy = nbbn.var(x, axis=0)
+    import nbbn.dask
+    data = np.arange(12.0).reshape(3, 4) + 1e9
+    x = da.from_array(data, chunks=2)
+    seen = []
+    for name in ("mean", "var", "std", "mean_var", "moments"):
+        original = getattr(nbbn.dask, name)
+        monkeypatch.setattr(nbbn.dask, name,
+                            lambda *a, _f=original, _n=name, **k: seen.append(_n) or _f(*a, **k))
+    lazy = nbbn.var(x, axis=0, ddof=1)
     assert isinstance(lazy, da.Array)  # not computed eagerly
-    np.testing.assert_allclose(lazy.compute(), np.var(np.arange(12.0).reshape(3, 4), axis=0))
+    np.testing.assert_allclose(lazy.compute(), np.var(data, axis=0, ddof=1))
+    np.testing.assert_allclose(nbbn.mean(x, axis=1).compute(), np.mean(data, axis=1))
+    np.testing.assert_allclose(nbbn.std(x).compute(), np.std(data))
+    m, v = nbbn.mean_var(x, axis=0)
+    np.testing.assert_allclose(v.compute(), np.var(data, axis=0))
+    assert nbbn.moments(x, axis=0).count == 3
+    assert seen == ["var", "mean", "std", "mean_var", "moments"]
 
 
 def test_numpy_fallback_does_not_recurse_once_patched_in(monkeypatch):
