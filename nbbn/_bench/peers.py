@@ -23,7 +23,7 @@ import importlib
 import importlib.util
 import os
 
-from .registry import EPS, MOMENTUM
+from . import EPS, MOMENTUM
 
 
 @functools.cache

@@ -18,8 +18,7 @@ import numpy as np
 
 import nbbn
 
-EPS = 1e-5
-MOMENTUM = 0.1
+from . import EPS, MOMENTUM
 
 #: Shapes as [b, c, h, w] (4-D) or [n, c] (2-D); NHWC cases store [b, h, w, c].
 LARGE_SHAPES = ((64, 64, 56, 56), (256, 256, 14, 14), (32, 3, 224, 224), (4096, 1024))
