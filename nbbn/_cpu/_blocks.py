@@ -28,12 +28,15 @@ BLOCK = 4096
 MIN_ROW_WIDTH = 256
 # Regrouped rows are a multiple of this many elements (whole vectors, no scalar remainder).
 ROW_QUANTUM = 16
-# Lockstep streams per thread (see the module docstring): reductions add 4 rows per
-# sweep into their partial sums; elementwise passes share each coefficient load over 2
-# rows (more streams than this slows the prefetchers down: 8 input streams for a
-# reduction, 6 for an elementwise pass).
-REDUCE_STREAMS = 4
+# Lockstep streams per thread (see the module docstring). Elementwise passes share each
+# coefficient load over 2 rows; reductions add 2 rows per sweep into their float64
+# partial sums, 4 on rows of WIDE_ROW channels or more, whose partial sums no longer
+# stay in L1 beside the data (more streams slow the prefetchers down: measured, 4
+# streams cost 5-25% on rows of 256-512 channels and save 20-40% on 1024-4096).
 ELEMENTWISE_STREAMS = 2
+REDUCE_STREAMS = 2
+WIDE_REDUCE_STREAMS = 4
+WIDE_ROW = 1024
 
 
 def widen(*arrays):

@@ -10,8 +10,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, thread_plan
-from ._blocks import (BLOCK, ELEMENTWISE_STREAMS, REDUCE_STREAMS, row_block,
-                      stream_split, tiled, widen)
+from ._blocks import (BLOCK, ELEMENTWISE_STREAMS, REDUCE_STREAMS, WIDE_REDUCE_STREAMS,
+                      WIDE_ROW, row_block, stream_split, tiled, widen)
 
 
 @kernel
@@ -53,21 +53,30 @@ def sums_sweep(dy, x, r, step, n_streams, mean, s_dy, s_dxm):
         s_dxm[c] += b
 
 
+@helper
+def sums_walk(dy, x, t, nthreads, n_streams, mean, s_dy, s_dxm):
+    """Thread t's rows as n_streams lockstep streams (``_blocks.stream_split``)."""
+    first, step, stop = stream_split(t, nthreads, x.shape[0], n_streams)
+    for r in range(first, first + step):
+        sums_sweep(dy, x, r, step, n_streams, mean, s_dy, s_dxm)
+    for r in range(first + n_streams * step, stop):
+        sums_sweep(dy, x, r, 0, 1, mean, s_dy, s_dxm)
+
+
 @kernel
 def sums_columns(dy, x, mean, nthreads):
-    """Per-thread partial sums over channels-last rows (``_blocks.stream_split``)."""
-    n_rows, nchan = x.shape
+    """Per-thread partial sums over channels-last rows."""
+    nchan = x.shape[1]
     partial = np.empty((nthreads, 2, nchan))
     for t in prange(nthreads):
         # The thread's own accumulators: fresh arrays, so the compiler knows that
         # nothing else writes them and vectorizes the sweep without alias checks.
         s_dy = np.zeros(nchan)
         s_dxm = np.zeros(nchan)
-        first, step, stop = stream_split(t, nthreads, n_rows, REDUCE_STREAMS)
-        for r in range(first, first + step):
-            sums_sweep(dy, x, r, step, REDUCE_STREAMS, mean, s_dy, s_dxm)
-        for r in range(first + REDUCE_STREAMS * step, stop):
-            sums_sweep(dy, x, r, 0, 1, mean, s_dy, s_dxm)
+        if nchan >= WIDE_ROW:
+            sums_walk(dy, x, t, nthreads, WIDE_REDUCE_STREAMS, mean, s_dy, s_dxm)
+        else:
+            sums_walk(dy, x, t, nthreads, REDUCE_STREAMS, mean, s_dy, s_dxm)
         partial[t, 0] = s_dy
         partial[t, 1] = s_dxm
     return partial.sum(axis=0)
