@@ -28,15 +28,17 @@ BLOCK = 4096
 MIN_ROW_WIDTH = 256
 # Regrouped rows are a multiple of this many elements (whole vectors, no scalar remainder).
 ROW_QUANTUM = 16
-# Lockstep streams per thread (see the module docstring). Elementwise passes share each
-# coefficient load over 2 rows; reductions add 2 rows per sweep into their float64
-# partial sums, 4 on rows of WIDE_ROW channels or more, whose partial sums no longer
-# stay in L1 beside the data (more streams slow the prefetchers down: measured, 4
-# streams cost 5-25% on rows of 256-512 channels and save 20-40% on 1024-4096).
-ELEMENTWISE_STREAMS = 2
-REDUCE_STREAMS = 2
-WIDE_REDUCE_STREAMS = 4
+# Lockstep streams per thread (see the module docstring), as (rows of fewer than
+# WIDE_ROW channels, rows of WIDE_ROW or more). More streams share more of the
+# per-channel loads but slow the prefetchers down; the loads only matter where
+# the per-channel vectors no longer stay in L1 beside the data. Measured (51-67 MB
+# float32, 1 and 2 threads): the reduction's 4 streams cost 5-25% on rows of 256-512
+# channels and save 20-40% on 1024-4096; dx's 2 streams (6 arrays' streams) cost
+# 10-15% on rows of 256 and save 20-30% on 1024; affine's 2 gain on both.
 WIDE_ROW = 1024
+AFFINE_STREAMS = 2
+GRAD_STREAMS = (1, 2)
+SUMS_STREAMS = (2, 4)
 
 
 def widen(*arrays):

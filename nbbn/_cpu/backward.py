@@ -10,8 +10,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, thread_plan
-from ._blocks import (BLOCK, ELEMENTWISE_STREAMS, REDUCE_STREAMS, WIDE_REDUCE_STREAMS,
-                      WIDE_ROW, row_block, stream_split, tiled, widen)
+from ._blocks import (BLOCK, GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, row_block, stream_split,
+                      tiled, widen)
 
 
 @kernel
@@ -74,9 +74,9 @@ def sums_columns(dy, x, mean, nthreads):
         s_dy = np.zeros(nchan)
         s_dxm = np.zeros(nchan)
         if nchan >= WIDE_ROW:
-            sums_walk(dy, x, t, nthreads, WIDE_REDUCE_STREAMS, mean, s_dy, s_dxm)
+            sums_walk(dy, x, t, nthreads, SUMS_STREAMS[1], mean, s_dy, s_dxm)
         else:
-            sums_walk(dy, x, t, nthreads, REDUCE_STREAMS, mean, s_dy, s_dxm)
+            sums_walk(dy, x, t, nthreads, SUMS_STREAMS[0], mean, s_dy, s_dxm)
         partial[t, 0] = s_dy
         partial[t, 1] = s_dxm
     return partial.sum(axis=0)
@@ -108,15 +108,24 @@ def dx_sweep(dy, x, r, step, n_streams, mean, g, h, k, dx):
             dx[i, c] = gc * np.float64(dy[i, c]) + hc * (np.float64(x[i, c]) - m) + kc
 
 
+@helper
+def dx_walk(dy, x, t, nthreads, n_streams, mean, g, h, k, dx):
+    """Thread t's rows as n_streams lockstep streams (``_blocks.stream_split``)."""
+    first, step, stop = stream_split(t, nthreads, x.shape[0], n_streams)
+    for r in range(first, first + step):
+        dx_sweep(dy, x, r, step, n_streams, mean, g, h, k, dx)
+    for r in range(first + n_streams * step, stop):
+        dx_sweep(dy, x, r, 0, 1, mean, g, h, k, dx)
+
+
 @kernel
 def dx_columns(dy, x, mean, g, h, k, dx, nthreads):
-    """dx over channels-last rows (``_blocks.stream_split``)."""
+    """dx over channels-last rows."""
     for t in prange(nthreads):
-        first, step, stop = stream_split(t, nthreads, x.shape[0], ELEMENTWISE_STREAMS)
-        for r in range(first, first + step):
-            dx_sweep(dy, x, r, step, ELEMENTWISE_STREAMS, mean, g, h, k, dx)
-        for r in range(first + ELEMENTWISE_STREAMS * step, stop):
-            dx_sweep(dy, x, r, 0, 1, mean, g, h, k, dx)
+        if x.shape[1] >= WIDE_ROW:
+            dx_walk(dy, x, t, nthreads, GRAD_STREAMS[1], mean, g, h, k, dx)
+        else:
+            dx_walk(dy, x, t, nthreads, GRAD_STREAMS[0], mean, g, h, k, dx)
 
 
 def _rows_plan(x):

@@ -3,7 +3,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, thread_plan
-from ._blocks import (BLOCK, ELEMENTWISE_STREAMS, row_block, stream_split, tiled,
+from ._blocks import (AFFINE_STREAMS, BLOCK, row_block, stream_split, tiled,
                       widen)
 
 
@@ -38,10 +38,10 @@ def affine_sweep(x, r, step, n_streams, scale, shift, y):
 def affine_columns(x, scale, shift, y, nthreads):
     """y[r, c] = x[r, c] * scale[c] + shift[c] for channels-last rows (``stream_split``)."""
     for t in prange(nthreads):
-        first, step, stop = stream_split(t, nthreads, x.shape[0], ELEMENTWISE_STREAMS)
+        first, step, stop = stream_split(t, nthreads, x.shape[0], AFFINE_STREAMS)
         for r in range(first, first + step):
-            affine_sweep(x, r, step, ELEMENTWISE_STREAMS, scale, shift, y)
-        for r in range(first + ELEMENTWISE_STREAMS * step, stop):
+            affine_sweep(x, r, step, AFFINE_STREAMS, scale, shift, y)
+        for r in range(first + AFFINE_STREAMS * step, stop):
             affine_sweep(x, r, 0, 1, scale, shift, y)
 
 
