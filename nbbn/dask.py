@@ -52,10 +52,6 @@ def _merge(states, axis, keepdims):
     return out if keepdims else out.squeeze(axis=axis)
 
 
-def _real_numeric(a):
-    return a.dtype.kind in _layout.KERNEL_KINDS and a.dtype.itemsize <= 8
-
-
 def _reduce(a, axis, keepdims, split_every):
     """(the lazy state array, reduced axes, the static count or None)."""
     axes = _layout.reduced_axes(axis, a.ndim)
@@ -105,7 +101,7 @@ def moments(a, axis=None, keepdims=False, *, split_every=None):
     ``Moments`` as usual (``Moments.merge`` works on Dask arrays too).
     """
     a = _as_dask(a)
-    if not _real_numeric(a):
+    if not _layout.kernels_read(a.dtype):
         raise TypeError(f"moments needs real numeric input, got dtype {a.dtype}")
     state, _, count = _reduce(a, axis, keepdims, split_every)
     if count is None:
@@ -113,12 +109,12 @@ def moments(a, axis=None, keepdims=False, *, split_every=None):
     return Moments(count, _field(state, "mean", np.float64), _field(state, "m2", np.float64))
 
 
-def mean_var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=None,
+def mean_var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=np._NoValue,
              split_every=None):
     """Lazy ``(mean, var)`` along ``axis`` from one pass over ``a``; as ``nbbn.mean_var``."""
     a = _as_dask(a)
     ddof = _stats._ddof(ddof, correction)
-    if not _real_numeric(a) or (dtype is not None and np.dtype(dtype).kind != "f"):
+    if not _layout.kernels_read(a.dtype) or (dtype is not None and np.dtype(dtype).kind != "f"):
         return (da.mean(a, axis=axis, dtype=dtype, keepdims=keepdims),
                 da.var(a, axis=axis, dtype=dtype, ddof=ddof, keepdims=keepdims))
     rdtype = _result_dtype(a, dtype)
@@ -130,7 +126,7 @@ def mean_var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=Non
 def _var_or_std(a, axis, dtype, ddof, keepdims, correction, split_every, root):
     a = _as_dask(a)
     ddof = _stats._ddof(ddof, correction)
-    if not _real_numeric(a) or (dtype is not None and np.dtype(dtype).kind != "f"):
+    if not _layout.kernels_read(a.dtype) or (dtype is not None and np.dtype(dtype).kind != "f"):
         fn = da.std if root else da.var
         return fn(a, axis=axis, dtype=dtype, ddof=ddof, keepdims=keepdims)
     state, _, count = _reduce(a, axis, keepdims, split_every)
@@ -138,11 +134,13 @@ def _var_or_std(a, axis, dtype, ddof, keepdims, correction, split_every, root):
     return _var_blocks(state, ddof, _result_dtype(a, dtype), root)
 
 
-def var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=None, split_every=None):
+def var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=np._NoValue,
+        split_every=None):
     """Lazy variance along ``axis``; as ``nbbn.var`` (one pass per block, float64 merge)."""
     return _var_or_std(a, axis, dtype, ddof, keepdims, correction, split_every, root=False)
 
 
-def std(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=None, split_every=None):
+def std(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=np._NoValue,
+        split_every=None):
     """Lazy standard deviation along ``axis``; as ``nbbn.std``."""
     return _var_or_std(a, axis, dtype, ddof, keepdims, correction, split_every, root=True)
