@@ -14,7 +14,22 @@ arrays); statistics and sums are float64. Arrays returned to the caller are
 allocated in the library of the array they are "like" (NumPy on the host;
 torch, CuPy or Numba on the device).
 """
-from typing import Protocol
+from typing import NamedTuple, Protocol
+
+
+class Epilogue(NamedTuple):
+    """What the forward's elementwise pass does besides ``x * scale + shift``: add
+    ``residual`` (a ``view``, shaped like x; None: nothing), then apply the ReLU where
+    ``relu``; and, for a layer's backward, write x's values into ``copy`` and ``y > 0``
+    (uint8) into ``mask`` (arrays from ``kept``; None: not kept)."""
+
+    residual: object = None
+    relu: bool = False
+    copy: object = None
+    mask: object = None
+
+
+PLAIN = Epilogue()
 
 
 class Backend(Protocol):
@@ -35,6 +50,10 @@ class Backend(Protocol):
     def view(self, call, a):
         """The read-only (outer, C, inner) view of ``a`` (this backend's array, shaped like
         ``call.x``) in ``call``'s layout; one copy where strides forbid a view."""
+
+    def kept(self, call, dtype):
+        """A new array shaped like ``call.x``, of ``dtype`` (None: x's), laid out in the
+        call's layout order (its view is direct): what a layer keeps for its backward."""
 
     def fallback(self, op, a, **kwargs):
         """NumPy's function ``op`` (``numpy.mean``, ...) of an array whose dtype the kernels
@@ -60,27 +79,32 @@ class Backend(Protocol):
         """Batch norm of data of ``dtype`` as ``x * scale + shift``: (scale, shift) vectors
         for ``affine``; weight/bias may be None."""
 
-    def affine(self, call, scale, shift, out):
-        """``y = x * scale[c] + shift[c]`` over ``call.x``, into ``out`` (validated) or a new
-        array laid out like x."""
+    def affine(self, call, scale, shift, out, epilogue):
+        """``y = x * scale[c] + shift[c]`` over ``call.x`` and the ``Epilogue``, into ``out``
+        (validated) or a new array laid out like x."""
 
     def forward(self, call, weight, bias, eps, out, stats_dtype, running, momentum,
-                var_factor):
+                var_factor, epilogue):
         """Training forward: ``(y, mean, var)``, the batch mean and biased variance in
-        ``stats_dtype``, allocated in x's library (None: float64 work vectors); where ``running`` = (running_mean, running_var) is given, those are
-        updated in place (``ema`` with momentum, var_factor)."""
+        ``stats_dtype``, allocated in x's library (None: float64 work vectors); where
+        ``running`` = (running_mean, running_var) is given, those are updated in place
+        (``ema`` with momentum, var_factor); the elementwise pass with the ``Epilogue``."""
 
     def ema(self, running_mean, running_var, mean, var, momentum, var_factor):
         """``running = (1 - momentum) * running + momentum * batch`` in place (the variance's
         batch term scaled by var_factor)."""
 
-    def backward_sums(self, call, dy3, mean):
-        """Per-channel float64 ``(sum(dy), sum(dy * (x - mean)))``; dy3 from ``view``."""
+    def backward_sums(self, call, dy3, mean, gate3, dresidual):
+        """Per-channel float64 ``(sum(g), sum(g * (x - mean)))``, g being dy where ``gate3``
+        (y or a kept mask) is positive (the ReLU's gradient; None: g = dy); dy3 and gate3
+        from ``view``. With ``dresidual``, g too, as a new array like x in x's dtype
+        written in the same pass: ``(sum_g, sum_g_xmu, g)``."""
 
     def grad_input(self, call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count,
-                   batch_stats, out):
+                   batch_stats, out, gate3):
         """dx from the per-channel sums, ``count`` values behind the statistics;
-        ``batch_stats``: mean/var came from x (their gradients are folded in)."""
+        ``batch_stats``: mean/var came from x (their gradients are folded in); dy3 through
+        ``gate3`` as in ``backward_sums``."""
 
     def param_grads(self, like, weight, var, eps, sum_dy, sum_dy_xmu):
         """(dweight, dbias) in weight's dtype, in ``like``'s library."""

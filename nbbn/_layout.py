@@ -22,14 +22,28 @@ class ConflictError(TypeError, ValueError):
     """Raised where NumPy's and PyTorch's conventions disagree on the exception type."""
 
 
-# Kinds the kernels read natively (float16 is widened to float32 on the host).
+# Kinds the kernels read natively (16-bit floats are widened inside them).
 KERNEL_KINDS = "biuf"
 
 
-def kernels_read(dtype):
-    """Whether the kernels read data of ``dtype`` (bool, integer, float up to 64 bits)."""
+def is_bfloat16(dtype):
+    """Whether ``dtype`` is bfloat16 (``ml_dtypes.bfloat16``, the dtype JAX and PyTorch hand
+    to NumPy), recognized without importing ml_dtypes."""
     dtype = np.dtype(dtype)
-    return dtype.kind in KERNEL_KINDS and dtype.itemsize <= 8
+    return dtype.kind == "V" and dtype.name == "bfloat16" and dtype.itemsize == 2
+
+
+def is_float(dtype):
+    """Whether ``dtype`` is a float the kernels compute with: float16/32/64 or bfloat16."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" and dtype.itemsize <= 8 or is_bfloat16(dtype)
+
+
+def kernels_read(dtype):
+    """Whether the kernels read data of ``dtype`` (bool, integer, float up to 64 bits,
+    bfloat16)."""
+    dtype = np.dtype(dtype)
+    return dtype.kind in KERNEL_KINDS and dtype.itemsize <= 8 or is_bfloat16(dtype)
 
 _HOST_TYPES = (np.ndarray, np.generic, int, float, bool, list, tuple)
 
@@ -67,7 +81,7 @@ def result_dtype(dtype, requested):
     order), else float64."""
     if requested is not None:
         return np.dtype(requested)
-    return dtype.newbyteorder("=") if dtype.kind == "f" else np.dtype(np.float64)
+    return dtype.newbyteorder("=") if is_float(dtype) else np.dtype(np.float64)
 
 
 def reduced_axes(axis, ndim):
@@ -210,10 +224,10 @@ def channel_plan(a, axis, name="x", min_ndim=2):
 
 
 def check_float_dtype(dtype, name):
-    """Batch-norm inputs are float16/32/64: integer and bool are TypeErrors."""
-    dtype = np.dtype(dtype)
-    if dtype.kind != "f" or dtype.itemsize > 8:
-        raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {dtype}")
+    """Batch-norm inputs are float16/32/64 or bfloat16: integer and bool are TypeErrors."""
+    if not is_float(dtype):
+        raise TypeError(f"{name} must be a floating-point array (float16/32/64, bfloat16), "
+                        f"got dtype {np.dtype(dtype)}")
 
 
 def check_channel_shape(shape, name, nchan):
@@ -241,6 +255,13 @@ def check_eps(eps, training=False):
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     return eps
+
+
+def check_activation(activation):
+    """An epilogue's activation: None or "relu" (ValueError naming it otherwise)."""
+    if activation is None or isinstance(activation, str) and activation == "relu":
+        return activation
+    raise ValueError(f"activation must be None or 'relu', got {activation!r}")
 
 
 def check_momentum(momentum):

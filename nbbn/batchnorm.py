@@ -5,14 +5,17 @@ arguments (``_layout``'s rules, from the arrays' descriptions), all before
 anything is computed or written, so a call that raises changes nothing; then
 it calls the stages of the backend where the arrays live (``_backend``).
 Forward: one statistics pass, then one elementwise pass ``y = x * scale +
-shift`` with per-channel coefficients. Backward: one fused pass for
-``sum(dy)`` and ``sum(dy * (x - mean))``, then one elementwise pass for ``dx``.
+shift`` with per-channel coefficients, and the epilogue (a residual added, a
+ReLU) in the same pass. Backward: one fused pass for ``sum(dy)`` and ``sum(dy *
+(x - mean))``, then one elementwise pass for ``dx``; behind a ReLU, dy is masked
+(where y > 0) inside both passes.
 """
 import copy
 
 import numpy as np
 
 from . import _dispatch, _layout
+from ._backend import PLAIN, Epilogue
 
 
 class Call:
@@ -34,20 +37,20 @@ class Call:
         return self._x3
 
     def private(self, earlier=None):
-        """This call, reading its own copy of x's values where x3 is a view of the caller's x
-        (a layer keeps it for backward: later in-place changes to x must not reach it).
-        ``earlier``: a private call no longer needed, whose copy is reused if it fits (a
-        fresh array costs more than the copy: its pages are new)."""
+        """``(kept, copy)``: this call reading its own copy of x's values where x3 is a view
+        of the caller's x (a layer keeps it for backward: later in-place changes to x must
+        not reach it), and the array that copy is written into by the forward's elementwise
+        pass, which reads x anyway (``Epilogue.copy``; None: no copy needed). ``earlier``: a
+        private call no longer needed, whose array is reused if it fits (a fresh array costs
+        more than the copy: its pages are new)."""
         if not (self.plan.size and self.be.overlap(self.x3, self.x)):
-            return self
+            return self, None
         kept = copy.copy(self)
-        kept.copy_of_x = getattr(earlier, "copy_of_x", None)
-        if kept.copy_of_x is not None and earlier.plan is self.plan:
-            self.be.assign(kept.copy_of_x, self.x)
-        else:
-            kept.copy_of_x = self.be.copy(self.x)
+        kept.copy_of_x = reused(earlier, "copy_of_x", self.plan)
+        if kept.copy_of_x is None:
+            kept.copy_of_x = self.be.kept(self, None)
         kept._x3 = self.be.view(self, kept.copy_of_x)
-        return kept
+        return kept, kept.copy_of_x
 
     def vector(self, p, name):
         return vector(self.be, p, name, self.plan.nchan)
@@ -55,14 +58,24 @@ class Call:
     def running_buffer(self, p, name):
         return running_buffer(self.be, p, name, self.plan.nchan)
 
-    def like_x(self, a, name):
-        """A validated float array shaped like x (dy), as the backend's 3-D view."""
+    def like_x(self, a, name, same_dtype=False):
+        """A validated float array shaped like x (dy; of x's dtype too where ``same_dtype``),
+        as the backend's 3-D view."""
         a = self.be.array(a, name)
         _layout.check_float_dtype(a.dtype, name)
         if tuple(a.shape) != self.plan.shape:
             raise ValueError(f"{name} must have the shape of x, {self.plan.shape}; "
                              f"got shape {tuple(a.shape)}")
+        if same_dtype and np.dtype(a.dtype).newbyteorder("=") != self.plan.dtype:
+            raise ValueError(f"{name} must have x's dtype, {self.plan.dtype}; got {a.dtype}")
         return self.be.view(self, a)
+
+    def epilogue(self, residual, activation):
+        """The ``Epilogue`` of a forward's ``residual=`` and ``activation=`` (validated)."""
+        relu = _layout.check_activation(activation) == "relu"
+        if residual is None:
+            return Epilogue(relu=relu)
+        return Epilogue(self.like_x(residual, "residual", same_dtype=True), relu)
 
     def output(self, out, like_x=(), vectors=()):
         """``out`` validated, as the stages may write it, and ``deliver(result)`` -> what the
@@ -84,6 +97,13 @@ class Call:
             return out
 
         return None, deliver
+
+
+def reused(earlier, name, plan):
+    """The array ``name`` an earlier call kept, where it was kept for the same ``plan``."""
+    if earlier is None or earlier.plan is not plan:
+        return None
+    return getattr(earlier, name, None)
 
 
 def required(p, name):
@@ -118,10 +138,12 @@ def running_buffer(be, p, name, nchan):
     return vector(be, p, name, nchan)
 
 
-def normalize(call, mean, var, weight, bias, eps, out=None):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias as one affine pass."""
+def normalize(call, mean, var, weight, bias, eps, out=None, epilogue=PLAIN):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias as one affine pass (and the
+    ``epilogue``)."""
     be = call.be
-    return be.affine(call, *be.coefficients(call.plan.dtype, mean, var, weight, bias, eps), out)
+    return be.affine(call, *be.coefficients(call.plan.dtype, mean, var, weight, bias, eps), out,
+                     epilogue)
 
 
 def require_values(call, count=None):
@@ -134,18 +156,21 @@ def require_values(call, count=None):
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, axis=1, out=None):
+               momentum=0.1, eps=1e-5, *, axis=1, out=None, residual=None, activation=None):
     """Drop-in for ``torch.nn.functional.batch_norm`` (any channel ``axis``).
 
     Training normalizes with the batch statistics and, where running buffers are
     given, updates them in place with the unbiased batch variance. Evaluation
-    normalizes with the running buffers.
+    normalizes with the running buffers. ``residual`` (shaped like x) is added and
+    ``activation`` ("relu") applied in the same pass: ``act(BN(x) + residual)``.
     """
     be = _dispatch.backend(x=x, running_mean=running_mean, running_var=running_var,
-                           weight=weight, bias=bias, out=out)
+                           weight=weight, bias=bias, out=out, residual=residual)
     call = Call(be, required(x, "x"), axis)
     weight = call.vector(weight, "weight")
     bias = call.vector(bias, "bias")
+    epilogue = call.epilogue(residual, activation)
+    read = () if residual is None else (be.array(residual, "residual"),)
     eps = _layout.check_eps(eps, training)
     if training:  # evaluation ignores momentum, as PyTorch does
         momentum = _layout.check_momentum(momentum)
@@ -158,11 +183,13 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
             raise ValueError("running_mean and running_var are required when training=False")
         running_mean = call.vector(running_mean, "running_mean")
         running_var = call.vector(running_var, "running_var")
-        target, deliver = call.output(out, vectors=(running_mean, running_var, weight, bias))
-        return deliver(normalize(call, running_mean, running_var, weight, bias, eps, target))
+        target, deliver = call.output(out, like_x=read,
+                                      vectors=(running_mean, running_var, weight, bias))
+        return deliver(normalize(call, running_mean, running_var, weight, bias, eps, target,
+                                 epilogue))
     running_mean = call.running_buffer(running_mean, "running_mean")
     running_var = call.running_buffer(running_var, "running_var")
-    target, deliver = call.output(out, vectors=(weight, bias))
+    target, deliver = call.output(out, like_x=read, vectors=(weight, bias))
     running = None
     if running_mean is not None:
         data = [call.x] + ([] if out is None else [be.array(out, "out")])
@@ -176,42 +203,87 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if count == 0:  # PyTorch: an empty batch updates nothing
         running = None
     return deliver(be.forward(call, weight, bias, eps, target, None, running, momentum,
-                              count / (count - 1) if count > 1 else 1.0)[0])
+                              count / (count - 1) if count > 1 else 1.0, epilogue)[0])
 
 
-def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
-    """Training-mode forward: ``(y, mean, var)`` with the batch statistics (var biased)."""
-    be = _dispatch.backend(x=x, weight=weight, bias=bias, out=out)
+def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
+                       residual=None, activation=None):
+    """Training-mode forward: ``(y, mean, var)`` with the batch statistics (var biased);
+    ``y = act(BN(x) + residual)`` where ``residual``/``activation`` ("relu") are given."""
+    be = _dispatch.backend(x=x, weight=weight, bias=bias, out=out, residual=residual)
     call = Call(be, required(x, "x"), axis)
     weight = call.vector(weight, "weight")
     bias = call.vector(bias, "bias")
     eps = _layout.check_eps(eps, training=True)
-    target, deliver = call.output(out, vectors=(weight, bias))
+    epilogue = call.epilogue(residual, activation)
+    read = () if residual is None else (be.array(residual, "residual"),)
+    target, deliver = call.output(out, like_x=read, vectors=(weight, bias))
     y, mean, var = be.forward(call, weight, bias, eps, target, call.plan.stats_dtype, None, 0.0,
-                              1.0)
+                              1.0, epilogue)
     return deliver(y), mean, var
 
 
-def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=None):
-    """Gradients of the training-mode forward: ``(dx, dweight, dbias)``.
+def gradients(call, dy, mean, var, weight, eps, count, batch_stats, out, gate3=None,
+              residual_grad=False, reduce_sums=None):
+    """The backward of a forward with batch (``batch_stats``) or given statistics:
+    ``(dx, (sum_dy, sum_dy_xmu), dresidual)`` from dy (shaped like x) through the ReLU's
+    ``gate3`` (a view of y or of a kept mask; None: no ReLU). ``dresidual`` (where
+    ``residual_grad``, else None) is the gated dy, written by the reduction pass; the dx
+    pass then reads it in place of dy and the gate. ``reduce_sums``: what a synchronized
+    layer does to the per-channel sums in between (None: nothing)."""
+    be = call.be
+    dy3 = call.like_x(dy, "dy")
+    sums = be.backward_sums(call, dy3, mean, gate3, residual_grad)
+    dresidual = None
+    if residual_grad:
+        *sums, dresidual = sums
+        if np.dtype(be.array(dy, "dy").dtype) == call.plan.dtype:
+            dy3, gate3 = be.view(call, be.array(dresidual, "dresidual")), None
+    if reduce_sums is not None:
+        sums = reduce_sums(*sums)
+    dx = be.grad_input(call, dy3, mean, var, weight, eps, *sums, count, batch_stats, out, gate3)
+    return dx, tuple(sums), dresidual
+
+
+def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=None,
+                        y=None, activation=None, residual_grad=False):
+    """Gradients of the training-mode forward: ``(dx, dweight, dbias)``, and the residual's
+    gradient ``dresidual`` last where ``residual_grad``.
 
     ``mean``/``var`` are the batch statistics ``batch_norm_forward`` returned
-    (var biased); dweight/dbias are None when weight is None.
+    (var biased); dweight/dbias are None when weight is None. Behind
+    ``activation="relu"`` the gradient flows where the forward's output ``y`` is
+    positive, as in PyTorch; ``dresidual`` is that masked dy.
     """
-    be = _dispatch.backend(dy=dy, x=x, mean=mean, var=var, weight=weight, out=out)
+    be = _dispatch.backend(dy=dy, x=x, mean=mean, var=var, weight=weight, out=out, y=y)
     call = Call(be, required(x, "x"), axis)
     mean = call.vector(required(mean, "mean"), "mean")
     var = call.vector(required(var, "var"), "var")
     weight = call.vector(weight, "weight")
     eps = _layout.check_eps(eps)
-    dy3 = call.like_x(required(dy, "dy"), "dy")
-    target, deliver = call.output(out, like_x=(be.array(dy, "dy"),), vectors=(mean, var, weight))
-    sums = be.backward_sums(call, dy3, mean)
-    dx = deliver(be.grad_input(call, dy3, mean, var, weight, eps, *sums, call.plan.count, True,
-                               target))
-    if weight is None:
-        return dx, None, None
-    return (dx, *be.param_grads(call.like, weight, var, eps, *sums))
+    required(dy, "dy")
+    gate3, read = gate(call, y, activation)
+    target, deliver = call.output(out, like_x=(be.array(dy, "dy"), *read),
+                                  vectors=(mean, var, weight))
+    dx, sums, dresidual = gradients(call, dy, mean, var, weight, eps, call.plan.count, True,
+                                    target, gate3, bool(residual_grad))
+    dx = deliver(dx)
+    grads = (None, None) if weight is None else be.param_grads(call.like, weight, var, eps,
+                                                               *sums)
+    return (dx, *grads, dresidual) if residual_grad else (dx, *grads)
+
+
+def gate(call, y, activation):
+    """(the ReLU's gate: a view of the forward's output ``y``, or None; the arrays read) for
+    a backward's ``y=``/``activation=`` (validated)."""
+    if _layout.check_activation(activation) is None:
+        if y is not None:
+            raise ValueError("y is only read behind activation='relu'; got activation=None")
+        return None, ()
+    if y is None:
+        raise ValueError("activation='relu' needs y, the forward's output (the gradient "
+                         "flows where y > 0)")
+    return call.like_x(y, "y"), (call.be.array(y, "y"),)
 
 
 def ema_update(running_mean, running_var, mean, var, count, momentum=0.1, *, unbiased=True):

@@ -5,19 +5,22 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _dispatch, _layout
-from .batchnorm import Call, normalize, require_values, required
+from .batchnorm import Call, gradients, normalize, require_values, required
 
 _COUNTER = "num_batches_tracked"
 
 
 class _Saved(NamedTuple):
-    """What ``backward`` needs from the last ``forward`` (statistics as normalized with)."""
+    """What ``backward`` needs from the last ``forward`` (statistics as normalized with; the
+    ReLU's gate y > 0 as a uint8 array, or None; whether a residual was added)."""
 
     call: object
     mean: object
     var: object
     count: int
     batch_stats: bool
+    mask: object
+    residual: bool
 
 
 class BatchNorm:
@@ -28,10 +31,13 @@ class BatchNorm:
     statistics in evaluation mode; ``momentum=None`` is the cumulative moving
     average (factor ``1 / num_batches_tracked``). ``backward(dy)`` returns dx
     and sets ``grad_weight``/``grad_bias`` (overwritten by each call, not
-    accumulated).
+    accumulated). ``activation="relu"`` and ``forward(x, residual)`` compute
+    ``relu(BN(x) + residual)`` in the same pass; ``backward`` then also sets
+    ``grad_residual`` (None where no residual was given).
 
-    ``forward`` keeps its own copy of what ``backward`` needs (x's values, the
-    statistics), so changing x in place in between changes nothing. Threads:
+    ``forward`` keeps its own copy of what ``backward`` needs (x's values, written
+    by the normalizing pass as it reads x; the statistics; the ReLU's mask), so
+    changing x or y in place in between changes nothing. Threads:
     what ``forward`` keeps is per thread (each thread's ``backward`` pairs with
     that thread's last ``forward``), and the running-buffer and gradient updates
     are serialized, none lost; ``grad_weight``/``grad_bias`` are those of the
@@ -39,7 +45,8 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, dtype=np.float32, device="cpu"):
+                 track_running_stats=True, *, axis=1, dtype=np.float32, device="cpu",
+                 activation=None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -53,6 +60,7 @@ class BatchNorm:
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = axis
+        self.activation = _layout.check_activation(activation)
         self.dtype = dtype
         n = self.num_features
         self.weight = np.ones(n, dtype) if affine else None
@@ -64,7 +72,7 @@ class BatchNorm:
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.training = True
-        self.grad_weight = self.grad_bias = None
+        self.grad_weight = self.grad_bias = self.grad_residual = None
         self._local = threading.local()  # per thread: what backward needs (``_Saved``)
         self._lock = threading.Lock()    # serializes updates of buffers and gradients
         self.device = device
@@ -77,7 +85,8 @@ class BatchNorm:
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis})")
+                f"axis={self.axis}"
+                + ("" if self.activation is None else f", activation={self.activation!r}") + ")")
 
     def __getstate__(self):  # what one thread's backward needs, and the lock, stay here
         return {k: v for k, v in vars(self).items() if k not in ("_local", "_lock")}
@@ -100,8 +109,8 @@ class BatchNorm:
         """The host's or the device's backend, by where the call's and the layer's arrays are."""
         return _dispatch.backend(**arrays, weight=self.weight, running_mean=self.running_mean)
 
-    def forward(self, x):
-        be = self._backend(x=x)
+    def forward(self, x, residual=None):
+        be = self._backend(x=x, residual=residual)
         call = Call(be, required(x, "x"), self.axis)
         if call.plan.nchan != self.num_features:
             raise ValueError(f"x has {call.plan.nchan} channels on axis {self.axis}, expected "
@@ -115,7 +124,15 @@ class BatchNorm:
             count = call.plan.count
             mean = be.to_float64(self.running_mean)
             var = be.to_float64(self.running_var)
-        y = normalize(call, mean, var, self.weight, self.bias, self.eps)
+        epilogue = call.epilogue(residual, self.activation)
+        earlier = getattr(self._local, "saved", None)
+        kept, copy = call.private(earlier and earlier.call)
+        mask = None
+        if epilogue.relu and call.plan.size:
+            mask = earlier.mask if earlier is not None and earlier.mask is not None \
+                and earlier.call.plan is call.plan else be.kept(call, np.uint8)
+        y = normalize(call, mean, var, self.weight, self.bias, self.eps,
+                      epilogue=epilogue._replace(copy=copy, mask=mask))
         if batch_stats and self.training and self.track_running_stats:
             with self._lock:
                 self.num_batches_tracked += 1
@@ -124,30 +141,32 @@ class BatchNorm:
                 if count > 1:  # PyTorch: an empty batch moves the counter, not the buffers
                     be.ema(self.running_mean, self.running_var, mean, var, factor,
                            count / (count - 1))
-        earlier = getattr(self._local, "saved", None)
-        self._local.saved = _Saved(call.private(earlier and earlier.call), mean, var, count,
-                                   batch_stats)
+        self._local.saved = _Saved(kept, mean, var, count, batch_stats, mask,
+                                   residual is not None)
         return y
 
     __call__ = forward
 
     def backward(self, dy):
-        """dx for this thread's last ``forward``; sets ``grad_weight`` and ``grad_bias``."""
+        """dx for this thread's last ``forward``; sets ``grad_weight``, ``grad_bias`` and
+        ``grad_residual``."""
         saved = getattr(self._local, "saved", None)
         if saved is None:
             raise RuntimeError("backward called before forward")
         be = self._backend(dy=dy, x=saved.call.like)
         call, mean, var = saved.call, saved.mean, saved.var
-        dy3 = call.like_x(dy, "dy")
-        sum_dy, sum_dy_xmu = self._reduce_sums(be, *be.backward_sums(call, dy3, mean),
-                                               saved.batch_stats)
-        dx = be.grad_input(call, dy3, mean, var, self.weight, self.eps, sum_dy, sum_dy_xmu,
-                           saved.count, saved.batch_stats, None)
+        gate3 = None if saved.mask is None else be.view(call, saved.mask)
+        dx, sums, dresidual = gradients(
+            call, required(dy, "dy"), mean, var, self.weight, self.eps, saved.count,
+            saved.batch_stats, None, gate3, saved.residual,
+            lambda sum_dy, sum_dy_xmu: self._reduce_sums(be, sum_dy, sum_dy_xmu,
+                                                         saved.batch_stats))
         grads = (None, None)
         if self.weight is not None:
-            grads = be.param_grads(self.weight, self.weight, var, self.eps, sum_dy, sum_dy_xmu)
+            grads = be.param_grads(self.weight, self.weight, var, self.eps, *sums)
         with self._lock:
             self.grad_weight, self.grad_bias = grads
+            self.grad_residual = dresidual
         return dx
 
     # ---- hooks a subclass may extend (nbbn.distributed.SyncBatchNorm) ------------------------

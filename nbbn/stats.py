@@ -87,8 +87,7 @@ def _statistics(op, a, axis, dtype, out, ddof, keepdims, kinds):
     ``_backend.statistics``) from one pass over ``a``, on the backend where it lives."""
     be = _dispatch.backend(a=a, out=out)
     like, a = a, be.array(a, "a")
-    if not _layout.kernels_read(a.dtype) or dtype is not None and (
-            np.dtype(dtype).kind != "f" or not _layout.kernels_read(dtype)):
+    if not _layout.kernels_read(a.dtype) or dtype is not None and not _layout.is_float(dtype):
         opts = dict(axis=axis, dtype=dtype, keepdims=keepdims)
         if out is not None:
             opts["out"] = out

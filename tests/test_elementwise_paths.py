@@ -93,9 +93,10 @@ def test_column_kernels_every_split(n_rows, nchan, nthreads, parallel, rng):
     x, dy, coeffs = _data((n_rows, nchan), np.float64, rng)
     mean, scale, shift, g, h = coeffs
     y, dx = np.empty_like(x), np.empty_like(x)
-    normalize.affine_columns(x, scale, shift, y, nthreads, parallel=parallel)
-    sums = backward.sums_columns(dy, x, mean, nthreads, parallel=parallel)
-    backward.dx_columns(dy, x, mean, g, h, scale, dx, nthreads, parallel=parallel)
+    normalize.affine_columns(x, scale, shift, y, None, None, None, None, nthreads,
+                             parallel=parallel)
+    sums = backward.sums_columns(dy, x, mean, None, None, nthreads, parallel=parallel)
+    backward.dx_columns(dy, x, None, mean, g, h, scale, dx, nthreads, parallel=parallel)
     _check(x, dy, coeffs, y, sums, dx)
 
 
@@ -103,10 +104,12 @@ def test_column_kernels_every_split(n_rows, nchan, nthreads, parallel, rng):
 def test_serial_and_parallel_builds_agree_exactly(nthreads, rng):
     """Both builds split the work into the same parts: identical bits."""
     x, dy, (mean, *_) = _data((30_001, 96), np.float32, rng)
-    sums = [backward.sums_columns(dy, x, mean, nthreads, parallel=p) for p in (False, True)]
+    sums = [backward.sums_columns(dy, x, mean, None, None, nthreads, parallel=p)
+            for p in (False, True)]
     np.testing.assert_array_equal(*sums)
     x3, dy3 = x[:30_000].reshape(3, 96, -1), dy[:30_000].reshape(3, 96, -1)
-    sums = [backward.sums_rows(dy3, x3, mean, nthreads, parallel=p) for p in (False, True)]
+    sums = [backward.sums_rows(dy3, x3, mean, None, None, nthreads, parallel=p)
+            for p in (False, True)]
     np.testing.assert_array_equal(*sums)
 
 

@@ -42,25 +42,27 @@ SUMS_STREAMS = (2, 4)
 
 
 def widen(*arrays):
-    """``(k, wide, rest)`` for same-shaped 2-D (R, C) arrays (see the module docstring).
+    """``(k, wide, rest)`` for same-shaped 2-D (R, C) arrays (see the module docstring);
+    None entries (a kernel's absent optional arrays) stay None.
 
     ``k == 1`` means no regrouping: ``wide`` are the arrays themselves.
     Otherwise ``wide`` are (R // k, k*C) views and ``rest`` the leftover
     (R % k, C) rows, or None when there are none.
     """
     n_rows, nchan = arrays[0].shape
+    given = [a for a in arrays if a is not None]
     k = -(-MIN_ROW_WIDTH // max(nchan, 1))
     if k > 1:  # round k up so that k*C is a whole number of quanta
         step = ROW_QUANTUM // math.gcd(nchan, ROW_QUANTUM)
         k = -(-k // step) * step
-    contiguous_rows = all(a.strides[0] == nchan * a.strides[1] for a in arrays)
+    contiguous_rows = all(a.strides[0] == nchan * a.strides[1] for a in given)
     # Small inputs: the regrouping costs more than it saves.
     if k == 1 or n_rows * nchan < 16 * MIN_ROW_WIDTH or not contiguous_rows:
         return 1, arrays, None
     cut = n_rows - n_rows % k
     # Rows that follow each other in memory merge: these reshapes are views.
-    wide = tuple(a[:cut].reshape(cut // k, k * nchan) for a in arrays)
-    rest = tuple(a[cut:] for a in arrays) if cut < n_rows else None
+    wide = tuple(None if a is None else a[:cut].reshape(cut // k, k * nchan) for a in arrays)
+    rest = tuple(None if a is None else a[cut:] for a in arrays) if cut < n_rows else None
     return k, wide, rest
 
 

@@ -1,7 +1,9 @@
 """The host backend: the stages of ``nbbn._backend`` over NumPy arrays and the CPU kernels."""
 import numpy as np
 
+from .._layout import is_bfloat16
 from .backward import backward_sums as _sums, grad_input as _grad_input
+from .elements import as_dtype, kernel_array, work_dtype
 from .ema import ema as _ema_kernel
 from .moments import channel_moments
 from .normalize import affine as _affine_kernel
@@ -42,13 +44,11 @@ def overlap(a, b):
         return "partial"
 
 
-def _kernel_input(a):
-    """A native-byte-order array of a dtype the kernels read (widening float16)."""
-    if a.dtype.kind == "f" and a.dtype.itemsize == 2:  # float16, either byte order
+def _moments_input(a):
+    """An array the moments kernels read: 16-bit floats widened to float32 (a copy)."""
+    if a.dtype.itemsize == 2 and (a.dtype.kind == "f" or a.dtype.kind == "V"):
         return a.astype(np.float32)
-    if not a.dtype.isnative:
-        return a.astype(a.dtype.newbyteorder("="))
-    return a
+    return kernel_array(a)
 
 
 def _view3(a, layout, shape3=None):
@@ -64,7 +64,7 @@ def _view3(a, layout, shape3=None):
 
 
 def view(call, a):
-    return _view3(_kernel_input(a), call.plan.layout)
+    return _view3(kernel_array(a), call.plan.layout)
 
 
 def fallback(op, a, **kwargs):
@@ -86,9 +86,9 @@ def _finish(values, shape, dtype, out):
     """Reshape to the result's shape, cast to its dtype, honour ``out=``."""
     values = values.reshape(shape)
     if out is not None:
-        np.copyto(out, values, casting="unsafe")
+        np.copyto(out, as_dtype(values, out.dtype), casting="unsafe")
         return out
-    values = values.astype(dtype, copy=False)
+    values = as_dtype(values, dtype)
     return values[()] if values.ndim == 0 else values
 
 
@@ -132,7 +132,7 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
         mean = np.full(red.nchan, np.nan)  # NumPy's mean of nothing
         m2 = np.zeros(red.nchan)  # a sum over nothing
     else:
-        mean, m2 = channel_moments(_view3(_flip_reduced(_kernel_input(a), red.axes),
+        mean, m2 = channel_moments(_view3(_flip_reduced(_moments_input(a), red.axes),
                                           red.layout))
     for step in _numpy_flags(a, red, kinds, ddof, mean, m2):
         _FLAG_STEPS[step]()
@@ -158,7 +158,10 @@ def batch_moments(call, variance=False):
     plan = call.plan
     if plan.count == 0 or plan.nchan == 0:
         return np.full(plan.nchan, np.nan), np.full(plan.nchan, np.nan)
-    mean, m2 = channel_moments(call.x3)
+    x3 = call.x3
+    if x3.dtype.itemsize == 2:  # 16-bit floats: the moments kernels read float32 (a copy)
+        x3 = _view3(_moments_input(call.x), plan.layout)
+    mean, m2 = channel_moments(x3)
     return mean, m2 / plan.count if variance else m2
 
 
@@ -177,38 +180,60 @@ def coefficients(dtype, mean, var, weight, bias, eps):
     return scale, shift
 
 
-def _output(call, out):
-    """(3-D view to write, finish): finish() returns the result array (``out`` if given).
-    float16 results are computed in float32 and cast once at the end."""
+def _output(call, out, dtype=None):
+    """(the kernels' writable 3-D view, finish): finish() returns the result, ``out`` if
+    given, else a new array of ``dtype`` (x's by default) laid out in the layout's order."""
     plan = call.plan
-    work = np.dtype(np.float32) if plan.dtype == np.float16 else plan.dtype
     layout = plan.layout
-    if out is not None and out.dtype == work:
+    if out is not None:
         s3 = layout.strides3(out.strides)
         if s3 is not None:
-            return np.lib.stride_tricks.as_strided(out, layout.shape3, s3), lambda: out
-    buf = pool.empty([plan.shape[i] for i in layout.order], work)
+            direct = np.lib.stride_tricks.as_strided(out, layout.shape3, s3)
+            return kernel_array(direct), lambda: out
+    buf = pool.empty([plan.shape[i] for i in layout.order], plan.dtype if dtype is None else dtype)
     array = buf.transpose(layout.inverse)
 
     def finish():
         if out is None:
-            return array.astype(plan.dtype, copy=False)
-        np.copyto(out, array, casting="unsafe")
+            return array
+        np.copyto(out, array)
         return out
 
-    return buf.reshape(layout.shape3), finish
+    return kernel_array(buf.reshape(layout.shape3)), finish
 
 
-def affine(call, scale, shift, out):
+def _written(call, a):
+    """The kernels' writable 3-D view of an array from ``kept`` (None stays None)."""
+    return None if a is None else _output(call, a)[0]
+
+
+def _working(call, *vectors):
+    """Per-channel vectors in the working dtype of x's elementwise kernels."""
+    work = work_dtype(call.plan.dtype)
+    return tuple(np.asarray(v, work) for v in vectors)
+
+
+def kept(call, dtype):
+    plan = call.plan
+    dtype = plan.dtype if dtype is None else np.dtype(dtype)
+    return np.empty([plan.shape[i] for i in plan.layout.order], dtype).transpose(
+        plan.layout.inverse)
+
+
+def affine(call, scale, shift, out, epilogue):
     view3, finish = _output(call, out)
     if call.plan.size:
-        _affine_kernel(call.x3, scale, shift, view3)
+        _affine_kernel(call.x3, *_working(call, scale, shift), view3, epilogue.residual,
+                       True if epilogue.relu else None, _written(call, epilogue.copy),
+                       _written(call, epilogue.mask))
     return finish()
 
 
-def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_factor):
+def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_factor,
+            epilogue):
     mean, var = batch_moments(call, variance=True)
-    y = affine(call, *coefficients(call.plan.dtype, mean, var, weight, bias, eps), out)
+    y = affine(call, *coefficients(call.plan.dtype, mean, var, weight, bias, eps), out,
+               epilogue)
     if running is not None:
         ema(*running, mean, var, momentum, var_factor)
     if stats_dtype is None:
@@ -217,25 +242,29 @@ def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_fa
 
 
 def ema(running_mean, running_var, mean, var, momentum, var_factor):
-    if any(b.dtype == np.float16 or not b.dtype.isnative for b in (running_mean, running_var)):
-        # The kernels read native float32/float64 only; the buffers are tiny anyway.
+    if any(b.dtype.itemsize == 2 or not b.dtype.isnative for b in (running_mean, running_var)):
+        # The kernel reads native float32/float64 only; the buffers are tiny anyway.
         new_mean = (1 - momentum) * running_mean.astype(np.float64) + momentum * mean
         new_var = (1 - momentum) * running_var.astype(np.float64) + momentum * var_factor * var
-        np.copyto(running_mean, new_mean, casting="unsafe")
-        np.copyto(running_var, new_var, casting="unsafe")
+        np.copyto(running_mean, as_dtype(new_mean, running_mean.dtype))
+        np.copyto(running_var, as_dtype(new_var, running_var.dtype))
     else:
         _ema_kernel(running_mean, running_var, np.asarray(mean, np.float64),
                     np.asarray(var, np.float64), momentum, var_factor, parallel=False)
 
 
-def backward_sums(call, dy3, mean):
-    if call.plan.size == 0:
-        return np.zeros(call.plan.nchan), np.zeros(call.plan.nchan)
-    return _sums(dy3, call.x3, np.asarray(mean, np.float64))
+def backward_sums(call, dy3, mean, gate3, dresidual):
+    plan = call.plan
+    target, finish = _output(call, None) if dresidual else (None, None)
+    if plan.size == 0:
+        sums = np.zeros(plan.nchan), np.zeros(plan.nchan)
+    else:
+        sums = _sums(dy3, call.x3, np.asarray(mean, np.float64), gate3, target)
+    return sums if finish is None else (*sums, finish())
 
 
 def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, batch_stats,
-               out):
+               out, gate3):
     view3, finish = _output(call, out)
     if call.plan.size == 0:
         return finish()
@@ -248,26 +277,26 @@ def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, bat
         k = -g * sum_dy / count
     else:
         h = k = np.zeros(nchan)
-    _grad_input(dy3, call.x3, np.asarray(mean, np.float64), g, h, k, view3)
+    _grad_input(dy3, call.x3, *_working(call, mean, g, h, k), view3, gate3)
     return finish()
 
 
 def param_grads(like, weight, var, eps, sum_dy, sum_dy_xmu):
-    return (sum_dy_xmu * _invstd(var, eps)).astype(weight.dtype), sum_dy.astype(weight.dtype)
+    return as_dtype(sum_dy_xmu * _invstd(var, eps), weight.dtype), as_dtype(sum_dy, weight.dtype)
 
 
 def folded(w, b, scale, shift, b_dtype):
     w = np.asarray(w)
-    w_folded = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    b_folded = shift if b is None else b * scale + shift
-    return w_folded.astype(w.dtype), b_folded.astype(b_dtype)
+    w_folded = w.astype(np.float64) * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    b_folded = shift if b is None else b.astype(np.float64) * scale + shift
+    return as_dtype(w_folded, w.dtype), as_dtype(b_folded, b_dtype)
 
 
 # ---- per-channel vectors ---------------------------------------------------------------------
 
 
 def cast(like, v, dtype):
-    return np.array(v, dtype)
+    return as_dtype(v, dtype)
 
 
 def to_float64(v):
@@ -286,4 +315,7 @@ from_host = copy
 
 
 def assign(a, value):
-    np.copyto(a, np.asarray(value), casting="unsafe")
+    value = np.asarray(value)
+    if is_bfloat16(a.dtype) and value.dtype != a.dtype:
+        value = as_dtype(value, a.dtype)
+    np.copyto(a, value, casting="unsafe")

@@ -1,10 +1,14 @@
 """Batch-norm backward: one fused reduction pass, then one elementwise pass.
 
-Reduction: per channel ``sum(dy)`` and ``sum(dy * (x - mean))`` in float64,
-per-thread partial sums added serially at the end. Elementwise:
-``dx = g[c] * dy + h[c] * (x - mean[c]) + k[c]`` with per-channel float64
-coefficients, which covers training (batch statistics) and evaluation
-(running statistics: h = k = 0) alike.
+Reduction: per channel ``sum(g)`` and ``sum(g * (x - mean))`` in float64, per-thread
+partial sums added serially at the end. Elementwise: ``dx = G[c] * g + H[c] * (x -
+mean[c]) + K[c]`` with per-channel coefficients in the working dtype
+(``elements.work_dtype``), which covers training (batch statistics) and evaluation
+(running statistics: H = K = 0) alike. ``g`` is dy, or, behind a ReLU, dy where the
+forward's output was positive (``gate``: y or a layer's kept mask; None: no ReLU),
+computed in both passes from dy and the gate, never stored, unless the reduction is
+asked to write it (``dres``: the residual's gradient, which the dx pass may then read
+as its dy).
 """
 import numpy as np
 from numba import prange
@@ -12,10 +16,21 @@ from numba import prange
 from ._jit import helper, kernel, thread_plan
 from ._blocks import (BLOCK, GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, row_block, stream_split,
                       tiled, widen)
+from .elements import gated, part, store, store_if, wide
+
+
+@helper
+def grad_terms(dy, x, gate, dres, i, m):
+    """(g, g * (x[i] - m)) in float64 for g = dy[i] through the gate; g also into ``dres``
+    (None: not written)."""
+    d = gated(wide(dy[i]), gate, i)
+    store_if(dres, i, d)
+    d = np.float64(d)
+    return d, d * (np.float64(wide(x[i])) - m)
 
 
 @kernel
-def sums_rows(dy, x, mean, nthreads):
+def sums_rows(dy, x, mean, gate, dres, nthreads):
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
@@ -25,46 +40,47 @@ def sums_rows(dy, x, mean, nthreads):
             o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
             g = dy[o, c, start:stop]
             v = x[o, c, start:stop]
+            open_ = part(gate, o, c, start, stop)
+            out = part(dres, o, c, start, stop)
             m = mean[c]
             s_dy = 0.0
             s_dxm = 0.0
             for i in range(g.shape[0]):
-                d = np.float64(g[i])
-                s_dy += d
-                s_dxm += d * (np.float64(v[i]) - m)
+                a, b = grad_terms(g, v, open_, out, i, m)
+                s_dy += a
+                s_dxm += b
             partial[t, 0, c] += s_dy
             partial[t, 1, c] += s_dxm
     return partial.sum(axis=0)
 
 
 @helper
-def sums_sweep(dy, x, r, step, n_streams, mean, s_dy, s_dxm):
-    """Add sum(dy) and sum(dy * (x - mean)) of rows r, r + step, ... (n_streams rows) into
+def sums_sweep(dy, x, gate, dres, r, step, n_streams, mean, s_dy, s_dxm):
+    """Add sum(g) and sum(g * (x - mean)) of rows r, r + step, ... (n_streams rows) into
     per-column accumulators: one sweep, the rows' terms added in registers first."""
     for c in range(mean.shape[0]):
         m = mean[c]
-        a = np.float64(dy[r, c])
-        b = a * (np.float64(x[r, c]) - m)
+        a, b = grad_terms(dy, x, gate, dres, (r, c), m)
         for s in range(1, n_streams):
-            d = np.float64(dy[r + s * step, c])
+            d, e = grad_terms(dy, x, gate, dres, (r + s * step, c), m)
             a += d
-            b += d * (np.float64(x[r + s * step, c]) - m)
+            b += e
         s_dy[c] += a
         s_dxm[c] += b
 
 
 @helper
-def sums_walk(dy, x, t, nthreads, n_streams, mean, s_dy, s_dxm):
+def sums_walk(dy, x, gate, dres, t, nthreads, n_streams, mean, s_dy, s_dxm):
     """Thread t's rows as n_streams lockstep streams (``_blocks.stream_split``)."""
     first, step, stop = stream_split(t, nthreads, x.shape[0], n_streams)
     for r in range(first, first + step):
-        sums_sweep(dy, x, r, step, n_streams, mean, s_dy, s_dxm)
+        sums_sweep(dy, x, gate, dres, r, step, n_streams, mean, s_dy, s_dxm)
     for r in range(first + n_streams * step, stop):
-        sums_sweep(dy, x, r, 0, 1, mean, s_dy, s_dxm)
+        sums_sweep(dy, x, gate, dres, r, 0, 1, mean, s_dy, s_dxm)
 
 
 @kernel
-def sums_columns(dy, x, mean, nthreads):
+def sums_columns(dy, x, mean, gate, dres, nthreads):
     """Per-thread partial sums over channels-last rows."""
     nchan = x.shape[1]
     partial = np.empty((nthreads, 2, nchan))
@@ -74,16 +90,21 @@ def sums_columns(dy, x, mean, nthreads):
         s_dy = np.zeros(nchan)
         s_dxm = np.zeros(nchan)
         if nchan >= WIDE_ROW:
-            sums_walk(dy, x, t, nthreads, SUMS_STREAMS[1], mean, s_dy, s_dxm)
+            sums_walk(dy, x, gate, dres, t, nthreads, SUMS_STREAMS[1], mean, s_dy, s_dxm)
         else:
-            sums_walk(dy, x, t, nthreads, SUMS_STREAMS[0], mean, s_dy, s_dxm)
+            sums_walk(dy, x, gate, dres, t, nthreads, SUMS_STREAMS[0], mean, s_dy, s_dxm)
         partial[t, 0] = s_dy
         partial[t, 1] = s_dxm
     return partial.sum(axis=0)
 
 
+@helper
+def dx_value(dy, x, gate, i, m, gc, hc, kc):
+    return gc * gated(wide(dy[i]), gate, i) + hc * (wide(x[i]) - m) + kc
+
+
 @kernel
-def dx_rows(dy, x, mean, g, h, k, dx, nthreads):
+def dx_rows(dy, x, gate, mean, g, h, k, dx, nthreads):
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
@@ -92,40 +113,41 @@ def dx_rows(dy, x, mean, g, h, k, dx, nthreads):
             o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
             gy = dy[o, c, start:stop]
             v = x[o, c, start:stop]
+            open_ = part(gate, o, c, start, stop)
             out = dx[o, c, start:stop]
             m, gc, hc, kc = mean[c], g[c], h[c], k[c]
             for i in range(gy.shape[0]):
-                out[i] = gc * np.float64(gy[i]) + hc * (np.float64(v[i]) - m) + kc
+                store(out, i, dx_value(gy, v, open_, i, m, gc, hc, kc))
 
 
 @helper
-def dx_sweep(dy, x, r, step, n_streams, mean, g, h, k, dx):
-    """dx = g*dy + h*(x - mean) + k on rows r, r + step, ... (n_streams rows), one sweep."""
+def dx_sweep(dy, x, gate, r, step, n_streams, mean, g, h, k, dx):
+    """dx = G*g + H*(x - mean) + K on rows r, r + step, ... (n_streams rows), one sweep."""
     for c in range(mean.shape[0]):
         m, gc, hc, kc = mean[c], g[c], h[c], k[c]
         for s in range(n_streams):
-            i = r + s * step
-            dx[i, c] = gc * np.float64(dy[i, c]) + hc * (np.float64(x[i, c]) - m) + kc
+            i = (r + s * step, c)
+            store(dx, i, dx_value(dy, x, gate, i, m, gc, hc, kc))
 
 
 @helper
-def dx_walk(dy, x, t, nthreads, n_streams, mean, g, h, k, dx):
+def dx_walk(dy, x, gate, t, nthreads, n_streams, mean, g, h, k, dx):
     """Thread t's rows as n_streams lockstep streams (``_blocks.stream_split``)."""
     first, step, stop = stream_split(t, nthreads, x.shape[0], n_streams)
     for r in range(first, first + step):
-        dx_sweep(dy, x, r, step, n_streams, mean, g, h, k, dx)
+        dx_sweep(dy, x, gate, r, step, n_streams, mean, g, h, k, dx)
     for r in range(first + n_streams * step, stop):
-        dx_sweep(dy, x, r, 0, 1, mean, g, h, k, dx)
+        dx_sweep(dy, x, gate, r, 0, 1, mean, g, h, k, dx)
 
 
 @kernel
-def dx_columns(dy, x, mean, g, h, k, dx, nthreads):
+def dx_columns(dy, x, gate, mean, g, h, k, dx, nthreads):
     """dx over channels-last rows."""
     for t in prange(nthreads):
         if x.shape[1] >= WIDE_ROW:
-            dx_walk(dy, x, t, nthreads, GRAD_STREAMS[1], mean, g, h, k, dx)
+            dx_walk(dy, x, gate, t, nthreads, GRAD_STREAMS[1], mean, g, h, k, dx)
         else:
-            dx_walk(dy, x, t, nthreads, GRAD_STREAMS[0], mean, g, h, k, dx)
+            dx_walk(dy, x, gate, t, nthreads, GRAD_STREAMS[0], mean, g, h, k, dx)
 
 
 def _rows_plan(x):
@@ -137,31 +159,38 @@ def _columns_plan(x):
     return thread_plan(2 * x.size, x.shape[0])
 
 
-def backward_sums(dy, x, mean):
-    """(sum(dy), sum(dy * (x - mean))) per channel of 3-D views, float64[C] each."""
+def _plane(a):
+    return None if a is None else a[:, :, 0]
+
+
+def backward_sums(dy, x, mean, gate=None, dres=None):
+    """(sum(g), sum(g * (x - mean))) per channel of 3-D views, float64[C] each; g = dy
+    through the ``gate`` (3-D view or None), written into ``dres`` (3-D view or None)."""
     if x.shape[2] > 1:
         nthreads, parallel = _rows_plan(x)
-        sums = sums_rows(dy, x, mean, nthreads, parallel=parallel)
+        sums = sums_rows(dy, x, mean, gate, dres, nthreads, parallel=parallel)
         return sums[0], sums[1]
     nchan = x.shape[1]
-    k, (dyw, xw), rest = widen(dy[:, :, 0], x[:, :, 0])
+    k, (dyw, xw, gw, rw), rest = widen(*(_plane(a) for a in (dy, x, gate, dres)))
     nthreads, parallel = _columns_plan(xw)
-    sums = sums_columns(dyw, xw, tiled(mean, k), nthreads, parallel=parallel)
+    sums = sums_columns(dyw, xw, tiled(mean, k), gw, rw, nthreads, parallel=parallel)
     sums = sums.reshape(2, k, nchan).sum(axis=1)
     if rest:
-        sums += sums_columns(*rest, mean, 1, parallel=False)
+        dyr, xr, gr, rr = rest
+        sums += sums_columns(dyr, xr, mean, gr, rr, 1, parallel=False)
     return sums[0], sums[1]
 
 
-def grad_input(dy, x, mean, g, h, k, dx):
-    """dx = g*dy + h*(x - mean) + k over 3-D views, per-channel float64 coefficients."""
+def grad_input(dy, x, mean, g, h, k, dx, gate=None):
+    """dx = G*g + H*(x - mean) + K over 3-D views (g: dy through the ``gate``, 3-D view or
+    None), per-channel coefficients in the working dtype."""
     if x.shape[2] > 1:
         nthreads, parallel = _rows_plan(x)
-        dx_rows(dy, x, mean, g, h, k, dx, nthreads, parallel=parallel)
+        dx_rows(dy, x, gate, mean, g, h, k, dx, nthreads, parallel=parallel)
         return
-    copies, wide, rest = widen(dy[:, :, 0], x[:, :, 0], dx[:, :, 0])
+    copies, wide_, rest = widen(*(_plane(a) for a in (dy, x, gate, dx)))
     coeffs = [tiled(a, copies) for a in (mean, g, h, k)]
-    nthreads, parallel = _columns_plan(wide[1])
-    dx_columns(*wide[:2], *coeffs, wide[2], nthreads, parallel=parallel)
+    nthreads, parallel = _columns_plan(wide_[1])
+    dx_columns(*wide_[:3], *coeffs, wide_[3], nthreads, parallel=parallel)
     if rest:
-        dx_columns(*rest[:2], mean, g, h, k, rest[2], 1, parallel=False)
+        dx_columns(*rest[:3], mean, g, h, k, rest[3], 1, parallel=False)

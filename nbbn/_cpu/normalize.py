@@ -1,15 +1,23 @@
-"""The elementwise pass of batch norm: y = x * scale[c] + shift[c], in float64."""
-import numpy as np
+"""The elementwise pass of batch norm: y = act(x * scale[c] + shift[c] + residual).
+
+Computed in ``elements.work_dtype`` (the coefficients come in it). The epilogue's
+arrays are optional (None: absent, pruned at compile time): a residual added before
+the activation (``relu``: None or True), and what a layer keeps for its backward, x's
+values (``copy``) and the ReLU gate ``y > 0`` (``mask``, uint8), written in this pass
+while x is read anyway.
+"""
 from numba import prange
 
 from ._jit import helper, kernel, thread_plan
 from ._blocks import (AFFINE_STREAMS, BLOCK, row_block, stream_split, tiled,
                       widen)
+from .elements import epilogue, keep, part, store, wide
 
 
 @kernel
-def affine_rows(x, scale, shift, y, nthreads):
-    """y[o, c, i] = x[o, c, i] * scale[c] + shift[c], rows split into BLOCK-sized items."""
+def affine_rows(x, scale, shift, y, residual, relu, copy, mask, nthreads):
+    """y[o, c, i] = act(x[o, c, i] * scale[c] + shift[c] + residual[o, c, i]), rows split
+    into BLOCK-sized items."""
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
@@ -18,47 +26,63 @@ def affine_rows(x, scale, shift, y, nthreads):
             o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
             src = x[o, c, start:stop]
             dst = y[o, c, start:stop]
+            res = part(residual, o, c, start, stop)
+            kept = part(copy, o, c, start, stop)
+            gate = part(mask, o, c, start, stop)
             a = scale[c]
             b = shift[c]
             for i in range(src.shape[0]):
-                dst[i] = np.float64(src[i]) * a + b
+                v = epilogue(wide(src[i]) * a + b, res, i, relu)
+                store(dst, i, v)
+                keep(src, kept, gate, i, v, dst)
 
 
 @helper
-def affine_sweep(x, r, step, n_streams, scale, shift, y):
-    """y = x * scale + shift on rows r, r + step, ... (n_streams rows), one sweep."""
+def affine_sweep(x, r, step, n_streams, scale, shift, y, residual, relu, copy, mask):
+    """The affine pass on rows r, r + step, ... (n_streams rows), one sweep."""
     for c in range(scale.shape[0]):
         a = scale[c]
         b = shift[c]
         for s in range(n_streams):
-            y[r + s * step, c] = np.float64(x[r + s * step, c]) * a + b
+            i = (r + s * step, c)
+            v = epilogue(wide(x[i]) * a + b, residual, i, relu)
+            store(y, i, v)
+            keep(x, copy, mask, i, v, y)
 
 
 @kernel
-def affine_columns(x, scale, shift, y, nthreads):
-    """y[r, c] = x[r, c] * scale[c] + shift[c] for channels-last rows (``stream_split``)."""
+def affine_columns(x, scale, shift, y, residual, relu, copy, mask, nthreads):
+    """The affine pass over channels-last rows x[r, c] (``stream_split``)."""
     for t in prange(nthreads):
         first, step, stop = stream_split(t, nthreads, x.shape[0], AFFINE_STREAMS)
         for r in range(first, first + step):
-            affine_sweep(x, r, step, AFFINE_STREAMS, scale, shift, y)
+            affine_sweep(x, r, step, AFFINE_STREAMS, scale, shift, y, residual, relu, copy,
+                         mask)
         for r in range(first + AFFINE_STREAMS * step, stop):
-            affine_sweep(x, r, 0, 1, scale, shift, y)
+            affine_sweep(x, r, 0, 1, scale, shift, y, residual, relu, copy, mask)
 
 
-def _affine_columns(x, scale, shift, y):
+def _affine_columns(x, scale, shift, y, residual, relu, copy, mask):
     nthreads, parallel = thread_plan(x.size, x.shape[0])
-    affine_columns(x, scale, shift, y, nthreads, parallel=parallel)
+    affine_columns(x, scale, shift, y, residual, relu, copy, mask, nthreads, parallel=parallel)
 
 
-def affine(x, scale, shift, y):
-    """y = x * scale + shift over 3-D (outer, C, inner) views; scale/shift float64[C]."""
+def _plane(a):
+    return None if a is None else a[:, :, 0]
+
+
+def affine(x, scale, shift, y, residual=None, relu=None, copy=None, mask=None):
+    """The affine pass over 3-D (outer, C, inner) views; scale/shift per channel in the
+    working dtype; residual/copy/mask: 3-D views or None, relu: None or True."""
     n_outer, nchan, n_inner = x.shape
     if n_inner > 1:
         items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
         nthreads, parallel = thread_plan(x.size, items)
-        affine_rows(x, scale, shift, y, nthreads, parallel=parallel)
+        affine_rows(x, scale, shift, y, residual, relu, copy, mask, nthreads,
+                    parallel=parallel)
         return
-    k, (xw, yw), rest = widen(x[:, :, 0], y[:, :, 0])
-    _affine_columns(xw, tiled(scale, k), tiled(shift, k), yw)
+    k, (xw, yw, rw, cw, mw), rest = widen(*(_plane(a) for a in (x, y, residual, copy, mask)))
+    _affine_columns(xw, tiled(scale, k), tiled(shift, k), yw, rw, relu, cw, mw)
     if rest:
-        _affine_columns(*rest[:1], scale, shift, *rest[1:])
+        xr, yr, rr, cr, mr = rest
+        _affine_columns(xr, scale, shift, yr, rr, relu, cr, mr)

@@ -53,7 +53,9 @@ class Pool:
         block = self._take(size)
         if block is None:
             block = np.empty(size, np.uint8)
-        return np.asarray(_Owner(self, block, shape, dtype))
+        array = np.asarray(_Owner(self, block, shape, dtype))
+        # A dtype the interface's typestr cannot name (bfloat16: "<V2") is viewed back.
+        return array if array.dtype == dtype else array.view(dtype)
 
     def _take(self, size):
         with self._lock:
