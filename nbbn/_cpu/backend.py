@@ -85,8 +85,8 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
         mean = np.full(red.nchan, np.nan)  # NumPy's mean of nothing
         m2 = np.zeros(red.nchan)  # a sum over nothing
     else:
-        mean, m2 = channel_moments(_view3(_flip_reduced(_kernel_input(a), red.axes),
-                                          red.layout))
+        mean, m2, _ = channel_moments(_view3(_flip_reduced(_kernel_input(a), red.axes),
+                                             red.layout))
     results = []
     for kind in kinds:
         if kind == "mean":
@@ -109,7 +109,7 @@ def batch_moments(call, variance=False):
     plan = call.plan
     if plan.count == 0 or plan.nchan == 0:
         return np.full(plan.nchan, np.nan), np.full(plan.nchan, np.nan)
-    mean, m2 = channel_moments(call.x3)
+    mean, m2, _ = channel_moments(call.x3)
     return mean, m2 / plan.count if variance else m2
 
 
