@@ -94,15 +94,17 @@ def central(samples):
     from s1's, which is relative to ``|mean - k|``: near zero, 0 is the nearest
     shift that is exact (the mean as accurate as a plain sum); m2's cancellation,
     ``(mean - k)**2 / variance``, stays below about 1 either way."""
-    mean = samples.sum() / samples.shape[0]
-    spread = np.abs(samples - mean).sum() / samples.shape[0]
-    if abs(mean) <= spread:
-        return 0.0
+    mean = 0.0
+    for v in samples:
+        mean += v
+    mean /= samples.shape[0]
+    spread = 0.0
     best = samples[0]
-    for v in samples[1:]:
+    for v in samples:
+        spread += abs(v - mean)
         if abs(v - mean) < abs(best - mean):
             best = v
-    return best
+    return 0.0 if abs(mean) * samples.shape[0] <= spread else best
 
 
 @helper
@@ -196,9 +198,8 @@ def moments_rows(x, nthreads):
     states = np.zeros((nthreads, FIELDS, nchan))
     for t in prange(nthreads):
         first, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
-        k = np.empty(nchan)
-        counts = np.empty(nchan)
-        sums = np.empty((4, nchan))
+        work = np.empty((6, nchan))  # one allocation: shifts, counts, sums
+        k, counts, sums = work[0], work[1], work[2:]
         samples = np.empty(SAMPLES)
         for attempt in range(2):  # a second pass only where the shift was too far
             rows_pass(x, first, last, k, attempt == 0, counts, sums, samples)
@@ -276,11 +277,9 @@ def moments_columns(x, nthreads):
     states = np.zeros((nthreads, FIELDS, nchan))
     for t in prange(nthreads):
         r0, r1 = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
-        k = np.empty(nchan)
-        counts = np.full(nchan, np.float64(r1 - r0))
-        sums = np.empty((4, nchan))
-        s1 = np.empty(nchan)
-        s2 = np.empty(nchan)
+        work = np.empty((8, nchan))  # one allocation: shifts, counts, sums, block sums
+        k, counts, sums, s1, s2 = work[0], work[1], work[2:6], work[6], work[7]
+        counts[:] = r1 - r0
         samples = np.empty(SAMPLES)
         for j in range(nchan):  # from the rows of the first sweep, spread over r0:r1
             for s in range(SAMPLES):
