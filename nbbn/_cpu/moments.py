@@ -140,17 +140,21 @@ def checked(state):
 
 
 @helper
-def merge_threads(states):
-    """Merge per-thread (T, FIELDS, C) states into one (FIELDS, C) state, serially."""
-    total = states[0].copy()
-    for t in range(1, states.shape[0]):
-        for c in range(states.shape[2]):
-            (total[COUNT, c], total[MEAN, c], total[MEAN_LOW, c],
-             total[M2, c]) = _math.chan_merge_dd(
-                total[COUNT, c], total[MEAN, c], total[MEAN_LOW, c], total[M2, c],
-                states[t, COUNT, c], states[t, MEAN, c], states[t, MEAN_LOW, c],
-                states[t, M2, c])
-    return checked(total)
+def merge_states(states):
+    """Merge (P, FIELDS, C) states into one (FIELDS, C) state, in place: pairwise, so
+    that each m2 passes through about log2(P) roundings, not P (86 regrouped copies of
+    a channel)."""
+    step = 1
+    while step < states.shape[0]:
+        for t in range(0, states.shape[0] - step, 2 * step):
+            for c in range(states.shape[2]):
+                (states[t, COUNT, c], states[t, MEAN, c], states[t, MEAN_LOW, c],
+                 states[t, M2, c]) = _math.chan_merge_dd(
+                    states[t, COUNT, c], states[t, MEAN, c], states[t, MEAN_LOW, c],
+                    states[t, M2, c], states[t + step, COUNT, c], states[t + step, MEAN, c],
+                    states[t + step, MEAN_LOW, c], states[t + step, M2, c])
+        step *= 2
+    return checked(states[0])
 
 
 @helper
@@ -206,7 +210,7 @@ def moments_rows(x, nthreads):
             if not thread_state(counts, k, sums, states[t]):
                 break
             k[:] = states[t, MEAN]
-    return merge_threads(states)
+    return merge_states(states)
 
 
 @helper
@@ -290,7 +294,7 @@ def moments_columns(x, nthreads):
             if not thread_state(counts, k, sums, states[t]):
                 break
             k[:] = states[t, MEAN]
-    return merge_threads(states)
+    return merge_states(states)
 
 
 @kernel
@@ -305,7 +309,7 @@ def fold_columns(wide, tail):
     states[0] = tail
     for g in range(wide.shape[1] // nchan):
         states[g + 1] = wide[:, g * nchan:(g + 1) * nchan]
-    return merge_threads(states)
+    return merge_states(states)
 
 
 def column_moments(x):
