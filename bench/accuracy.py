@@ -64,10 +64,11 @@ def main():
     print(f"\n`Moments.combine` of 7 chunks of `1e12 + N(0,1)` (n = 200,000): mean "
           f"{exact.ulps(total.mean, mean):.2f} ulps, m2 relative error "
           f"{exact.relative_error(total.m2, m2):.1e}")
-    big = 0.9 * np.finfo(np.float64).max * np.array([1, -1, 1, -1, 1, -1, 1.0])
-    with np.errstate(all="ignore"):
-        print(f"`mean(0.9 * finfo.max * [1,-1,1,-1,1,-1,1])`: nbbn {nbbn.mean(big):.6e}, "
-              f"NumPy {np.mean(big)}")
+    for values in ([1, -1, 1, -1, 1, -1, 1.0], [1, 1.0]):
+        big = 0.9 * np.finfo(np.float64).max * np.array(values)
+        with np.errstate(all="ignore"):
+            print(f"`mean(0.9 * finfo.max * {values})`: nbbn {nbbn.mean(big):.6e}, "
+                  f"NumPy {np.mean(big):.6e}")
 
 
 if __name__ == "__main__":
