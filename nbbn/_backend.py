@@ -27,13 +27,19 @@ class Backend(Protocol):
     def check_writable(self, a, name):
         """Raise where ``a`` (as given) cannot be written in place (running buffers, out=)."""
 
+    def overlap(self, a, b):
+        """How arrays ``a`` and ``b`` (this backend's) share memory: None (not at all),
+        "same" (the same elements in the same layout: elementwise work in place is safe)
+        or "partial". Host: ``np.shares_memory``; device: the arrays' address ranges."""
+
     def view(self, call, a):
         """The read-only (outer, C, inner) view of ``a`` (this backend's array, shaped like
         ``call.x``) in ``call``'s layout; one copy where strides forbid a view."""
 
     def fallback(self, op, a, **kwargs):
-        """Statistic ``op`` of an array whose dtype the kernels don't read (complex,
-        object, a non-float ``dtype=``): NumPy's answer on the host, a TypeError on the device."""
+        """NumPy's function ``op`` (``numpy.mean``, ...) of an array whose dtype the kernels
+        don't read (complex, object, longdouble, a non-float ``dtype=``): NumPy's answer on the
+        host, a TypeError on the device."""
 
     # ---- statistics ----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ strides allow, otherwise with one copy.
 """
 import functools
 import math
+import numbers
 import operator
 
 import numpy as np
@@ -23,6 +24,12 @@ class ConflictError(TypeError, ValueError):
 
 # Kinds the kernels read natively (float16 is widened to float32 on the host).
 KERNEL_KINDS = "biuf"
+
+
+def kernels_read(dtype):
+    """Whether the kernels read data of ``dtype`` (bool, integer, float up to 64 bits)."""
+    dtype = np.dtype(dtype)
+    return dtype.kind in KERNEL_KINDS and dtype.itemsize <= 8
 
 _HOST_TYPES = (np.ndarray, np.generic, int, float, bool, list, tuple)
 
@@ -41,12 +48,37 @@ def is_device(a):
     return True
 
 
+NOT_GIVEN = np._NoValue  # NumPy's "not given": its nan-functions pass it on explicitly
+
+
+def ddof(ddof, correction):
+    """``ddof`` from NumPy's pair (both given: an error; ``correction`` may be NOT_GIVEN)."""
+    if correction is NOT_GIVEN:
+        return ddof
+    if ddof != 0:
+        raise ConflictError("ddof and correction can't be provided simultaneously.")
+    if correction is None:
+        raise TypeError("correction must be a number, got None")
+    return correction
+
+
+def result_dtype(dtype, requested):
+    """A statistic's dtype, as NumPy's: ``requested``, else a float input's (native byte
+    order), else float64."""
+    if requested is not None:
+        return np.dtype(requested)
+    return dtype.newbyteorder("=") if dtype.kind == "f" else np.dtype(np.float64)
+
+
 def reduced_axes(axis, ndim):
     """Normalized, sorted tuple of reduced axes (None means all)."""
     if axis is None:
         return tuple(range(ndim))
     if not isinstance(axis, tuple):
-        axis = (operator.index(axis),)
+        axis = (axis,)
+    if any(isinstance(i, (bool, np.bool_)) for i in axis):  # NumPy: an integer is required
+        raise TypeError(f"axis must be an integer or a tuple of integers, got {axis!r}")
+    axis = tuple(operator.index(i) for i in axis)
     return tuple(sorted(normalize_axis_tuple(axis, ndim, "axis")))
 
 
@@ -194,23 +226,46 @@ def check_channel_shape(shape, name, nchan):
                          f"got shape {shape}")
 
 
-def check_eps(eps):
+def _real(value, name):
+    """A real number (not bool) as a float, or a TypeError naming the argument."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_eps(eps, training=False):
+    """eps >= 0, and > 0 in training (PyTorch: a constant channel would divide by zero)."""
+    eps = _real(eps, "eps")
+    if training and not eps > 0:
+        raise ValueError(f"eps must be positive during training, got {eps}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    return float(eps)
+    return eps
 
 
 def check_momentum(momentum):
+    momentum = _real(momentum, "momentum")
     if not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    return float(momentum)
+    return momentum
 
 
-def check_out_shape_dtype(out_shape, out_dtype, shape, dtype, name="out"):
-    """A reduction's ``out=``: the result's shape, a dtype it can be cast to (same kind)."""
+def check_count(count, minimum):
+    """A whole number of values per channel, at least ``minimum``."""
+    if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral):
+        raise TypeError(f"count must be an integer (values per channel), got "
+                        f"{type(count).__name__} {count!r}")
+    if count < minimum:
+        raise ValueError(f"count must be >= {minimum}, got {count}")
+    return int(count)
+
+
+def check_out_shape_dtype(out_shape, out_dtype, shape, dtype, casting, name="out"):
+    """A reduction's ``out=``: the result's shape, a dtype the result can be cast to under
+    NumPy's ``casting`` rule for that statistic ("unsafe" for mean/var, "same_kind" for std)."""
     if tuple(out_shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(out_shape)}, expected {tuple(shape)}")
-    if not np.can_cast(dtype, out_dtype, "same_kind"):
+    if not np.can_cast(dtype, out_dtype, casting):
         raise ConflictError(f"{name} has dtype {out_dtype}, cannot hold a {np.dtype(dtype)} result")
 
 

@@ -8,6 +8,8 @@ Forward: one statistics pass, then one elementwise pass ``y = x * scale +
 shift`` with per-channel coefficients. Backward: one fused pass for
 ``sum(dy)`` and ``sum(dy * (x - mean))``, then one elementwise pass for ``dx``.
 """
+import copy
+
 import numpy as np
 
 from . import _dispatch, _layout
@@ -31,6 +33,22 @@ class Call:
             self._x3 = self.be.view(self, self.x)
         return self._x3
 
+    def private(self, earlier=None):
+        """This call, reading its own copy of x's values where x3 is a view of the caller's x
+        (a layer keeps it for backward: later in-place changes to x must not reach it).
+        ``earlier``: a private call no longer needed, whose copy is reused if it fits (a
+        fresh array costs more than the copy: its pages are new)."""
+        if not (self.plan.size and self.be.overlap(self.x3, self.x)):
+            return self
+        kept = copy.copy(self)
+        kept.copy_of_x = getattr(earlier, "copy_of_x", None)
+        if kept.copy_of_x is not None and earlier.plan is self.plan:
+            self.be.assign(kept.copy_of_x, self.x)
+        else:
+            kept.copy_of_x = self.be.copy(self.x)
+        kept._x3 = self.be.view(self, kept.copy_of_x)
+        return kept
+
     def vector(self, p, name):
         return vector(self.be, p, name, self.plan.nchan)
 
@@ -46,11 +64,40 @@ class Call:
                              f"got shape {tuple(a.shape)}")
         return self.be.view(self, a)
 
-    def check_out(self, out):
-        if out is not None:
-            self.be.check_writable(out, "out")
-            o = self.be.array(out, "out")
-            _layout.check_exact_shape_dtype(o.shape, o.dtype, self.plan.shape, self.plan.dtype)
+    def output(self, out, like_x=(), vectors=()):
+        """``out`` validated, as the stages may write it, and ``deliver(result)`` -> what the
+        call returns. Where ``out`` overlaps an array the call reads (``like_x``: arrays
+        shaped like x, which may be exactly ``out``, elementwise in place; ``vectors``:
+        per-channel inputs, None allowed), the stages write a new array, then copied."""
+        if out is None:
+            return None, lambda result: result
+        be = self.be
+        be.check_writable(out, "out")
+        o = be.array(out, "out")
+        _layout.check_exact_shape_dtype(o.shape, o.dtype, self.plan.shape, self.plan.dtype)
+        reads = [(a, "same") for a in (self.x, *like_x)] + [(v, None) for v in vectors]
+        if not any(be.overlap(o, a) not in (None, safe) for a, safe in reads if a is not None):
+            return out, lambda result: result
+
+        def deliver(result):
+            be.assign(o, result)
+            return out
+
+        return None, deliver
+
+
+def required(p, name):
+    """``p``, or a TypeError naming the argument where it is None."""
+    if p is None:
+        raise TypeError(f"{name} is required (an array), got None")
+    return p
+
+
+def private(be, a, written):
+    """Vector ``a``, copied where it overlaps an array the call writes (``written``)."""
+    if a is not None and any(w is not None and be.overlap(w, a) for w in written):
+        return be.copy(a)
+    return a
 
 
 def vector(be, p, name, nchan):
@@ -78,8 +125,9 @@ def normalize(call, mean, var, weight, bias, eps, out=None):
 
 
 def require_values(call, count=None):
-    """Training needs more than one value per channel (``count``: over the whole batch)."""
-    if (call.plan.count if count is None else count) <= 1:
+    """Training needs more than one value per channel (``count``: over the whole batch); an
+    empty batch is allowed, as in PyTorch (an empty result; the running buffers unchanged)."""
+    if (call.plan.count if count is None else count) == 1:
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input size {call.plan.shape}"
                          + ("" if count is None else f" ({count} values per channel in all)"))
@@ -95,37 +143,53 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     """
     be = _dispatch.backend(x=x, running_mean=running_mean, running_var=running_var,
                            weight=weight, bias=bias, out=out)
-    call = Call(be, x, axis)
+    call = Call(be, required(x, "x"), axis)
     weight = call.vector(weight, "weight")
     bias = call.vector(bias, "bias")
-    eps = _layout.check_eps(eps)
-    momentum = _layout.check_momentum(momentum)
-    call.check_out(out)
+    eps = _layout.check_eps(eps, training)
+    if training:  # evaluation ignores momentum, as PyTorch does
+        momentum = _layout.check_momentum(momentum)
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
+        missing = "running_var" if running_var is None else "running_mean"
+        raise ValueError(f"running_mean and running_var must be given together (or both "
+                         f"None, as in PyTorch): {missing} is None")
     if not training:
         if running_mean is None:
             raise ValueError("running_mean and running_var are required when training=False")
-        return normalize(call, call.vector(running_mean, "running_mean"),
-                         call.vector(running_var, "running_var"), weight, bias, eps, out)
+        running_mean = call.vector(running_mean, "running_mean")
+        running_var = call.vector(running_var, "running_var")
+        target, deliver = call.output(out, vectors=(running_mean, running_var, weight, bias))
+        return deliver(normalize(call, running_mean, running_var, weight, bias, eps, target))
     running_mean = call.running_buffer(running_mean, "running_mean")
     running_var = call.running_buffer(running_var, "running_var")
+    target, deliver = call.output(out, vectors=(weight, bias))
+    running = None
+    if running_mean is not None:
+        data = [call.x] + ([] if out is None else [be.array(out, "out")])
+        for buffer, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+            if any(be.overlap(buffer, a) for a in data):
+                raise ValueError(f"{name} shares memory with x or out: it is written in place")
+        weight, bias = (private(be, p, (running_mean, running_var)) for p in (weight, bias))
+        running = (running_mean, running_var)
     require_values(call)
     count = call.plan.count
-    running = None if running_mean is None else (running_mean, running_var)
-    return be.forward(call, weight, bias, eps, out, None, running, momentum,
-                      count / (count - 1))[0]
+    if count == 0:  # PyTorch: an empty batch updates nothing
+        running = None
+    return deliver(be.forward(call, weight, bias, eps, target, None, running, momentum,
+                              count / (count - 1) if count > 1 else 1.0)[0])
 
 
 def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
     """Training-mode forward: ``(y, mean, var)`` with the batch statistics (var biased)."""
     be = _dispatch.backend(x=x, weight=weight, bias=bias, out=out)
-    call = Call(be, x, axis)
+    call = Call(be, required(x, "x"), axis)
     weight = call.vector(weight, "weight")
     bias = call.vector(bias, "bias")
-    eps = _layout.check_eps(eps)
-    call.check_out(out)
-    return be.forward(call, weight, bias, eps, out, call.plan.stats_dtype, None, 0.0, 1.0)
+    eps = _layout.check_eps(eps, training=True)
+    target, deliver = call.output(out, vectors=(weight, bias))
+    y, mean, var = be.forward(call, weight, bias, eps, target, call.plan.stats_dtype, None, 0.0,
+                              1.0)
+    return deliver(y), mean, var
 
 
 def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=None):
@@ -135,15 +199,16 @@ def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=
     (var biased); dweight/dbias are None when weight is None.
     """
     be = _dispatch.backend(dy=dy, x=x, mean=mean, var=var, weight=weight, out=out)
-    call = Call(be, x, axis)
-    mean = call.vector(mean, "mean")
-    var = call.vector(var, "var")
+    call = Call(be, required(x, "x"), axis)
+    mean = call.vector(required(mean, "mean"), "mean")
+    var = call.vector(required(var, "var"), "var")
     weight = call.vector(weight, "weight")
     eps = _layout.check_eps(eps)
-    dy3 = call.like_x(dy, "dy")
-    call.check_out(out)
+    dy3 = call.like_x(required(dy, "dy"), "dy")
+    target, deliver = call.output(out, like_x=(be.array(dy, "dy"),), vectors=(mean, var, weight))
     sums = be.backward_sums(call, dy3, mean)
-    dx = be.grad_input(call, dy3, mean, var, weight, eps, *sums, call.plan.count, True, out)
+    dx = deliver(be.grad_input(call, dy3, mean, var, weight, eps, *sums, call.plan.count, True,
+                               target))
     if weight is None:
         return dx, None, None
     return (dx, *be.param_grads(call.like, weight, var, eps, *sums))
@@ -159,25 +224,24 @@ def ema_update(running_mean, running_var, mean, var, count, momentum=0.1, *, unb
     """
     be = _dispatch.backend(running_mean=running_mean, running_var=running_var, mean=mean,
                            var=var)
-    running_mean = running_buffer(be, running_mean, "running_mean", None)
+    running_mean = running_buffer(be, required(running_mean, "running_mean"), "running_mean",
+                                  None)
     nchan = running_mean.shape[0]
-    running_var = running_buffer(be, running_var, "running_var", nchan)
-    mean = vector(be, mean, "mean", nchan)
-    var = vector(be, var, "var", nchan)
+    running_var = running_buffer(be, required(running_var, "running_var"), "running_var", nchan)
+    mean = vector(be, required(mean, "mean"), "mean", nchan)
+    var = vector(be, required(var, "var"), "var", nchan)
     momentum = _layout.check_momentum(momentum)
-    count = int(count)
-    if count < (2 if unbiased else 1):
-        raise ValueError(f"count must be >= {2 if unbiased else 1} "
-                         f"({'unbiased' if unbiased else 'biased'} update), got {count}")
+    count = _layout.check_count(count, 2 if unbiased else 1)
+    mean, var = (private(be, v, (running_mean, running_var)) for v in (mean, var))
     be.ema(running_mean, running_var, mean, var, momentum,
            count / (count - 1) if unbiased else 1.0)
 
 
 def _fold_args(be, running_mean, running_var, weight, bias, eps):
     """Validated inference statistics and parameters, and the number of channels."""
-    running_var = vector(be, running_var, "running_var", None)
-    nchan = running_var.shape[0]
-    running_mean = vector(be, running_mean, "running_mean", nchan)
+    running_mean = vector(be, required(running_mean, "running_mean"), "running_mean", None)
+    nchan = running_mean.shape[0]
+    running_var = vector(be, required(running_var, "running_var"), "running_var", nchan)
     weight = vector(be, weight, "weight", nchan)
     bias = vector(be, bias, "bias", nchan)
     return running_mean, running_var, weight, bias, _layout.check_eps(eps), nchan
@@ -204,7 +268,7 @@ def fold_into(w, b, running_mean, running_var, weight=None, bias=None, eps=1e-5)
     """
     be = _dispatch.backend(w=w, b=b, running_mean=running_mean, running_var=running_var,
                            weight=weight, bias=bias)
-    wa = be.array(w, "w")
+    wa = be.array(required(w, "w"), "w")
     _layout.check_float_dtype(wa.dtype, "w")
     running_mean, running_var, weight, bias, eps, nchan = _fold_args(
         be, running_mean, running_var, weight, bias, eps)

@@ -7,12 +7,16 @@
 """
 import argparse
 import json
+import math
 import sys
 import time
+
+from ._args import output_file, physical_memory, positive_float, positive_int
 
 #: ``nbbn bench`` with no arguments: float32, the shapes that tell the story.
 DEFAULT_SHAPES = ((64, 64, 56, 56), (256, 256, 14, 14), (4096, 1024), (32, 64))
 QUICK_SHAPES = ((32, 64), (8, 16, 8, 8))
+BENCH_ARRAYS = 4  # arrays of a case's shape alive at once, at most (x, dy, two outputs)
 
 
 def _shape(text):
@@ -22,6 +26,12 @@ def _shape(text):
         raise argparse.ArgumentTypeError(f"not a shape: {text!r} (write e.g. 64x64x56x56)") from None
     if len(shape) < 2 or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"a shape needs >= 2 positive sizes: {text!r}")
+    # A case holds a few arrays of the shape (x, dy, outputs; float64 at most).
+    need, memory = BENCH_ARRAYS * 8 * math.prod(shape), physical_memory()
+    if memory is not None and need > memory:
+        raise argparse.ArgumentTypeError(
+            f"shape {text} needs about {need / 2**30:.1f} GiB, more than this machine's "
+            f"{memory / 2**30:.1f} GiB")
     return shape
 
 
@@ -56,14 +66,18 @@ def build_parser():
     bench.add_argument("--full", action="store_true",
                        help="the whole suite: every shape, float32 and float64, both layouts")
     bench.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (a smoke test)")
-    bench.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 7; 3 with --quick)")
-    bench.add_argument("--budget", type=float, default=1.0,
+    bench.add_argument("--rounds", type=positive_int, default=None,
+                       help="round-robin rounds (default 7; 3 with --quick)")
+    bench.add_argument("--budget", type=positive_float, default=1.0,
                        help="seconds per case after which rounds stop early (at least 3 rounds; default 1)")
-    bench.add_argument("--threads", type=int, default=None,
+    bench.add_argument("--threads", type=positive_int, default=None,
                        help="threads for nbbn, the floor and PyTorch alike (default: all cores)")
-    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    bench.add_argument("--plot", metavar="FILE", help="also write a PNG bar chart (needs matplotlib: nbbn[plot])")
+    bench.add_argument("--json", metavar="FILE", type=output_file,
+                       help="also write the results as JSON")
+    bench.add_argument("--plot", metavar="FILE", type=output_file,
+                       help="also write a PNG bar chart (needs matplotlib: nbbn[plot])")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(usage_error=bench.error)  # for the checks that need the registry
 
     # `nbbn demo ARGS` is handed to nbbn.demo.main whole (see main); listed here for --help.
     sub.add_parser("demo", add_help=False,
@@ -126,7 +140,7 @@ class Progress:
         self.stream.flush()
 
 
-def _select(args):
+def _select(args, usage_error):
     from ._bench import registry
     if args.full:
         shapes, dtypes = registry.SHAPES, registry.DTYPES
@@ -138,11 +152,11 @@ def _select(args):
     dtypes = args.dtypes or dtypes
     bad = [d for d in dtypes if d not in ("float32", "float64")]
     if bad:
-        raise SystemExit(f"nbbn bench: unsupported dtype(s) {bad}: use float32, float64")
+        usage_error(f"unsupported dtype(s) {bad}: use float32, float64")
     names = args.ops or list(registry.OPS)
     unknown = [n for n in names if n not in registry.OPS]
     if unknown:
-        raise SystemExit(f"nbbn bench: unknown op(s) {unknown}; known: {', '.join(registry.OPS)}")
+        usage_error(f"unknown op(s) {unknown}; known: {', '.join(registry.OPS)}")
     ops, skipped = [], []
     for name in names:
         why = registry.OPS[name].available()
@@ -154,7 +168,7 @@ def _select(args):
 def cmd_bench(args):
     from ._bench import registry, report, runner
     from ._info import collect
-    cases, skipped = _select(args)
+    cases, skipped = _select(args, args.usage_error)
     for s in skipped:
         print(f"skipped: {s}", file=sys.stderr)
     if not registry.torch_available():

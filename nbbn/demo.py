@@ -32,6 +32,7 @@ import time
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ._args import float_range, int_at_least, output_file, positive_float, positive_int
 from .layer import BatchNorm
 
 NORMS = ("plain", "bn", "bn-after-relu", "noisy-bn")
@@ -460,7 +461,7 @@ def plot(results, path):
 
 
 def _floats(text):
-    return tuple(float(v) for v in text.split(","))
+    return tuple(positive_float(v) for v in text.split(","))
 
 
 def _names(choices):
@@ -485,18 +486,22 @@ def parser(prog="nbbn demo"):
     p.add_argument("--lrs", type=_floats, default=LRS,
                    help="comma-separated SGD learning rates (default "
                         f"{','.join(f'{v:g}' for v in LRS)})")
-    p.add_argument("--steps", type=int, default=300, help="SGD steps per run (default 300)")
-    p.add_argument("--batch", type=int, default=64, help="mini-batch size (default 64)")
-    p.add_argument("--target", type=float, default=0.95,
+    p.add_argument("--steps", type=positive_int, default=300,
+                   help="SGD steps per run (default 300)")
+    p.add_argument("--batch", type=int_at_least(2), default=64,
+                   help="mini-batch size (default 64; batch norm needs >= 2)")
+    p.add_argument("--target", type=float_range(0, 1), default=0.95,
                    help="test accuracy whose first crossing is reported (default 0.95)")
-    p.add_argument("--noise", type=float, default=1.0,
+    p.add_argument("--noise", type=float_range(0, float("inf")), default=1.0,
                    help="noisy-bn level a: scale ~ U(1/(1+a), 1+a), shift ~ U(-a, a) per channel "
                         "and step (default 1)")
-    p.add_argument("--eval-every", type=int, default=10, help="steps between test evaluations")
+    p.add_argument("--eval-every", type=positive_int, default=10,
+                   help="steps between test evaluations")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="threads for nbbn's kernels and BLAS (default 1: the arrays are tiny)")
-    p.add_argument("--plot", metavar="FILE", help="write the loss curves to this PNG")
+    p.add_argument("--plot", metavar="FILE", type=output_file,
+                   help="write the loss curves to this PNG")
     p.add_argument("--long", action="store_true", help="also print one table row per run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -1,10 +1,11 @@
 """``BatchNorm``: a batch-norm layer for custom trainers, state-dict compatible with PyTorch."""
+import threading
 from typing import NamedTuple
 
 import numpy as np
 
 from . import _dispatch, _layout
-from .batchnorm import Call, normalize, require_values
+from .batchnorm import Call, normalize, require_values, required
 
 _COUNTER = "num_batches_tracked"
 
@@ -28,6 +29,13 @@ class BatchNorm:
     average (factor ``1 / num_batches_tracked``). ``backward(dy)`` returns dx
     and sets ``grad_weight``/``grad_bias`` (overwritten by each call, not
     accumulated).
+
+    ``forward`` keeps its own copy of what ``backward`` needs (x's values, the
+    statistics), so changing x in place in between changes nothing. Threads:
+    what ``forward`` keeps is per thread (each thread's ``backward`` pairs with
+    that thread's last ``forward``), and the running-buffer and gradient updates
+    are serialized, none lost; ``grad_weight``/``grad_bias`` are those of the
+    last ``backward`` of any thread.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
@@ -38,8 +46,7 @@ class BatchNorm:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         dtype = np.dtype(dtype)
-        if dtype.kind != "f":
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        _layout.check_float_dtype(dtype, "dtype")
         self.num_features = int(num_features)
         self.eps = _layout.check_eps(eps)
         self.momentum = None if momentum is None else _layout.check_momentum(momentum)
@@ -58,7 +65,8 @@ class BatchNorm:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.training = True
         self.grad_weight = self.grad_bias = None
-        self._saved = None
+        self._local = threading.local()  # per thread: what backward needs (``_Saved``)
+        self._lock = threading.Lock()    # serializes updates of buffers and gradients
         self.device = device
         if device == "cuda":  # parameters and running buffers live on the GPU
             be = _dispatch.device()
@@ -70,6 +78,13 @@ class BatchNorm:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis})")
+
+    def __getstate__(self):  # what one thread's backward needs, and the lock, stay here
+        return {k: v for k, v in vars(self).items() if k not in ("_local", "_lock")}
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        self._local, self._lock = threading.local(), threading.Lock()
 
     def train(self, mode=True):
         self.training = bool(mode)
@@ -87,12 +102,13 @@ class BatchNorm:
 
     def forward(self, x):
         be = self._backend(x=x)
-        call = Call(be, x, self.axis)
+        call = Call(be, required(x, "x"), self.axis)
         if call.plan.nchan != self.num_features:
             raise ValueError(f"x has {call.plan.nchan} channels on axis {self.axis}, expected "
                              f"{self.num_features}")
         batch_stats = self._uses_batch_stats()
         if batch_stats:
+            _layout.check_eps(self.eps, training=True)
             count, mean, var = self._batch_stats(be, call)
             require_values(call, count)
         else:  # copies: backward must see the statistics this forward used
@@ -101,18 +117,23 @@ class BatchNorm:
             var = be.to_float64(self.running_var)
         y = normalize(call, mean, var, self.weight, self.bias, self.eps)
         if batch_stats and self.training and self.track_running_stats:
-            self.num_batches_tracked += 1
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
-            be.ema(self.running_mean, self.running_var, mean, var, factor, count / (count - 1))
-        self._saved = _Saved(call, mean, var, count, batch_stats)
+            with self._lock:
+                self.num_batches_tracked += 1
+                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                          else self.momentum)
+                if count > 1:  # PyTorch: an empty batch moves the counter, not the buffers
+                    be.ema(self.running_mean, self.running_var, mean, var, factor,
+                           count / (count - 1))
+        earlier = getattr(self._local, "saved", None)
+        self._local.saved = _Saved(call.private(earlier and earlier.call), mean, var, count,
+                                   batch_stats)
         return y
 
     __call__ = forward
 
     def backward(self, dy):
-        """dx for the last ``forward``; sets ``grad_weight`` and ``grad_bias``."""
-        saved = self._saved
+        """dx for this thread's last ``forward``; sets ``grad_weight`` and ``grad_bias``."""
+        saved = getattr(self._local, "saved", None)
         if saved is None:
             raise RuntimeError("backward called before forward")
         be = self._backend(dy=dy, x=saved.call.like)
@@ -122,10 +143,11 @@ class BatchNorm:
                                                saved.batch_stats)
         dx = be.grad_input(call, dy3, mean, var, self.weight, self.eps, sum_dy, sum_dy_xmu,
                            saved.count, saved.batch_stats, None)
-        self.grad_weight = self.grad_bias = None
+        grads = (None, None)
         if self.weight is not None:
-            self.grad_weight, self.grad_bias = be.param_grads(self.weight, self.weight, var,
-                                                              self.eps, sum_dy, sum_dy_xmu)
+            grads = be.param_grads(self.weight, self.weight, var, self.eps, sum_dy, sum_dy_xmu)
+        with self._lock:
+            self.grad_weight, self.grad_bias = grads
         return dx
 
     # ---- hooks a subclass may extend (nbbn.distributed.SyncBatchNorm) ------------------------
@@ -167,13 +189,26 @@ class BatchNorm:
             raise KeyError(f"Error(s) in loading state_dict for BatchNorm: missing keys "
                            f"{missing}, unexpected keys {unexpected}")
         staged = [name for name in names if name in state_dict]
-        for name in staged:
-            shape, want = tuple(np.shape(state_dict[name])), tuple(getattr(self, name).shape)
+        be = self._backend()
+        values = {}
+        for name in staged:  # every value checked before anything is assigned
+            value = state_dict[name]
+            if name == _COUNTER or not _layout.is_device(value):
+                try:
+                    value = np.asarray(value)
+                except Exception as exc:
+                    raise TypeError(f"{name} must be array-like, got {type(value).__name__}") \
+                        from exc
+            shape, want = tuple(value.shape), tuple(getattr(self, name).shape)
             if shape != want:
                 raise ValueError(f"{name} must have shape {want}, got {shape}")
-        be = self._backend()
-        for name in staged:
+            kind = np.dtype(value.dtype).kind
+            if kind not in ("iu" if name == _COUNTER else "biuf"):
+                raise TypeError(f"{name} must be {'an integer' if name == _COUNTER else 'a real'}"
+                                f" array, got dtype {value.dtype}")
+            values[name] = value
+        for name, value in values.items():
             if name == _COUNTER:  # a host counter on either side
-                np.copyto(self.num_batches_tracked, state_dict[name], casting="unsafe")
+                np.copyto(self.num_batches_tracked, value, casting="unsafe")
             else:
-                be.assign(getattr(self, name), state_dict[name])
+                be.assign(getattr(self, name), value)

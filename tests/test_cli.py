@@ -104,3 +104,26 @@ def test_registry_contenders_compute_the_same(case):
     for who, parts in got.items():
         for ref, part in zip(got["numpy"], parts):
             np.testing.assert_allclose(part, ref, rtol=tol, atol=tol, err_msg=f"{who} {case.label}")
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "--rounds", "-1"], ["bench", "--rounds", "0"], ["bench", "--threads", "-3"],
+    ["bench", "--budget", "0"], ["bench", "--json", "/no/such/folder/r.json"],
+    ["bench", "--plot", "/no/such/folder/r.png"], ["bench", "--shapes", "100000x100000x1000"],
+    ["bench", "--ops", "nope"], ["demo", "--batch", "0"], ["demo", "--batch", "1"],
+    ["demo", "--eval-every", "0"], ["demo", "--steps", "0"], ["demo", "--target", "2"],
+    ["demo", "--lrs", "0.1,-1"], ["demo", "--threads", "0"], ["demo", "--plot", "/no/such/p.png"],
+], ids=" ".join)
+def test_bad_arguments_are_usage_errors_before_any_work(argv, monkeypatch, capsys):
+    from nbbn._bench import runner
+    from nbbn import demo
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(runner, "run_cases", no_work)
+    monkeypatch.setattr(demo, "run", no_work)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err

@@ -23,6 +23,7 @@ import warnings
 import numba
 from llvmlite import ir
 from numba.core.caching import FunctionCache, IndexDataCacheFile
+from numba.core.compiler_lock import global_compiler_lock
 from numba.extending import intrinsic, overload
 
 from .. import _math
@@ -205,8 +206,23 @@ def launch_mode():
     return "concurrent" if _concurrent_launches() else "exclusive"
 
 
+# fork() while another thread compiles: the child would inherit Numba's compiler lock held
+# by a thread it does not have, and wait for it forever at its first compile. So fork()
+# waits for the compilation in progress, holding the lock across it, and both sides
+# release it after.
+
+
+def _before_fork():
+    global_compiler_lock.acquire()
+
+
+def _after_fork_in_parent():
+    global_compiler_lock.release()
+
+
 def _after_fork_in_child():
     global _serial_only, _lock, _launch_lock
+    global_compiler_lock.release()  # held by this thread, the forking one
     # A lock held by another parent thread at fork() is never released here.
     _lock = threading.Lock()
     _launch_lock = threading.Lock()
@@ -215,7 +231,8 @@ def _after_fork_in_child():
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 class Kernel:

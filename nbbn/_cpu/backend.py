@@ -17,8 +17,6 @@ def array(a, name):
         arr = np.asarray(a)
     except Exception as exc:
         raise TypeError(f"{name} must be array-like, got {type(a).__name__}") from exc
-    if arr.dtype == object or arr.dtype.kind in "SUV":
-        raise TypeError(f"{name} must be a numeric array-like, got {type(a).__name__}")
     return arr
 
 
@@ -28,6 +26,19 @@ def check_writable(a, name):
                         f"got {type(a).__name__}")
     if not a.flags.writeable:
         raise ValueError(f"{name} is read-only")
+
+
+def overlap(a, b):
+    if not a.size or not b.size or not np.may_share_memory(a, b):
+        return None
+    if (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides
+            and a.dtype.itemsize == b.dtype.itemsize):
+        return "same"
+    try:
+        return "partial" if np.shares_memory(a, b, max_work=10_000) else None
+    except np.exceptions.TooHardError:
+        return "partial"
 
 
 def _kernel_input(a):
@@ -56,7 +67,7 @@ def view(call, a):
 
 
 def fallback(op, a, **kwargs):
-    return getattr(np, op)(a, **kwargs)
+    return op(a, **kwargs)
 
 
 # ---- statistics ------------------------------------------------------------------------------
@@ -80,6 +91,41 @@ def _finish(values, shape, dtype, out):
     return values[()] if values.ndim == 0 else values
 
 
+# A NumPy operation that raises each floating-point flag, as the step of NumPy's reduction
+# that would raise it: replayed, it goes through np.errstate (ignore, warn, raise, call).
+_ONE, _ZERO, _INF = np.ones(1), np.zeros(1), np.full(1, np.inf)
+_FLAG_STEPS = {
+    "mean of inf and -inf": lambda: np.add.reduce(np.array([np.inf, -np.inf])),
+    "inf - mean": lambda: np.subtract(_INF, _INF),
+    "0 / 0": lambda: np.divide(_ZERO, _ZERO),
+    "m2 / 0": lambda: np.divide(_ONE, _ZERO),
+}
+
+
+def _numpy_flags(a, red, kinds, ddof, mean, m2):
+    """The floating-point flags NumPy's mean/var would raise for these results, in its order:
+    an empty slice (0 / 0), a nan made from infinities in a slice that holds no nan (their
+    sum, or inf - mean), and var's division by count - ddof <= 0."""
+    if not red.nchan or not {"mean", "var", "std"} & set(kinds):
+        return []
+    steps = []
+    if red.count == 0:
+        return ["0 / 0"]
+    second = "var" in kinds or "std" in kinds
+    made_nan = np.isnan(mean) | (np.isnan(m2) if second else False)
+    if a.dtype.kind == "f" and made_nan.any():
+        # min propagates nan (and no inf makes one): one pass, no input-sized temporary
+        had_nan = np.isnan(np.minimum.reduce(a, axis=red.axes)).reshape(-1)
+        if (made_nan & ~had_nan).any():
+            steps.append("inf - mean" if second else "mean of inf and -inf")
+    if second and red.count - ddof <= 0:
+        if (m2 == 0).any():
+            steps.append("0 / 0")
+        if (m2 > 0).any():
+            steps.append("m2 / 0")
+    return steps
+
+
 def statistics(like, a, red, kinds, ddof, dtype, out):
     if red.count == 0 or red.nchan == 0:
         mean = np.full(red.nchan, np.nan)  # NumPy's mean of nothing
@@ -87,6 +133,8 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
     else:
         mean, m2, _ = channel_moments(_view3(_flip_reduced(_kernel_input(a), red.axes),
                                              red.layout))
+    for step in _numpy_flags(a, red, kinds, ddof, mean, m2):
+        _FLAG_STEPS[step]()
     results = []
     for kind in kinds:
         if kind == "mean":
@@ -168,8 +216,8 @@ def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_fa
 
 
 def ema(running_mean, running_var, mean, var, momentum, var_factor):
-    if running_mean.dtype == np.float16 or running_var.dtype == np.float16:
-        # The kernels read float32/float64 only; float16 buffers are tiny anyway.
+    if any(b.dtype == np.float16 or not b.dtype.isnative for b in (running_mean, running_var)):
+        # The kernels read native float32/float64 only; the buffers are tiny anyway.
         new_mean = (1 - momentum) * running_mean.astype(np.float64) + momentum * mean
         new_var = (1 - momentum) * running_var.astype(np.float64) + momentum * var_factor * var
         np.copyto(running_mean, new_mean, casting="unsafe")
