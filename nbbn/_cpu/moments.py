@@ -76,6 +76,8 @@ def chunk_sums(row, k):
 @helper
 def shifted_sums(row, k):
     """``chunk_sums`` of a block, CHUNK elements at a time (see CHUNK)."""
+    if row.shape[0] <= CHUNK:
+        return chunk_sums(row, k)
     s1 = 0.0
     s2 = 0.0
     for start in range(0, row.shape[0], CHUNK):
@@ -173,21 +175,42 @@ def rows_shift(x, c, first, last, samples):
 
 
 @helper
-def rows_pass(x, first, last, k, new_shift, counts, sums, samples):
-    """Shifted sums of work items first:last (row blocks, see ``row_block``); with
-    ``new_shift``, a channel's shift k is chosen where the channel is first met."""
+def rows_pass(x, first, last, k, new_shift, counts, sums, pending, samples):
+    """Shifted sums of work items first:last (row blocks, see ``row_block``), walked in
+    memory order; with ``new_shift``, a channel's shift k is chosen where the channel is
+    first met. Short rows' sums gather in ``pending`` (plain sums, count) until they
+    cover CHUNK values, then go into the double-double sums."""
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     counts[:] = 0.0
     sums[:] = 0.0
-    for item in range(first, last):
-        o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
-        row = x[o, c, start:stop]
+    pending[:] = 0.0
+    if first == last:
+        return
+    o, c, start, stop = row_block(first, nchan, blocks_per_row, n_inner)
+    for _ in range(first, last):
         if new_shift and counts[c] == 0:
             k[c] = rows_shift(x, c, first, last, samples)
-        s1, s2 = shifted_sums(row, k[c])
-        accumulate(sums, c, s1, s2)
+        s1, s2 = shifted_sums(x[o, c, start:stop], k[c])
         counts[c] += stop - start
+        pending[0, c] += s1
+        pending[1, c] += s2
+        pending[2, c] += stop - start
+        if pending[2, c] >= CHUNK:
+            accumulate(sums, c, pending[0, c], pending[1, c])
+            pending[0, c] = 0.0
+            pending[1, c] = 0.0
+            pending[2, c] = 0.0
+        start = stop
+        if start == n_inner:
+            start = 0
+            c += 1
+            if c == nchan:
+                c = 0
+                o += 1
+        stop = min(n_inner, start + BLOCK)
+    for c in range(nchan):
+        accumulate(sums, c, pending[0, c], pending[1, c])
 
 
 @kernel
@@ -202,11 +225,11 @@ def moments_rows(x, nthreads):
     states = np.zeros((nthreads, FIELDS, nchan))
     for t in prange(nthreads):
         first, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
-        work = np.empty((6, nchan))  # one allocation: shifts, counts, sums
-        k, counts, sums = work[0], work[1], work[2:]
+        work = np.empty((9, nchan))  # one allocation: shifts, counts, sums, pending sums
+        k, counts, sums, pending = work[0], work[1], work[2:6], work[6:]
         samples = np.empty(SAMPLES)
         for attempt in range(2):  # a second pass only where the shift was too far
-            rows_pass(x, first, last, k, attempt == 0, counts, sums, samples)
+            rows_pass(x, first, last, k, attempt == 0, counts, sums, pending, samples)
             if not thread_state(counts, k, sums, states[t]):
                 break
             k[:] = states[t, MEAN]
