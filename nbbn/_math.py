@@ -1,9 +1,13 @@
 """Per-element math shared by the CPU and CUDA kernels, written once as plain Python.
 
 Each function here uses only operations both Numba targets compile (``math``,
-not ``numpy`` ufuncs: ``np.isfinite`` has no CUDA lowering). The CUDA backend
-wraps them with ``cuda.jit(device=True)``; the CPU kernels wrap the same
-functions with their ``strict_helper`` decorator (``numba.njit`` without fastmath).
+not ``numpy`` ufuncs: ``np.isfinite`` has no CUDA lowering). CPU kernels call
+them as they are: ``_cpu/_jit.py`` registers each as a Numba overload of
+itself, compiled without fastmath wherever a kernel calls it (so they may call
+each other too). The CUDA backend wraps ``chan_merge`` with
+``cuda.jit(device=True)``; to use the double-double functions, which call each
+other and ``fma``, it would register them the same way for the CUDA target
+(``overload(f, target="cuda")``, ``fma`` as ``cuda.fma``).
 
 Double-doubles: the statistics carry a mean as an unevaluated sum ``hi + lo``
 of two float64 (``hi`` the float64 nearest to the sum, about 106 bits in all),
@@ -11,6 +15,8 @@ kept exact by error-free transformations (TwoSum, the FMA remainder). These are
 exact only as written: compiled with reassociation or contraction the compiler
 would cancel the compensation (``(a + b) - a`` is ``b`` to it), hence strict builds.
 ``fma`` is the one primitive each backend supplies (the hardware instruction).
+The functions without ``fma`` (``two_sum``, ``dd_add``) also work elementwise on
+NumPy arrays (``Moments.merge``).
 """
 import math
 from fractions import Fraction

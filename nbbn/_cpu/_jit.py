@@ -277,15 +277,6 @@ def helper(py_func):
     return numba.njit(inline="always", fastmath=FASTMATH, cache=False)(py_func)
 
 
-def strict_helper(py_func):
-    """A helper compiled without fastmath and not inlined at Numba's level (which would
-    hand its operations the caller's flags): for error-free (compensated) arithmetic,
-    which reassociation and contraction cancel, and merge formulas whose overflow and
-    inf/nan cases reassociation breaks. (LLVM may still inline it: its instructions
-    keep their own, strict, flags.)"""
-    return numba.njit(fastmath=False, cache=False)(py_func)
-
-
 @intrinsic
 def _fma_instruction(typingctx, a, b, c):
     sig = numba.float64(numba.float64, numba.float64, numba.float64)
