@@ -56,6 +56,10 @@ SAMPLES = 8
 STREAMS = 8
 # Sweeps per channels-last block: 8 streams x 64 rows = 512 rows per plain sum.
 COLUMN_BLOCK_SWEEPS = 64
+# Channels per kernel call: each thread keeps about 100 bytes of sums and state per
+# channel, which for many channels of little data each (the last axis of a large
+# array reduced) would rival the data itself.
+CHANNEL_TILE = 4096
 # Rows of a (FIELDS, C) channel state: count, mean (double-double), m2.
 COUNT, MEAN, MEAN_LOW, M2 = range(4)
 FIELDS = 4
@@ -360,6 +364,11 @@ def channel_moments(x):
     is outer * inner. ``mean + mean_low`` is the mean as a double-double (``mean``
     correctly rounded), for merges that must keep it exact (``Moments``)."""
     n_outer, nchan, n_inner = x.shape
+    if nchan > CHANNEL_TILE:
+        out = np.empty((3, nchan))
+        for c0 in range(0, nchan, CHANNEL_TILE):
+            out[:, c0:c0 + CHANNEL_TILE] = channel_moments(x[:, c0:c0 + CHANNEL_TILE])
+        return out[0], out[1], out[2]
     if n_inner == 1:
         state, finite = column_moments(x[:, :, 0])
     else:
