@@ -45,11 +45,13 @@ from ._jit import helper, kernel, thread_plan
 # A shift k with (s1**2 / n) / s2 above this (more than 4 bits cancelled in m2)
 # is replaced by the mean and the sums taken again.
 CANCELLATION = 1.0 - 1.0 / 16
-# Elements summed by one loop: vectorized, a loop keeps 16-32 short partial sums, but a
-# strided block may not vectorize, and one long sequential sum of squares of data on a
-# coarse grid (1.7e9 + N(0, 1)) rounds with a bias (squares' low bits are not uniform):
-# 4e-14 relative over 4096 values, 6e-16 over 512.
-CHUNK = 512
+# Elements summed by one loop. Partial sums must stay short: one long sequential sum of
+# squares of data on a coarse grid (1.7e9 + N(0, 1)) rounds with a bias (squares' low
+# bits are not uniform), 4e-14 relative over 4096 values. Vectorized (contiguous), a
+# loop keeps 16-32 partial sums (shorter loops: 8% slower on one thread, float32); a
+# strided block's loop is sequential.
+CHUNK = 1024
+STRIDED_CHUNK = 128
 # Values sampled per channel to choose its shift (see ``central``).
 SAMPLES = 8
 # Rows summed side by side in a channels-last sweep (see the module docstring).
@@ -81,13 +83,14 @@ def chunk_sums(row, k):
 
 @helper
 def shifted_sums(row, k):
-    """``chunk_sums`` of a block, CHUNK elements at a time (see CHUNK)."""
-    if row.shape[0] <= CHUNK:
+    """``chunk_sums`` of a block, CHUNK (or, strided, STRIDED_CHUNK) elements at a time."""
+    step = CHUNK if row.strides[0] == row.itemsize else STRIDED_CHUNK
+    if row.shape[0] <= step:
         return chunk_sums(row, k)
     s1 = 0.0
     s2 = 0.0
-    for start in range(0, row.shape[0], CHUNK):
-        c1, c2 = chunk_sums(row[start:start + CHUNK], k)
+    for start in range(0, row.shape[0], step):
+        c1, c2 = chunk_sums(row[start:start + step], k)
         s1 += c1
         s2 += c2
     return s1, s2
