@@ -2,6 +2,7 @@
 
     nbbn info                 versions, threads, compilation cache, CUDA
     nbbn bench                side-by-side timings: nbbn / NumPy / PyTorch / bandwidth floor
+                              (and JAX, TensorFlow where installed: nbbn[peers])
     nbbn bench --full         every shape, dtype and layout of the benchmark suite
     nbbn bench --json r.json --plot r.png
 """
@@ -119,27 +120,6 @@ def cmd_info(args):
 
 # --- nbbn bench --------------------------------------------------------------------
 
-class Progress:
-    """A one-line progress bar on stderr (only where stderr is a terminal)."""
-
-    def __init__(self, enabled=True, stream=sys.stderr):
-        self.stream = stream
-        self.enabled = enabled and hasattr(stream, "isatty") and stream.isatty()
-        self.start = time.perf_counter()
-
-    def __call__(self, done, total, label):
-        if not self.enabled:
-            return
-        width = 28
-        fill = int(width * done / total) if total else width
-        elapsed = time.perf_counter() - self.start
-        bar = "#" * fill + "." * (width - fill)
-        self.stream.write(f"\r[{bar}] {done}/{total} {elapsed:5.1f}s  {label[:48]:<48}")
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def _select(args, usage_error):
     from ._bench import registry
     if args.full:
@@ -166,13 +146,19 @@ def _select(args, usage_error):
 
 
 def cmd_bench(args):
-    from ._bench import registry, report, runner
+    from tqdm import tqdm
+
+    from ._bench import peers, registry, report, runner
     from ._info import collect
     cases, skipped = _select(args, args.usage_error)
     for s in skipped:
         print(f"skipped: {s}", file=sys.stderr)
     if not registry.torch_available():
         print("note: PyTorch not installed; its column stays empty", file=sys.stderr)
+    missing = [p for p in ("jax", "tf") if p not in peers.available()]
+    if missing:
+        print(f"note: {' and '.join(missing)} not installed (pip install 'nbbn[peers]' "
+              "to compare with JAX and TensorFlow)", file=sys.stderr)
     if not cases:
         print("nothing to run", file=sys.stderr)
         return 1
@@ -191,14 +177,19 @@ def cmd_bench(args):
     rounds = args.rounds or (3 if args.quick else 7)
     budget = min(args.budget, 0.2) if args.quick else args.budget
     start = time.perf_counter()
-    results = runner.run_cases(cases, rounds=rounds, budget_s=budget,
-                               progress=Progress(enabled=not args.no_progress))
+    # disable=None: a bar only where stderr is a terminal.
+    with tqdm(total=len(cases), unit="case", file=sys.stderr, dynamic_ncols=True,
+              disable=True if args.no_progress else None) as bar:
+        results = runner.run_cases(cases, rounds=rounds, budget_s=budget, progress=bar)
     elapsed = time.perf_counter() - start
     info = collect(probe=True)
     t = info["threads"]
-    print(f"nbbn {info['versions']['nbbn']} | numpy {info['versions']['numpy']} | "
-          f"torch {info['versions']['torch'] or '-'} | {t.get('cpu')} | numba threads "
-          f"{t['num_threads']} ({t['threading_layer']}) | median ms, interleaved, {rounds} rounds max")
+    info["versions"].update(peers.versions())
+    v = info["versions"]
+    print(f"nbbn {v['nbbn']} | numpy {v['numpy']} | torch {v['torch'] or '-'} | "
+          f"jax {v['jax'] or '-'} | tensorflow {v['tensorflow'] or '-'} | {t.get('cpu')} | "
+          f"numba threads {t['num_threads']} ({t['threading_layer']}) | median ms, "
+          f"interleaved, {rounds} rounds max")
     print(report.table(results))
     print(f"({len(results)} cases in {elapsed:.1f} s)")
     if args.json:

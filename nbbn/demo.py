@@ -21,7 +21,7 @@ Variants (``--norms``):
   internal covariate shift injected on purpose. Scale ~ U(1/(1+a), 1+a),
   shift ~ U(-a, a), with a = ``--noise``.
 
-Needs the ``nbbn[demo]`` extra (scikit-learn, tqdm, matplotlib).
+Needs the ``nbbn[demo]`` extra (scikit-learn, matplotlib).
 """
 import argparse
 import contextlib
@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from tqdm import tqdm
 
 from ._args import float_range, int_at_least, output_file, positive_float, positive_int
 from .layer import BatchNorm
@@ -280,34 +281,6 @@ def train(model, norm, lr, data, *, steps=300, batch=64, seed=0, noise=1.0, targ
                 seconds=time.perf_counter() - t0)
 
 
-class _Progress:
-    """tqdm's bar where installed, else a line per configuration on stderr."""
-
-    def __init__(self, total, enabled):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
-            except ImportError:
-                pass
-        self.enabled = enabled
-
-    def describe(self, text):
-        if self.bar is not None:
-            self.bar.set_description(text)
-        elif self.enabled:
-            print(text, file=sys.stderr, flush=True)
-
-    def update(self, n):
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 LRS = (0.02, 0.1, 0.5, 2.0, 5.0)
 
 
@@ -338,17 +311,14 @@ def run(models=MODELS, norms=NORMS, lrs=LRS, *, steps=300, batch=64, seed=0,
     """Every (model, norm, lr) configuration; returns the list of :func:`train` results."""
     data = load_data(seed)
     configs = [(m, n, lr) for m in models for lr in lrs for n in norms]
-    bar = _Progress(steps * len(configs), progress)
     results = []
-    try:
-        with limit_threads(threads):
-            for m, n, lr in configs:
-                bar.describe(f"{m} {n} lr={lr:g}")
-                results.append(train(m, n, lr, data, steps=steps, batch=batch, seed=seed,
-                                     noise=noise, target=target, eval_every=eval_every,
-                                     progress=bar))
-    finally:
-        bar.close()
+    with tqdm(total=steps * len(configs), unit="step", file=sys.stderr, dynamic_ncols=True,
+              disable=not progress) as bar, limit_threads(threads):
+        for m, n, lr in configs:
+            bar.set_description(f"{m} {n} lr={lr:g}")
+            results.append(train(m, n, lr, data, steps=steps, batch=batch, seed=seed,
+                                 noise=noise, target=target, eval_every=eval_every,
+                                 progress=bar))
     return results
 
 

@@ -80,7 +80,10 @@ def _as_numpy(v, case):
         if case.layout == "NHWC" and v.ndim == len(case.shape):
             v = v.permute(0, *range(2, v.ndim), 1)
         v = v.contiguous().numpy()
-    return np.asarray(v, np.float64)
+    v = np.asarray(v, np.float64)  # JAX and TensorFlow arrays too
+    if v.size == case.size and v.ndim > len(case.shape):  # TensorFlow's [N, 1, 1, C]
+        v = v.reshape(case.stored_shape)
+    return v
 
 
 RESULT_PARTS = {"mean_var": 2, "forward": 1, "inference": 1, "backward": 3, "layer_step": 1}
@@ -89,14 +92,13 @@ RESULT_PARTS = {"mean_var": 2, "forward": 1, "inference": 1, "backward": 3, "lay
 @pytest.mark.parametrize("case", [c for c in registry.cases(shapes=registry.SMALL_SHAPES)
                                   if c.op in RESULT_PARTS], ids=lambda c: c.label)
 def test_registry_contenders_compute_the_same(case):
-    """The benchmarked calls compute the same thing (what is timed is a fair comparison)."""
+    """The benchmarked calls compute the same thing (what is timed is a fair comparison),
+    PyTorch, JAX and TensorFlow included where installed."""
     op = registry.OPS[case.op]
     if op.available():
         pytest.skip(op.available())
     got = {}
-    for who, factory in op.contenders.items():
-        if who == "torch" and not registry.torch_available():
-            continue
+    for who, factory in registry.factories(case).items():
         out = factory(registry.prepare(case))()
         parts = out if isinstance(out, (tuple, list)) else (out,)
         got[who] = [_as_numpy(p, case) for p in parts[: RESULT_PARTS[case.op]]]

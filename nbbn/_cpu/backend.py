@@ -5,6 +5,7 @@ from .backward import backward_sums as _sums, grad_input as _grad_input
 from .ema import ema as _ema_kernel
 from .moments import channel_moments
 from .normalize import affine as _affine_kernel
+from . import pool
 
 
 # ---- arrays ----------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def _output(call, out):
         s3 = layout.strides3(out.strides)
         if s3 is not None:
             return np.lib.stride_tricks.as_strided(out, layout.shape3, s3), lambda: out
-    buf = np.empty([plan.shape[i] for i in layout.order], work)
+    buf = pool.empty([plan.shape[i] for i in layout.order], work)
     array = buf.transpose(layout.inverse)
 
     def finish():

@@ -10,7 +10,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, thread_plan
-from ._blocks import BLOCK, row_block, tiled, widen
+from ._blocks import (BLOCK, GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, row_block, stream_split,
+                      tiled, widen)
 
 
 @kernel
@@ -37,41 +38,47 @@ def sums_rows(dy, x, mean, nthreads):
 
 
 @helper
-def column_sums(dy, x, r0, r1, mean, s_dy, s_dxm):
-    """Add sum(dy) and sum(dy * (x - mean)) of rows r0:r1 into per-column accumulators.
+def sums_sweep(dy, x, r, step, n_streams, mean, s_dy, s_dxm):
+    """Add sum(dy) and sum(dy * (x - mean)) of rows r, r + step, ... (n_streams rows) into
+    per-column accumulators: one sweep, the rows' terms added in registers first."""
+    for c in range(mean.shape[0]):
+        m = mean[c]
+        a = np.float64(dy[r, c])
+        b = a * (np.float64(x[r, c]) - m)
+        for s in range(1, n_streams):
+            d = np.float64(dy[r + s * step, c])
+            a += d
+            b += d * (np.float64(x[r + s * step, c]) - m)
+        s_dy[c] += a
+        s_dxm[c] += b
 
-    Four rows of dy and x per sweep: the accumulators live in memory, so each
-    is loaded and stored once per four elements (as ``moments.shifted_rows``).
-    """
-    width = mean.shape[0]
-    r = r0
-    while r + 4 <= r1:
-        g0, g1, g2, g3 = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
-        v0, v1, v2, v3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-        for j in range(width):
-            m = mean[j]
-            d0, d1 = np.float64(g0[j]), np.float64(g1[j])
-            d2, d3 = np.float64(g2[j]), np.float64(g3[j])
-            s_dy[j] += (d0 + d1) + (d2 + d3)
-            s_dxm[j] += ((d0 * (np.float64(v0[j]) - m) + d1 * (np.float64(v1[j]) - m))
-                         + (d2 * (np.float64(v2[j]) - m) + d3 * (np.float64(v3[j]) - m)))
-        r += 4
-    while r < r1:
-        g0, v0 = dy[r], x[r]
-        for j in range(width):
-            d0 = np.float64(g0[j])
-            s_dy[j] += d0
-            s_dxm[j] += d0 * (np.float64(v0[j]) - mean[j])
-        r += 1
+
+@helper
+def sums_walk(dy, x, t, nthreads, n_streams, mean, s_dy, s_dxm):
+    """Thread t's rows as n_streams lockstep streams (``_blocks.stream_split``)."""
+    first, step, stop = stream_split(t, nthreads, x.shape[0], n_streams)
+    for r in range(first, first + step):
+        sums_sweep(dy, x, r, step, n_streams, mean, s_dy, s_dxm)
+    for r in range(first + n_streams * step, stop):
+        sums_sweep(dy, x, r, 0, 1, mean, s_dy, s_dxm)
 
 
 @kernel
 def sums_columns(dy, x, mean, nthreads):
-    n_rows, nchan = x.shape
-    partial = np.zeros((nthreads, 2, nchan))
+    """Per-thread partial sums over channels-last rows."""
+    nchan = x.shape[1]
+    partial = np.empty((nthreads, 2, nchan))
     for t in prange(nthreads):
-        column_sums(dy, x, t * n_rows // nthreads, (t + 1) * n_rows // nthreads, mean,
-                    partial[t, 0], partial[t, 1])
+        # The thread's own accumulators: fresh arrays, so the compiler knows that
+        # nothing else writes them and vectorizes the sweep without alias checks.
+        s_dy = np.zeros(nchan)
+        s_dxm = np.zeros(nchan)
+        if nchan >= WIDE_ROW:
+            sums_walk(dy, x, t, nthreads, SUMS_STREAMS[1], mean, s_dy, s_dxm)
+        else:
+            sums_walk(dy, x, t, nthreads, SUMS_STREAMS[0], mean, s_dy, s_dxm)
+        partial[t, 0] = s_dy
+        partial[t, 1] = s_dxm
     return partial.sum(axis=0)
 
 
@@ -91,16 +98,34 @@ def dx_rows(dy, x, mean, g, h, k, dx, nthreads):
                 out[i] = gc * np.float64(gy[i]) + hc * (np.float64(v[i]) - m) + kc
 
 
+@helper
+def dx_sweep(dy, x, r, step, n_streams, mean, g, h, k, dx):
+    """dx = g*dy + h*(x - mean) + k on rows r, r + step, ... (n_streams rows), one sweep."""
+    for c in range(mean.shape[0]):
+        m, gc, hc, kc = mean[c], g[c], h[c], k[c]
+        for s in range(n_streams):
+            i = r + s * step
+            dx[i, c] = gc * np.float64(dy[i, c]) + hc * (np.float64(x[i, c]) - m) + kc
+
+
+@helper
+def dx_walk(dy, x, t, nthreads, n_streams, mean, g, h, k, dx):
+    """Thread t's rows as n_streams lockstep streams (``_blocks.stream_split``)."""
+    first, step, stop = stream_split(t, nthreads, x.shape[0], n_streams)
+    for r in range(first, first + step):
+        dx_sweep(dy, x, r, step, n_streams, mean, g, h, k, dx)
+    for r in range(first + n_streams * step, stop):
+        dx_sweep(dy, x, r, 0, 1, mean, g, h, k, dx)
+
+
 @kernel
 def dx_columns(dy, x, mean, g, h, k, dx, nthreads):
-    n_rows, nchan = x.shape
+    """dx over channels-last rows."""
     for t in prange(nthreads):
-        for r in range(t * n_rows // nthreads, (t + 1) * n_rows // nthreads):
-            gy = dy[r]
-            v = x[r]
-            out = dx[r]
-            for c in range(nchan):
-                out[c] = g[c] * np.float64(gy[c]) + h[c] * (np.float64(v[c]) - mean[c]) + k[c]
+        if x.shape[1] >= WIDE_ROW:
+            dx_walk(dy, x, t, nthreads, GRAD_STREAMS[1], mean, g, h, k, dx)
+        else:
+            dx_walk(dy, x, t, nthreads, GRAD_STREAMS[0], mean, g, h, k, dx)
 
 
 def _rows_plan(x):

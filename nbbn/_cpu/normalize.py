@@ -2,8 +2,9 @@
 import numpy as np
 from numba import prange
 
-from ._jit import kernel, thread_plan
-from ._blocks import BLOCK, row_block, tiled, widen
+from ._jit import helper, kernel, thread_plan
+from ._blocks import (AFFINE_STREAMS, BLOCK, row_block, stream_split, tiled,
+                      widen)
 
 
 @kernel
@@ -23,16 +24,25 @@ def affine_rows(x, scale, shift, y, nthreads):
                 dst[i] = np.float64(src[i]) * a + b
 
 
+@helper
+def affine_sweep(x, r, step, n_streams, scale, shift, y):
+    """y = x * scale + shift on rows r, r + step, ... (n_streams rows), one sweep."""
+    for c in range(scale.shape[0]):
+        a = scale[c]
+        b = shift[c]
+        for s in range(n_streams):
+            y[r + s * step, c] = np.float64(x[r + s * step, c]) * a + b
+
+
 @kernel
 def affine_columns(x, scale, shift, y, nthreads):
-    """y[r, c] = x[r, c] * scale[c] + shift[c] for channels-last rows."""
-    n_rows, nchan = x.shape
+    """y[r, c] = x[r, c] * scale[c] + shift[c] for channels-last rows (``stream_split``)."""
     for t in prange(nthreads):
-        for r in range(t * n_rows // nthreads, (t + 1) * n_rows // nthreads):
-            src = x[r]
-            dst = y[r]
-            for c in range(nchan):
-                dst[c] = np.float64(src[c]) * scale[c] + shift[c]
+        first, step, stop = stream_split(t, nthreads, x.shape[0], AFFINE_STREAMS)
+        for r in range(first, first + step):
+            affine_sweep(x, r, step, AFFINE_STREAMS, scale, shift, y)
+        for r in range(first + AFFINE_STREAMS * step, stop):
+            affine_sweep(x, r, 0, 1, scale, shift, y)
 
 
 def _affine_columns(x, scale, shift, y):
