@@ -8,38 +8,61 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _dispatch, _layout
+from . import _dispatch, _layout, _math
 
 
-class Moments(NamedTuple):
+class _MomentsFields(NamedTuple):
+    count: object
+    mean: object
+    m2: object
+
+
+class Moments(_MomentsFields):
     """Mergeable Welford state: count, mean and m2 (sum of squared deviations).
 
     ``mean``/``m2`` are float64 (arrays or scalars); ``count`` is the number of
     values behind each entry. States of disjoint parts merge exactly with
     Chan et al.'s formula, for any counts including zero.
+
+    Moments computed by nbbn may also carry ``mean_low``, the rest of the mean
+    (``mean + mean_low`` to double-double accuracy, ``mean`` correctly
+    rounded): merges use it, so that merged states stay as accurate as one
+    computation over all the data even far from zero (``1e12 + N(0, 1)``: a
+    float64 mean alone is off by up to ``ulp(1e12) / 2``, which the merge
+    formula multiplies into m2). It is not a tuple field (a Moments is still
+    ``(count, mean, m2)``); where unknown it is 0.
     """
 
-    count: object
-    mean: object
-    m2: object
+    mean_low = 0.0
+
+    @classmethod
+    def with_mean_low(cls, count, mean, m2, mean_low):
+        """Moments whose mean is the double-double ``mean + mean_low``."""
+        moments = cls(count, mean, m2)
+        moments.mean_low = mean_low
+        return moments
 
     def merge(self, other):
         """The moments of the union of the data behind ``self`` and ``other``."""
         n_a, n_b = np.asarray(self.count), np.asarray(other.count)
         n = n_a + n_b
-        mean_a, mean_b = np.asarray(self.mean, np.float64), np.asarray(other.mean, np.float64)
-        # The same cases as the kernels' _math.chan_merge, elementwise.
+        a_hi, b_hi = np.asarray(self.mean, np.float64), np.asarray(other.mean, np.float64)
+        a_lo, b_lo = np.asarray(self.mean_low, np.float64), np.asarray(other.mean_low, np.float64)
+        # The kernels' _math.chan_merge_dd, elementwise (the mean's step rounded once).
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             n_safe = np.where(n == 0, 1, n).astype(np.float64)
-            delta = mean_b - mean_a
-            mean = np.where(delta == 0, mean_a,
-                            np.where(np.isfinite(delta), mean_a + delta * (n_b / n_safe),
-                                     (n_a * mean_a + n_b * mean_b) / n_safe))
-            m2 = np.asarray(self.m2, np.float64) + other.m2 + delta * delta * (n_a * (n_b / n_safe))
+            w = n_b / n_safe
+            d_hi, d_lo = _math.dd_add(b_hi, b_lo, -a_hi, -a_lo)
+            hi, lo = _math.dd_add(a_hi, a_lo, d_hi * w, d_lo * w)
+            finite = np.isfinite(d_hi)  # else inf/nan data: NumPy's (sum / n)
+            hi = np.where(finite, hi, (n_a * a_hi + n_b * b_hi) / n_safe)
+            lo = np.where(finite, lo, 0.0)
+            m2 = np.asarray(self.m2, np.float64) + other.m2 + d_hi * d_hi * (n_a * w)
         # An empty side contributes nothing (its mean is nan, not a number to weigh).
-        mean = np.where(n_b == 0, self.mean, np.where(n_a == 0, other.mean, mean))
-        m2 = np.where(n_b == 0, self.m2, np.where(n_a == 0, other.m2, m2))
-        return Moments(_scalar_or_array(n), _scalar_or_array(mean), _scalar_or_array(m2))
+        parts = [np.where(n_b == 0, mine, np.where(n_a == 0, theirs, merged))
+                 for mine, theirs, merged in ((self.mean, other.mean, hi), (self.m2, other.m2, m2),
+                                              (a_lo, b_lo, lo))]
+        return Moments.with_mean_low(_scalar_or_array(n), *map(_scalar_or_array, parts))
 
     @classmethod
     def combine(cls, parts):

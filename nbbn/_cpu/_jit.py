@@ -12,6 +12,7 @@ split the work into the same ``nthreads`` parts, so the swap never changes a
 result, not even in the last bit.
 """
 import hashlib
+import inspect
 import os
 import pathlib
 import pickle
@@ -20,8 +21,12 @@ import types
 import warnings
 
 import numba
+from llvmlite import ir
 from numba.core.caching import FunctionCache, IndexDataCacheFile
 from numba.core.compiler_lock import global_compiler_lock
+from numba.extending import intrinsic, overload
+
+from .. import _math
 
 # reassoc/contract let reductions vectorize; nnan/ninf would break NaN/Inf
 # propagation and arcp would make x/n inexact (a constant channel's mean must
@@ -272,11 +277,35 @@ def helper(py_func):
     return numba.njit(inline="always", fastmath=FASTMATH, cache=False)(py_func)
 
 
-def strict_helper(py_func):
-    """A helper compiled without fastmath and not inlined at Numba's level (which would
-    hand its operations the caller's flags): for merge formulas whose overflow and
-    inf/nan cases reassociation breaks."""
-    return numba.njit(fastmath=False, cache=False)(py_func)
+@intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    sig = numba.float64(numba.float64, numba.float64, numba.float64)
+
+    def codegen(context, builder, signature, args):
+        f64 = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [f64], ir.FunctionType(f64, [f64] * 3))
+        return builder.call(fma, args)
+
+    return sig, codegen
+
+
+def _compile_shared_math():
+    """Make ``_math``'s functions callable from CPU kernels, as they are written.
+
+    Each compiles as its own strict function (no fastmath: see the module
+    docstring of ``_math``) wherever a kernel calls it; ``_math.fma`` compiles
+    as the fused multiply-add instruction.
+    """
+    overload(_math.fma, target="cpu")(lambda a, b, c: lambda a, b, c: _fma_instruction(a, b, c))
+    for func in vars(_math).values():
+        if inspect.isfunction(func) and func.__module__ == _math.__name__ and func is not _math.fma:
+            def implementation(*args, _func=func):
+                return _func
+            implementation.__signature__ = inspect.signature(func)  # Numba checks it
+            overload(func, target="cpu", jit_options={"fastmath": False})(implementation)
+
+
+_compile_shared_math()
 
 
 # Below this many elements a kernel runs serially: waking the thread pool

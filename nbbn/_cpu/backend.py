@@ -132,8 +132,8 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
         mean = np.full(red.nchan, np.nan)  # NumPy's mean of nothing
         m2 = np.zeros(red.nchan)  # a sum over nothing
     else:
-        mean, m2 = channel_moments(_view3(_flip_reduced(_moments_input(a), red.axes),
-                                          red.layout))
+        mean, m2, _ = channel_moments(_view3(_flip_reduced(_moments_input(a), red.axes),
+                                             red.layout))
     for step in _numpy_flags(a, red, kinds, ddof, mean, m2):
         _FLAG_STEPS[step]()
     results = []
@@ -161,7 +161,7 @@ def batch_moments(call, variance=False):
     x3 = call.x3
     if x3.dtype.itemsize == 2:  # 16-bit floats: the moments kernels read float32 (a copy)
         x3 = _view3(_moments_input(call.x), plan.layout)
-    mean, m2 = channel_moments(x3)
+    mean, m2, _ = channel_moments(x3)
     return mean, m2 / plan.count if variance else m2
 
 
