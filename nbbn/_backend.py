@@ -114,6 +114,29 @@ class Backend(Protocol):
         w's dtype and ``b_dtype``, in w's library; ``w`` as given, ``b`` validated or None
         (then b_folded = shift)."""
 
+    # ---- small calls, one compiled call each -------------------------------------------------
+    # Where a call's time is its steps, not its arithmetic, a backend may do the whole call in
+    # one compiled call. The face validates the arguments first (the general rules, on the
+    # plain cases only); a ``fused_*`` stage may still decline (None) where it does not
+    # read an argument as it is, having written nothing: the general stages then run.
+
+    def fused(self, plan, x):
+        """The backend's description (opaque to the face) of arrays like ``x`` (``plan``: its
+        ``ChannelPlan``) for the ``fused_*`` stages, or None where it has no fused call for
+        them. Called once per cached plan (x's shape, strides, dtype and axis)."""
+
+    def fused_forward(self, small, x, weight, bias, eps, running, momentum, var_factor,
+                      stats_dtype):
+        """``forward`` (no out=, no epilogue) in one call: ``(y, mean, var)``, mean and var
+        None where ``stats_dtype`` is None; or None (declined)."""
+
+    def fused_inference(self, small, x, running_mean, running_var, weight, bias, eps):
+        """y normalized with the running statistics in one call, or None (declined)."""
+
+    def fused_backward(self, small, dy, x, mean, var, weight, eps):
+        """The training backward in one call: ``(dx, dweight, dbias)`` (None, None where
+        weight is None), or None (declined)."""
+
     # ---- per-channel vectors -------------------------------------------------------------
 
     def cast(self, like, v, dtype):

@@ -113,3 +113,20 @@ def chan_merge_dd(n_a, a_hi, a_lo, m2_a, n_b, b_hi, b_lo, m2_b):
     s_hi, s_lo = quotient(p_hi, n)                     # ... / n
     m_hi, m_lo = dd_add(a_hi, a_lo, s_hi, s_lo + p_lo / n)
     return n, m_hi, m_lo, m2_a + m2_b + d_hi * d_hi * (n_a * (n_b / n))
+
+
+def affine_coefficients(mean, var, weight, bias, eps):
+    """(scale, shift) of batch norm as ``x * scale + shift``: ``scale = weight / sqrt(var +
+    eps)`` as ``(1 / sqrt(var + eps)) * weight``, ``shift = bias - mean * scale``, each
+    operation rounded as NumPy rounds it elementwise (no fused multiply-add)."""
+    scale = (1.0 / math.sqrt(var + eps)) * weight
+    return scale, bias - mean * scale
+
+
+def grad_coefficients(var, weight, eps, sum_dy, sum_dy_xmu, count):
+    """(G, H, K, 1 / sqrt(var + eps)) of the training backward's ``dx = G * dy + H * (x -
+    mean) + K``, the gradients of the batch mean and variance folded in; rounded as NumPy
+    rounds ``-g * invstd * invstd * sum_dy_xmu / count`` and ``-g * sum_dy / count``."""
+    invstd = 1.0 / math.sqrt(var + eps)
+    g = invstd * weight
+    return g, -g * invstd * invstd * sum_dy_xmu / count, -g * sum_dy / count, invstd

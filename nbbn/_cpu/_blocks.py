@@ -51,19 +51,23 @@ def widen(*arrays):
     """
     n_rows, nchan = arrays[0].shape
     given = [a for a in arrays if a is not None]
-    k = -(-MIN_ROW_WIDTH // max(nchan, 1))
-    if k > 1:  # round k up so that k*C is a whole number of quanta
-        step = ROW_QUANTUM // math.gcd(nchan, ROW_QUANTUM)
-        k = -(-k // step) * step
-    contiguous_rows = all(a.strides[0] == nchan * a.strides[1] for a in given)
-    # Small inputs: the regrouping costs more than it saves.
-    if k == 1 or n_rows * nchan < 16 * MIN_ROW_WIDTH or not contiguous_rows:
+    if not regroups(n_rows, nchan) or any(a.strides[0] != nchan * a.strides[1] for a in given):
         return 1, arrays, None
+    k = -(-MIN_ROW_WIDTH // nchan)
+    step = ROW_QUANTUM // math.gcd(nchan, ROW_QUANTUM)  # k*C a whole number of quanta
+    k = -(-k // step) * step
     cut = n_rows - n_rows % k
     # Rows that follow each other in memory merge: these reshapes are views.
     wide = tuple(None if a is None else a[:cut].reshape(cut // k, k * nchan) for a in arrays)
     rest = tuple(None if a is None else a[cut:] for a in arrays) if cut < n_rows else None
     return k, wide, rest
+
+
+def regroups(n_rows, nchan):
+    """Whether ``widen`` regroups (n_rows, nchan) arrays with contiguous rows: rows too short
+    to vectorize, and enough of them (on small inputs the regrouping costs more than it
+    saves)."""
+    return 0 < nchan < MIN_ROW_WIDTH and n_rows * nchan >= 16 * MIN_ROW_WIDTH
 
 
 def tiled(a, k):

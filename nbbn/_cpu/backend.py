@@ -1,13 +1,17 @@
 """The host backend: the stages of ``nbbn._backend`` over NumPy arrays and the CPU kernels."""
 import numpy as np
 
+from typing import NamedTuple
+
 from .._layout import is_bfloat16
+from ._blocks import regroups
+from ._jit import PARALLEL_MIN_ELEMENTS
 from .backward import backward_sums as _sums, grad_input as _grad_input
 from .elements import as_dtype, kernel_array, work_dtype
 from .ema import ema as _ema_kernel
-from .moments import channel_moments
+from .moments import CHANNEL_TILE, channel_moments
 from .normalize import affine as _affine_kernel
-from . import pool
+from . import fused as _fused, pool
 
 
 # ---- arrays ----------------------------------------------------------------------------------
@@ -290,6 +294,95 @@ def folded(w, b, scale, shift, b_dtype):
     w_folded = w.astype(np.float64) * scale.reshape((-1,) + (1,) * (w.ndim - 1))
     b_folded = shift if b is None else b.astype(np.float64) * scale + shift
     return as_dtype(w_folded, w.dtype), as_dtype(b_folded, b_dtype)
+
+
+# ---- small calls, one compiled call each -----------------------------------------------------
+
+# The dtypes the fused kernels read (x, dy and the vectors): 16-bit floats and other byte
+# orders go the general way, which converts them.
+_NATIVE_FLOATS = frozenset(map(np.dtype, (np.float32, np.float64)))
+
+
+class _Small(NamedTuple):
+    """What ``fused`` found for a plan: x's shape and dtype, the shape of the view the fused
+    kernels read (3-D rows, or the 2-D plane of channels-last data; None: x's own shape),
+    the number of channels, and the kernels' serial builds."""
+
+    shape: tuple
+    dtype: object
+    view: tuple
+    nchan: int
+    forward: object
+    inference: object
+    backward: object
+
+
+def fused(plan, x):
+    """Arrays the serial kernels handle whole (half the size at which a backward goes
+    parallel, so every pass would run serially anyway), in plain axis order with a view,
+    of a dtype read as it is, without channel tiles or regrouped rows (``_blocks.widen``)."""
+    layout = plan.layout
+    n_outer, nchan, n_inner = layout.shape3
+    if (x.dtype not in _NATIVE_FLOATS or not 0 < 2 * plan.size < PARALLEL_MIN_ELEMENTS
+            or nchan > CHANNEL_TILE or layout.order != tuple(range(len(plan.shape)))
+            or layout.strides3(x.strides) is None
+            or n_inner == 1 and regroups(n_outer, nchan)):
+        return None
+    view = layout.shape3 if n_inner > 1 else (n_outer, nchan)
+    return _Small(plan.shape, plan.dtype, None if view == plan.shape else view, nchan,
+                  *(k.build(False) for k in (_fused.forward, _fused.inference, _fused.backward)))
+
+
+def _view(small, a):
+    return a if small.view is None else a.reshape(small.view)
+
+
+def _read(v):
+    """Whether the fused kernels read vector ``v`` (None allowed) as it is."""
+    return v is None or v.dtype in _NATIVE_FLOATS
+
+
+def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, stats_dtype):
+    running_mean = running_var = None
+    if running is not None:
+        running_mean, running_var = running
+        if not (running_mean.flags.writeable and running_var.flags.writeable
+                and running_mean.dtype in _NATIVE_FLOATS and running_var.dtype in _NATIVE_FLOATS):
+            return None
+    if not (_read(weight) and _read(bias)):
+        return None
+    y = np.empty(small.shape, small.dtype)
+    mean = var = None
+    if stats_dtype is not None:
+        mean, var = np.empty(small.nchan, stats_dtype), np.empty(small.nchan, stats_dtype)
+    if small.forward(_view(small, x), weight, bias, eps, _view(small, y), mean, var,
+                     running_mean, running_var, momentum, var_factor):
+        return y, mean, var
+    return None
+
+
+def fused_inference(small, x, running_mean, running_var, weight, bias, eps):
+    if not (_read(running_mean) and _read(running_var) and _read(weight) and _read(bias)):
+        return None
+    y = np.empty(small.shape, small.dtype)
+    if small.inference(_view(small, x), running_mean, running_var, weight, bias, eps,
+                       _view(small, y)):
+        return y
+    return None
+
+
+def fused_backward(small, dy, x, mean, var, weight, eps):
+    if not (dy.strides == x.strides and _read(dy) and _read(mean) and _read(var)
+            and _read(weight)):
+        return None
+    dx = np.empty(small.shape, small.dtype)
+    dweight = dbias = None
+    if weight is not None:
+        dweight, dbias = np.empty(small.nchan, weight.dtype), np.empty(small.nchan, weight.dtype)
+    if small.backward(_view(small, dy), _view(small, x), mean, var, weight, eps,
+                      _view(small, dx), dweight, dbias):
+        return dx, dweight, dbias
+    return None
 
 
 # ---- per-channel vectors ---------------------------------------------------------------------

@@ -29,28 +29,36 @@ def grad_terms(dy, x, gate, dres, i, m):
     return d, d * (np.float64(wide(x[i])) - m)
 
 
+@helper
+def sums_items(dy, x, mean, gate, dres, first, last, sums):
+    """Add sum(g) and sum(g * (x - mean)) of row items first:last into sums[0], sums[1]."""
+    n_outer, nchan, n_inner = x.shape
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    for item in range(first, last):
+        o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
+        g = dy[o, c, start:stop]
+        v = x[o, c, start:stop]
+        open_ = part(gate, o, c, start, stop)
+        out = part(dres, o, c, start, stop)
+        m = mean[c]
+        s_dy = 0.0
+        s_dxm = 0.0
+        for i in range(g.shape[0]):
+            a, b = grad_terms(g, v, open_, out, i, m)
+            s_dy += a
+            s_dxm += b
+        sums[0, c] += s_dy
+        sums[1, c] += s_dxm
+
+
 @kernel
 def sums_rows(dy, x, mean, gate, dres, nthreads):
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
-    n_items = n_outer * nchan * blocks_per_row
+    n_items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
     partial = np.zeros((nthreads, 2, nchan))
     for t in prange(nthreads):
-        for item in range(t * n_items // nthreads, (t + 1) * n_items // nthreads):
-            o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
-            g = dy[o, c, start:stop]
-            v = x[o, c, start:stop]
-            open_ = part(gate, o, c, start, stop)
-            out = part(dres, o, c, start, stop)
-            m = mean[c]
-            s_dy = 0.0
-            s_dxm = 0.0
-            for i in range(g.shape[0]):
-                a, b = grad_terms(g, v, open_, out, i, m)
-                s_dy += a
-                s_dxm += b
-            partial[t, 0, c] += s_dy
-            partial[t, 1, c] += s_dxm
+        sums_items(dy, x, mean, gate, dres, t * n_items // nthreads,
+                   (t + 1) * n_items // nthreads, partial[t])
     return partial.sum(axis=0)
 
 
@@ -79,22 +87,28 @@ def sums_walk(dy, x, gate, dres, t, nthreads, n_streams, mean, s_dy, s_dxm):
         sums_sweep(dy, x, gate, dres, r, 0, 1, mean, s_dy, s_dxm)
 
 
+@helper
+def sums_share(dy, x, mean, gate, dres, t, nthreads, sums):
+    """Thread t's sums over channels-last rows into sums[0], sums[1]."""
+    nchan = x.shape[1]
+    # The thread's own accumulators: fresh arrays, so the compiler knows that
+    # nothing else writes them and vectorizes the sweep without alias checks.
+    s_dy = np.zeros(nchan)
+    s_dxm = np.zeros(nchan)
+    if nchan >= WIDE_ROW:
+        sums_walk(dy, x, gate, dres, t, nthreads, SUMS_STREAMS[1], mean, s_dy, s_dxm)
+    else:
+        sums_walk(dy, x, gate, dres, t, nthreads, SUMS_STREAMS[0], mean, s_dy, s_dxm)
+    sums[0] = s_dy
+    sums[1] = s_dxm
+
+
 @kernel
 def sums_columns(dy, x, mean, gate, dres, nthreads):
     """Per-thread partial sums over channels-last rows."""
-    nchan = x.shape[1]
-    partial = np.empty((nthreads, 2, nchan))
+    partial = np.empty((nthreads, 2, x.shape[1]))
     for t in prange(nthreads):
-        # The thread's own accumulators: fresh arrays, so the compiler knows that
-        # nothing else writes them and vectorizes the sweep without alias checks.
-        s_dy = np.zeros(nchan)
-        s_dxm = np.zeros(nchan)
-        if nchan >= WIDE_ROW:
-            sums_walk(dy, x, gate, dres, t, nthreads, SUMS_STREAMS[1], mean, s_dy, s_dxm)
-        else:
-            sums_walk(dy, x, gate, dres, t, nthreads, SUMS_STREAMS[0], mean, s_dy, s_dxm)
-        partial[t, 0] = s_dy
-        partial[t, 1] = s_dxm
+        sums_share(dy, x, mean, gate, dres, t, nthreads, partial[t])
     return partial.sum(axis=0)
 
 
@@ -103,21 +117,29 @@ def dx_value(dy, x, gate, i, m, gc, hc, kc):
     return gc * gated(wide(dy[i]), gate, i) + hc * (wide(x[i]) - m) + kc
 
 
+@helper
+def dx_items(dy, x, gate, mean, g, h, k, dx, first, last):
+    """dx over row items first:last."""
+    n_outer, nchan, n_inner = x.shape
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    for item in range(first, last):
+        o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
+        gy = dy[o, c, start:stop]
+        v = x[o, c, start:stop]
+        open_ = part(gate, o, c, start, stop)
+        out = dx[o, c, start:stop]
+        m, gc, hc, kc = mean[c], g[c], h[c], k[c]
+        for i in range(gy.shape[0]):
+            store(out, i, dx_value(gy, v, open_, i, m, gc, hc, kc))
+
+
 @kernel
 def dx_rows(dy, x, gate, mean, g, h, k, dx, nthreads):
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
-    n_items = n_outer * nchan * blocks_per_row
+    n_items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
     for t in prange(nthreads):
-        for item in range(t * n_items // nthreads, (t + 1) * n_items // nthreads):
-            o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
-            gy = dy[o, c, start:stop]
-            v = x[o, c, start:stop]
-            open_ = part(gate, o, c, start, stop)
-            out = dx[o, c, start:stop]
-            m, gc, hc, kc = mean[c], g[c], h[c], k[c]
-            for i in range(gy.shape[0]):
-                store(out, i, dx_value(gy, v, open_, i, m, gc, hc, kc))
+        dx_items(dy, x, gate, mean, g, h, k, dx, t * n_items // nthreads,
+                 (t + 1) * n_items // nthreads)
 
 
 @helper
@@ -140,14 +162,20 @@ def dx_walk(dy, x, gate, t, nthreads, n_streams, mean, g, h, k, dx):
         dx_sweep(dy, x, gate, r, 0, 1, mean, g, h, k, dx)
 
 
+@helper
+def dx_share(dy, x, gate, mean, g, h, k, dx, t, nthreads):
+    """Thread t's share of dx over channels-last rows."""
+    if x.shape[1] >= WIDE_ROW:
+        dx_walk(dy, x, gate, t, nthreads, GRAD_STREAMS[1], mean, g, h, k, dx)
+    else:
+        dx_walk(dy, x, gate, t, nthreads, GRAD_STREAMS[0], mean, g, h, k, dx)
+
+
 @kernel
 def dx_columns(dy, x, gate, mean, g, h, k, dx, nthreads):
     """dx over channels-last rows."""
     for t in prange(nthreads):
-        if x.shape[1] >= WIDE_ROW:
-            dx_walk(dy, x, gate, t, nthreads, GRAD_STREAMS[1], mean, g, h, k, dx)
-        else:
-            dx_walk(dy, x, gate, t, nthreads, GRAD_STREAMS[0], mean, g, h, k, dx)
+        dx_share(dy, x, gate, mean, g, h, k, dx, t, nthreads)
 
 
 def _rows_plan(x):

@@ -222,6 +222,20 @@ def rows_pass(x, first, last, k, new_shift, counts, sums, pending, samples):
         accumulate(sums, c, pending[0, c], pending[1, c])
 
 
+@helper
+def rows_state(x, first, last, state):
+    """Fill the (FIELDS, C) ``state`` from work items first:last of x[outer, C, inner]."""
+    nchan = x.shape[1]
+    work = np.empty((9, nchan))  # one allocation: shifts, counts, sums, pending sums
+    k, counts, sums, pending = work[0], work[1], work[2:6], work[6:]
+    samples = np.empty(SAMPLES)
+    for attempt in range(2):  # a second pass only where the shift was too far
+        rows_pass(x, first, last, k, attempt == 0, counts, sums, pending, samples)
+        if not thread_state(counts, k, sums, state):
+            break
+        k[:] = state[MEAN]
+
+
 @kernel
 def moments_rows(x, nthreads):
     """(state, finite) over axes 0 and 2 of x[outer, C, inner] (see ``checked``).
@@ -233,15 +247,7 @@ def moments_rows(x, nthreads):
     n_items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
     states = np.zeros((nthreads, FIELDS, nchan))
     for t in prange(nthreads):
-        first, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
-        work = np.empty((9, nchan))  # one allocation: shifts, counts, sums, pending sums
-        k, counts, sums, pending = work[0], work[1], work[2:6], work[6:]
-        samples = np.empty(SAMPLES)
-        for attempt in range(2):  # a second pass only where the shift was too far
-            rows_pass(x, first, last, k, attempt == 0, counts, sums, pending, samples)
-            if not thread_state(counts, k, sums, states[t]):
-                break
-            k[:] = states[t, MEAN]
+        rows_state(x, t * n_items // nthreads, (t + 1) * n_items // nthreads, states[t])
     return merge_states(states)
 
 
@@ -302,30 +308,34 @@ def columns_pass(x, r0, r1, k, sums, s1, s2):
         accumulate(sums, j, s1[j], s2[j])
 
 
+@helper
+def columns_state(x, r0, r1, state):
+    """Fill the (FIELDS, C) ``state`` from rows r0:r1 of x[rows, C], shifted per column
+    by a value sampled from rows spread over them (see ``central``)."""
+    nchan = x.shape[1]
+    work = np.empty((8, nchan))  # one allocation: shifts, counts, sums, block sums
+    k, counts, sums, s1, s2 = work[0], work[1], work[2:6], work[6], work[7]
+    counts[:] = r1 - r0
+    samples = np.empty(SAMPLES)
+    for j in range(nchan):
+        for s in range(SAMPLES):
+            samples[s] = x[r0 + s * (r1 - r0) // SAMPLES, j]
+        k[j] = central(samples)
+    for _ in range(2):  # a second pass only where the shift was too far
+        columns_pass(x, r0, r1, k, sums, s1, s2)
+        if not thread_state(counts, k, sums, state):
+            break
+        k[:] = state[MEAN]
+
+
 @kernel
 def moments_columns(x, nthreads):
-    """(state, finite) over axis 0 of x[rows, C] (a vertical reduction, channels-last).
-
-    Thread t takes the t-th contiguous share of the rows, shifted per column by
-    a value sampled from rows spread over its share (see ``central``).
-    """
+    """(state, finite) over axis 0 of x[rows, C] (a vertical reduction, channels-last);
+    thread t takes the t-th contiguous share of the rows."""
     n_rows, nchan = x.shape
     states = np.zeros((nthreads, FIELDS, nchan))
     for t in prange(nthreads):
-        r0, r1 = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
-        work = np.empty((8, nchan))  # one allocation: shifts, counts, sums, block sums
-        k, counts, sums, s1, s2 = work[0], work[1], work[2:6], work[6], work[7]
-        counts[:] = r1 - r0
-        samples = np.empty(SAMPLES)
-        for j in range(nchan):  # from rows spread over r0:r1
-            for s in range(SAMPLES):
-                samples[s] = x[r0 + s * (r1 - r0) // SAMPLES, j]
-            k[j] = central(samples)
-        for _ in range(2):  # a second pass only where the shift was too far
-            columns_pass(x, r0, r1, k, sums, s1, s2)
-            if not thread_state(counts, k, sums, states[t]):
-                break
-            k[:] = states[t, MEAN]
+        columns_state(x, t * n_rows // nthreads, (t + 1) * n_rows // nthreads, states[t])
     return merge_states(states)
 
 

@@ -14,27 +14,35 @@ from ._blocks import (AFFINE_STREAMS, BLOCK, row_block, stream_split, tiled,
 from .elements import epilogue, keep, part, store, wide
 
 
+@helper
+def affine_items(x, scale, shift, y, residual, relu, copy, mask, first, last):
+    """The affine pass over row items first:last (BLOCK-sized pieces of the rows)."""
+    n_outer, nchan, n_inner = x.shape
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    for item in range(first, last):
+        o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
+        src = x[o, c, start:stop]
+        dst = y[o, c, start:stop]
+        res = part(residual, o, c, start, stop)
+        kept = part(copy, o, c, start, stop)
+        gate = part(mask, o, c, start, stop)
+        a = scale[c]
+        b = shift[c]
+        for i in range(src.shape[0]):
+            v = epilogue(wide(src[i]) * a + b, res, i, relu)
+            store(dst, i, v)
+            keep(src, kept, gate, i, v, dst)
+
+
 @kernel
 def affine_rows(x, scale, shift, y, residual, relu, copy, mask, nthreads):
     """y[o, c, i] = act(x[o, c, i] * scale[c] + shift[c] + residual[o, c, i]), rows split
     into BLOCK-sized items."""
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
-    n_items = n_outer * nchan * blocks_per_row
+    n_items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
     for t in prange(nthreads):
-        for item in range(t * n_items // nthreads, (t + 1) * n_items // nthreads):
-            o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
-            src = x[o, c, start:stop]
-            dst = y[o, c, start:stop]
-            res = part(residual, o, c, start, stop)
-            kept = part(copy, o, c, start, stop)
-            gate = part(mask, o, c, start, stop)
-            a = scale[c]
-            b = shift[c]
-            for i in range(src.shape[0]):
-                v = epilogue(wide(src[i]) * a + b, res, i, relu)
-                store(dst, i, v)
-                keep(src, kept, gate, i, v, dst)
+        affine_items(x, scale, shift, y, residual, relu, copy, mask,
+                     t * n_items // nthreads, (t + 1) * n_items // nthreads)
 
 
 @helper
@@ -50,16 +58,21 @@ def affine_sweep(x, r, step, n_streams, scale, shift, y, residual, relu, copy, m
             keep(x, copy, mask, i, v, y)
 
 
+@helper
+def affine_stream_share(x, scale, shift, y, residual, relu, copy, mask, t, nthreads):
+    """Thread t's share of channels-last rows x[r, c] (``stream_split``)."""
+    first, step, stop = stream_split(t, nthreads, x.shape[0], AFFINE_STREAMS)
+    for r in range(first, first + step):
+        affine_sweep(x, r, step, AFFINE_STREAMS, scale, shift, y, residual, relu, copy, mask)
+    for r in range(first + AFFINE_STREAMS * step, stop):
+        affine_sweep(x, r, 0, 1, scale, shift, y, residual, relu, copy, mask)
+
+
 @kernel
 def affine_columns(x, scale, shift, y, residual, relu, copy, mask, nthreads):
-    """The affine pass over channels-last rows x[r, c] (``stream_split``)."""
+    """The affine pass over channels-last rows x[r, c]."""
     for t in prange(nthreads):
-        first, step, stop = stream_split(t, nthreads, x.shape[0], AFFINE_STREAMS)
-        for r in range(first, first + step):
-            affine_sweep(x, r, step, AFFINE_STREAMS, scale, shift, y, residual, relu, copy,
-                         mask)
-        for r in range(first + AFFINE_STREAMS * step, stop):
-            affine_sweep(x, r, 0, 1, scale, shift, y, residual, relu, copy, mask)
+        affine_stream_share(x, scale, shift, y, residual, relu, copy, mask, t, nthreads)
 
 
 def _affine_columns(x, scale, shift, y, residual, relu, copy, mask):
