@@ -204,8 +204,9 @@ def _eps(eps, training):
     return type(eps) is float and (eps > 0 if training else eps >= 0)
 
 
-def _small_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis):
-    """``batch_norm`` in one compiled call, or None (then the general path)."""
+def _small_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+                      stats):
+    """``_batch_norm`` in one compiled call, or None (then the general path)."""
     small = _small(axis, x, running_mean, running_var, weight, bias)
     if small is None or not _eps(eps, training) or (running_mean is None) != (running_var is None):
         return None
@@ -219,8 +220,8 @@ def _small_batch_norm(x, running_mean, running_var, weight, bias, training, mome
         return None
     running = None if running_mean is None else (running_mean, running_var)
     done = be.fused_forward(fused, x, weight, bias, eps, running, momentum,
-                            count / (count - 1), None)
-    return None if done is None else done[0]
+                            count / (count - 1), plan.stats_dtype if stats else None)
+    return done if done is None or stats else done[0]
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
@@ -232,11 +233,26 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     normalizes with the running buffers. ``residual`` (shaped like x) is added and
     ``activation`` ("relu") applied in the same pass: ``act(BN(x) + residual)``.
     """
+    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+                       out, residual, activation, False)
+
+
+def forward_and_update(x, running_mean, running_var, weight, bias, momentum, eps, *, axis=1):
+    """``batch_norm``'s training forward (running buffers, which may be None, updated in
+    place) returning ``(y, mean, var)`` as ``batch_norm_forward`` does: what an autograd
+    function keeps for its backward, in one call (``nbbn.torch``)."""
+    return _batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps, axis,
+                       None, None, None, True)
+
+
+def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out,
+                residual, activation, stats):
+    """``batch_norm``; in training with ``stats``, ``(y, mean, var)``."""
     if out is None and residual is None and activation is None:
-        y = _small_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                              axis)
-        if y is not None:
-            return y
+        done = _small_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
+                                 eps, axis, stats)
+        if done is not None:
+            return done
     be = _dispatch.backend(x=x, running_mean=running_mean, running_var=running_var,
                            weight=weight, bias=bias, out=out, residual=residual)
     call = Call(be, required(x, "x"), axis)
@@ -275,8 +291,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     count = call.plan.count
     if count == 0:  # PyTorch: an empty batch updates nothing
         running = None
-    return deliver(be.forward(call, weight, bias, eps, target, None, running, momentum,
-                              count / (count - 1) if count > 1 else 1.0, epilogue)[0])
+    y, mean, var = be.forward(call, weight, bias, eps, target,
+                              call.plan.stats_dtype if stats else None, running, momentum,
+                              count / (count - 1) if count > 1 else 1.0, epilogue)
+    return (deliver(y), mean, var) if stats else deliver(y)
 
 
 def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,

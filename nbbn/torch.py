@@ -12,7 +12,8 @@ does. Install with the ``nbbn[torch]`` extra.
   place (the same module objects, so parameters, buffers, hooks and optimizer
   references are untouched).
 - :class:`BatchNormFunction` is the ``torch.autograd.Function``: forward is
-  ``nbbn.batch_norm_forward`` (training) or ``nbbn.batch_norm`` (evaluation),
+  ``nbbn.batch_norm`` in training (the running buffers updated in the same call, the
+  batch statistics kept for backward) or in evaluation,
   backward is ``nbbn.batch_norm_backward``. CPU tensors cross to NumPy without a
   copy (``tensor.detach().numpy()`` / ``torch.from_numpy``); CUDA tensors are
   handed to nbbn as they are (``__cuda_array_interface__``), so the work runs
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 import nbbn
+from nbbn.batchnorm import forward_and_update
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "batch_norm",
            "convert"]
@@ -49,7 +51,7 @@ def _arr(t):
     if t is None:
         return None
     t = t.detach()
-    if t.device.type == "cpu":
+    if t.is_cpu:
         return t.numpy()  # shares memory, any strides
     return t  # exposes __cuda_array_interface__; nbbn keeps the work and results on the device
 
@@ -105,7 +107,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     ``apply(x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps)``:
     with ``use_batch_stats`` it normalizes with the batch statistics and, where
-    running buffers are given, updates them in place (``nbbn.ema_update``, unbiased
+    running buffers are given, updates them in place (as ``nbbn.batch_norm``: unbiased
     variance, factor ``momentum``); otherwise it normalizes with the running
     buffers. Differentiable in ``x``, ``weight`` and ``bias``: the backward is
     nbbn's kernels, or, where autograd records it (``create_graph=True``), the same
@@ -119,10 +121,10 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.eps = eps
         ctx.use_batch_stats = use_batch_stats
         if use_batch_stats:
-            ya, mean, var = nbbn.batch_norm_forward(xa, wa, ba, eps, axis=1)
-            if running_mean is not None and x.numel():  # PyTorch: an empty batch updates nothing
-                nbbn.ema_update(_arr(running_mean), _arr(running_var), mean, var,
-                                x.numel() // x.shape[1], momentum)
+            # The running buffers updated in the same call (not where the batch is empty).
+            ya, mean, var = forward_and_update(xa, _arr(running_mean), _arr(running_var), wa, ba,
+                                               momentum, eps, axis=1)
+            if running_mean is not None and x.numel():
                 # Written through a NumPy view: tell autograd, as an in-place op would.
                 torch.autograd.graph.increment_version([running_mean, running_var])
             mean, var = _tensor(mean, x), _tensor(var, x)

@@ -1,6 +1,7 @@
 """How the CPU kernels cut an (outer, C, inner) view into work.
 
-Rows (inner > 1): items are BLOCK-sized pieces of the rows x[o, c, :].
+Rows (inner > 1): items are BLOCK-sized pieces of the rows x[o, c, :]; short rows
+are read as columns instead (``short_rows``).
 
 Columns (inner == 1, channels-last): each thread takes a contiguous share of
 the rows x[r, :] and walks it as a few sequential streams in lockstep
@@ -36,9 +37,29 @@ ROW_QUANTUM = 16
 # channels and save 20-40% on 1024-4096; dx's 2 streams (6 arrays' streams) cost
 # 10-15% on rows of 256 and save 20-30% on 1024; affine's 2 gain on both.
 WIDE_ROW = 1024
+# Rows (x[o, c, :]) of at most this many elements are read as channels-last columns by the
+# elementwise and backward passes (``short_rows``): in the rows kernels the per-row work
+# dominates them (one thread, 4-8 MB float32: 2-3.5x slower at 16 and 32 elements, even
+# at 64); the statistics keep reading rows (as fast either way at 16).
+SHORT_ROW = 32
 AFFINE_STREAMS = 2
 GRAD_STREAMS = (1, 2)
 SUMS_STREAMS = (2, 4)
+
+
+def short_rows(*arrays):
+    """``(n_inner, planes)`` for 3-D (outer, C, inner) views whose rows are short (2 to
+    SHORT_ROW elements): each (None aside) viewed as 2-D (outer, C * inner), channel c in
+    columns c * inner to (c + 1) * inner - 1; None where the rows are not short or an array
+    has no such view."""
+    n_outer, nchan, n_inner = arrays[0].shape
+    if not 1 < n_inner <= SHORT_ROW:
+        return None
+    try:
+        return n_inner, tuple(None if a is None else a.reshape(n_outer, nchan * n_inner, copy=False)
+                              for a in arrays)
+    except ValueError:  # the channel and inner axes do not merge
+        return None
 
 
 def widen(*arrays):

@@ -4,7 +4,7 @@ import numpy as np
 from typing import NamedTuple
 
 from .._layout import is_bfloat16
-from ._blocks import regroups
+from ._blocks import SHORT_ROW, regroups
 from ._jit import PARALLEL_MIN_ELEMENTS
 from .backward import backward_sums as _sums, grad_input as _grad_input
 from .elements import as_dtype, kernel_array, work_dtype
@@ -320,13 +320,14 @@ class _Small(NamedTuple):
 def fused(plan, x):
     """Arrays the serial kernels handle whole (half the size at which a backward goes
     parallel, so every pass would run serially anyway), in plain axis order with a view,
-    of a dtype read as it is, without channel tiles or regrouped rows (``_blocks.widen``)."""
+    of a dtype read as it is, without channel tiles, regrouped rows (``_blocks.widen``) or
+    short rows read as columns (``_blocks.short_rows``)."""
     layout = plan.layout
     n_outer, nchan, n_inner = layout.shape3
     if (x.dtype not in _NATIVE_FLOATS or not 0 < 2 * plan.size < PARALLEL_MIN_ELEMENTS
             or nchan > CHANNEL_TILE or layout.order != tuple(range(len(plan.shape)))
             or layout.strides3(x.strides) is None
-            or n_inner == 1 and regroups(n_outer, nchan)):
+            or n_inner == 1 and regroups(n_outer, nchan) or 1 < n_inner <= SHORT_ROW):
         return None
     view = layout.shape3 if n_inner > 1 else (n_outer, nchan)
     return _Small(plan.shape, plan.dtype, None if view == plan.shape else view, nchan,

@@ -14,8 +14,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, thread_plan
-from ._blocks import (BLOCK, GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, row_block, stream_split,
-                      tiled, widen)
+from ._blocks import (BLOCK, GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, row_block, short_rows,
+                      stream_split, tiled, widen)
 from .elements import gated, part, store, store_if, wide
 
 
@@ -191,34 +191,53 @@ def _plane(a):
     return None if a is None else a[:, :, 0]
 
 
+def _columns(arrays, *vectors):
+    """``(n_inner, planes, vectors)``: 3-D views read as channels-last columns (``widen``'s
+    2-D planes; short rows as ``short_rows``' planes, the per-channel vectors repeated per
+    row element), or None where they are read as rows."""
+    short = short_rows(*arrays)
+    if short is not None:
+        n_inner, planes = short
+        return n_inner, planes, [np.repeat(v, n_inner) for v in vectors]
+    if arrays[0].shape[2] > 1:
+        return None
+    return 1, tuple(_plane(a) for a in arrays), list(vectors)
+
+
 def backward_sums(dy, x, mean, gate=None, dres=None):
     """(sum(g), sum(g * (x - mean))) per channel of 3-D views, float64[C] each; g = dy
     through the ``gate`` (3-D view or None), written into ``dres`` (3-D view or None)."""
-    if x.shape[2] > 1:
+    columns = _columns((dy, x, gate, dres), mean)
+    if columns is None:
         nthreads, parallel = _rows_plan(x)
         sums = sums_rows(dy, x, mean, gate, dres, nthreads, parallel=parallel)
         return sums[0], sums[1]
-    nchan = x.shape[1]
-    k, (dyw, xw, gw, rw), rest = widen(*(_plane(a) for a in (dy, x, gate, dres)))
+    n_inner, planes, (mean,) = columns
+    ncols = planes[1].shape[1]
+    k, (dyw, xw, gw, rw), rest = widen(*planes)
     nthreads, parallel = _columns_plan(xw)
     sums = sums_columns(dyw, xw, tiled(mean, k), gw, rw, nthreads, parallel=parallel)
-    sums = sums.reshape(2, k, nchan).sum(axis=1)
+    sums = sums.reshape(2, k, ncols).sum(axis=1)
     if rest:
         dyr, xr, gr, rr = rest
         sums += sums_columns(dyr, xr, mean, gr, rr, 1, parallel=False)
+    if n_inner > 1:  # a channel's columns
+        sums = sums.reshape(2, ncols // n_inner, n_inner).sum(axis=2)
     return sums[0], sums[1]
 
 
 def grad_input(dy, x, mean, g, h, k, dx, gate=None):
     """dx = G*g + H*(x - mean) + K over 3-D views (g: dy through the ``gate``, 3-D view or
     None), per-channel coefficients in the working dtype."""
-    if x.shape[2] > 1:
+    columns = _columns((dy, x, gate, dx), mean, g, h, k)
+    if columns is None:
         nthreads, parallel = _rows_plan(x)
         dx_rows(dy, x, gate, mean, g, h, k, dx, nthreads, parallel=parallel)
         return
-    copies, wide_, rest = widen(*(_plane(a) for a in (dy, x, gate, dx)))
-    coeffs = [tiled(a, copies) for a in (mean, g, h, k)]
+    _, planes, coeffs = columns
+    copies, wide_, rest = widen(*planes)
     nthreads, parallel = _columns_plan(wide_[1])
-    dx_columns(*wide_[:3], *coeffs, wide_[3], nthreads, parallel=parallel)
+    dx_columns(*wide_[:3], *(tiled(a, copies) for a in coeffs), wide_[3], nthreads,
+               parallel=parallel)
     if rest:
-        dx_columns(*rest[:3], mean, g, h, k, rest[3], 1, parallel=False)
+        dx_columns(*rest[:3], *coeffs, rest[3], 1, parallel=False)

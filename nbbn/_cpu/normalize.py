@@ -6,10 +6,11 @@ the activation (``relu``: None or True), and what a layer keeps for its backward
 values (``copy``) and the ReLU gate ``y > 0`` (``mask``, uint8), written in this pass
 while x is read anyway.
 """
+import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, thread_plan
-from ._blocks import (AFFINE_STREAMS, BLOCK, row_block, stream_split, tiled,
+from ._blocks import (AFFINE_STREAMS, BLOCK, row_block, short_rows, stream_split, tiled,
                       widen)
 from .elements import epilogue, keep, part, store, wide
 
@@ -87,14 +88,21 @@ def _plane(a):
 def affine(x, scale, shift, y, residual=None, relu=None, copy=None, mask=None):
     """The affine pass over 3-D (outer, C, inner) views; scale/shift per channel in the
     working dtype; residual/copy/mask: 3-D views or None, relu: None or True."""
-    n_outer, nchan, n_inner = x.shape
-    if n_inner > 1:
+    arrays = (x, y, residual, copy, mask)
+    short = short_rows(*arrays)
+    if short is not None:  # columns of channel c's values, repeated per row element
+        n_inner, planes = short
+        scale, shift = np.repeat(scale, n_inner), np.repeat(shift, n_inner)
+    elif x.shape[2] > 1:
+        n_outer, nchan, n_inner = x.shape
         items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
         nthreads, parallel = thread_plan(x.size, items)
         affine_rows(x, scale, shift, y, residual, relu, copy, mask, nthreads,
                     parallel=parallel)
         return
-    k, (xw, yw, rw, cw, mw), rest = widen(*(_plane(a) for a in (x, y, residual, copy, mask)))
+    else:
+        planes = tuple(_plane(a) for a in arrays)
+    k, (xw, yw, rw, cw, mw), rest = widen(*planes)
     _affine_columns(xw, tiled(scale, k), tiled(shift, k), yw, rw, relu, cw, mw)
     if rest:
         xr, yr, rr, cr, mr = rest
