@@ -126,9 +126,10 @@ class Backend(Protocol):
         them. Called once per cached plan (x's shape, strides, dtype and axis)."""
 
     def fused_forward(self, small, x, weight, bias, eps, running, momentum, var_factor,
-                      stats_dtype):
-        """``forward`` (no out=, no epilogue) in one call: ``(y, mean, var)``, mean and var
-        None where ``stats_dtype`` is None; or None (declined)."""
+                      stats_dtype, copy):
+        """``forward`` (no out=, no epilogue but ``copy``: an array from ``kept`` that x's
+        values are written into, or None) in one call: ``(y, mean, var)``, mean and var None
+        where ``stats_dtype`` is None; or None (declined)."""
 
     def fused_inference(self, small, x, running_mean, running_var, weight, bias, eps):
         """y normalized with the running statistics in one call, or None (declined)."""

@@ -30,6 +30,21 @@ class Call:
         self.plan = _layout.channel_plan(self.x, axis, name, min_ndim)
         self._x3 = None
 
+    @classmethod
+    def planned(cls, be, x, plan):
+        """The call of host array ``x`` whose ``plan`` ``_small`` has found (x validated)."""
+        call = cls.__new__(cls)
+        call.be, call.like, call.x, call.plan, call._x3 = be, x, x, plan, None
+        return call
+
+    def reading(self, copy_of_x):
+        """This call reading ``copy_of_x`` (x's values, written by a fused forward) in place
+        of x: what a layer keeps for its backward (as ``private``)."""
+        kept = copy.copy(self)
+        kept.x = kept.copy_of_x = copy_of_x
+        kept._x3 = None
+        return kept
+
     @property
     def x3(self):
         if self._x3 is None:
@@ -220,7 +235,7 @@ def _small_batch_norm(x, running_mean, running_var, weight, bias, training, mome
         return None
     running = None if running_mean is None else (running_mean, running_var)
     done = be.fused_forward(fused, x, weight, bias, eps, running, momentum,
-                            count / (count - 1), plan.stats_dtype if stats else None)
+                            count / (count - 1), plan.stats_dtype if stats else None, None)
     return done if done is None or stats else done[0]
 
 
@@ -304,7 +319,7 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
     if out is None and residual is None and activation is None and _eps(eps, True):
         small = _small(axis, x, weight, bias)
         done = small and small[0].fused_forward(small[2], x, weight, bias, eps, None, 0.0, 1.0,
-                                                small[1].stats_dtype)
+                                                small[1].stats_dtype, None)
         if done:
             return done
     be = _dispatch.backend(x=x, weight=weight, bias=bias, out=out, residual=residual)
@@ -353,7 +368,7 @@ def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=
     positive, as in PyTorch; ``dresidual`` is that masked dy.
     """
     if (out is None and y is None and activation is None and not residual_grad
-            and mean is not None and var is not None and _eps(eps, False)):
+            and dy is not None and mean is not None and var is not None and _eps(eps, False)):
         small = _small(axis, x, mean, var, weight, like_x=dy)
         done = small and small[0].fused_backward(small[2], dy, x, mean, var, weight, eps)
         if done:

@@ -343,7 +343,8 @@ def _read(v):
     return v is None or v.dtype in _NATIVE_FLOATS
 
 
-def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, stats_dtype):
+def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, stats_dtype,
+                  copy):
     running_mean = running_var = None
     if running is not None:
         running_mean, running_var = running
@@ -357,7 +358,8 @@ def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, st
     if stats_dtype is not None:
         mean, var = np.empty(small.nchan, stats_dtype), np.empty(small.nchan, stats_dtype)
     if small.forward(_view(small, x), weight, bias, eps, _view(small, y), mean, var,
-                     running_mean, running_var, momentum, var_factor):
+                     running_mean, running_var, momentum, var_factor,
+                     None if copy is None else _view(small, copy)):
         return y, mean, var
     return None
 

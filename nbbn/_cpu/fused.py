@@ -52,17 +52,17 @@ def _moments_all(x):
     return columns
 
 
-def affine_all(x, scale, shift, y):
-    """y = x * scale[c] + shift[c] over all of x."""
+def affine_all(x, scale, shift, y, copy):
+    """y = x * scale[c] + shift[c] over all of x; x's values into ``copy`` (None: not)."""
 
 
 @overload(affine_all, inline="always")
-def _affine_all(x, scale, shift, y):
+def _affine_all(x, scale, shift, y, copy):
     if x.ndim == 3:
-        return lambda x, scale, shift, y: affine_items(x, scale, shift, y, None, None, None,
-                                                       None, 0, _items(x))
-    return lambda x, scale, shift, y: affine_stream_share(x, scale, shift, y, None, None,
-                                                          None, None, 0, 1)
+        return lambda x, scale, shift, y, copy: affine_items(x, scale, shift, y, None, None,
+                                                             copy, None, 0, _items(x))
+    return lambda x, scale, shift, y, copy: affine_stream_share(x, scale, shift, y, None, None,
+                                                                copy, None, 0, 1)
 
 
 def sums_all(dy, x, mean):
@@ -139,9 +139,10 @@ def _apart(buffer, x):
 
 @kernel
 def forward(x, weight, bias, eps, y, mean_out, var_out, running_mean, running_var, momentum,
-            var_factor):
-    """Training forward: the batch moments (into mean_out/var_out, None: not kept), y, and
-    the running buffers updated (None: none; declined where they share memory with x)."""
+            var_factor, copy):
+    """Training forward: the batch moments (into mean_out/var_out, None: not kept), y, the
+    running buffers updated (None: none; declined where they share memory with x), and x's
+    values into ``copy`` (None: not kept)."""
     if not (apart(running_mean, x) and apart(running_var, x)):
         return False
     state, finite = moments_all(x)
@@ -157,7 +158,7 @@ def forward(x, weight, bias, eps, y, mean_out, var_out, running_mean, running_va
             state[MEAN, c], var[c], value_or(weight, c, 1.0), value_or(bias, c, 0.0), eps)
         if not (math.isfinite(scale[c]) and math.isfinite(shift[c])):
             return False
-    affine_all(x, scale, shift, y)
+    affine_all(x, scale, shift, y, copy)
     for c in range(nchan):
         store_if(mean_out, c, state[MEAN, c])
         store_if(var_out, c, var[c])
@@ -177,7 +178,7 @@ def inference(x, running_mean, running_var, weight, bias, eps, y):
             value_or(bias, c, 0.0), eps)
         if not (math.isfinite(scale[c]) and math.isfinite(shift[c])):
             return False
-    affine_all(x, scale, shift, y)
+    affine_all(x, scale, shift, y, None)
     return True
 
 

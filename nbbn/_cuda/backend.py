@@ -376,7 +376,8 @@ def fused(plan, x):
     return None
 
 
-def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, stats_dtype):
+def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, stats_dtype,
+                  copy):
     return None
 
 
