@@ -252,12 +252,13 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                        out, residual, activation, False)
 
 
-def forward_and_update(x, running_mean, running_var, weight, bias, momentum, eps, *, axis=1):
+def forward_and_update(x, running_mean, running_var, weight, bias, momentum, eps, *, axis=1,
+                       residual=None, activation=None):
     """``batch_norm``'s training forward (running buffers, which may be None, updated in
     place) returning ``(y, mean, var)`` as ``batch_norm_forward`` does: what an autograd
     function keeps for its backward, in one call (``nbbn.torch``)."""
     return _batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps, axis,
-                       None, None, None, True)
+                       None, residual, activation, True)
 
 
 def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out,

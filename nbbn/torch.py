@@ -8,6 +8,11 @@ does. Install with the ``nbbn[torch]`` extra.
   buffers, state dict, ``train``/``eval``, ``momentum=None`` (cumulative
   average), ``affine=False``, ``track_running_stats=False``, input checks and
   ``isinstance(m, torch.nn.BatchNorm2d)`` are PyTorch's own.
+- :class:`BatchNormAct1d`, :class:`BatchNormAct2d`, :class:`BatchNormAct3d` are
+  the same with a fused epilogue: ``forward(x, residual=None)`` computes
+  ``relu(BN(x) + residual)`` in batch norm's own pass (and its backward in
+  batch norm's backward passes, the residual's gradient included); same state dict
+  as PyTorch's classes.
 - :func:`convert` swaps a model's ``torch.nn`` batch-norm modules for these in
   place (the same module objects, so parameters, buffers, hooks and optimizer
   references are untouched).
@@ -21,21 +26,24 @@ does. Install with the ``nbbn[torch]`` extra.
   on Numba's default stream, PyTorch's on its current stream: the two agree
   unless the caller switched PyTorch to a side stream.
 
-Inputs nbbn cannot represent (bfloat16, complex, devices other than CPU and
-CUDA) fall back to ``torch.nn.functional.batch_norm``, so a converted model
-still runs everywhere a PyTorch one does.
+bfloat16 tensors are computed by nbbn too: on the CPU they cross to NumPy as
+``ml_dtypes.bfloat16`` arrays (a view of their bits, no copy). Inputs nbbn cannot
+represent (complex, devices other than CPU and CUDA) fall back to PyTorch's
+operations, so a converted model still runs everywhere a PyTorch one does.
 """
+import ml_dtypes
 import numpy as np
 import torch
 from torch import nn
 
 import nbbn
+from nbbn import _layout
 from nbbn.batchnorm import forward_and_update
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "batch_norm",
-           "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
+           "BatchNormAct3d", "BatchNormFunction", "batch_norm", "convert"]
 
-_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+_NUMPY_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---- tensors <-> nbbn's arrays ---------------------------------------------------------------
@@ -52,6 +60,8 @@ def _arr(t):
         return None
     t = t.detach()
     if t.is_cpu:
+        if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: ml_dtypes' over the same bits
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()  # shares memory, any strides
     return t  # exposes __cuda_array_interface__; nbbn keeps the work and results on the device
 
@@ -61,6 +71,8 @@ def _tensor(a, like):
     if a is None or isinstance(a, torch.Tensor):
         return a
     if isinstance(a, np.ndarray):
+        if _layout.is_bfloat16(a.dtype):
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
     return torch.as_tensor(a, device=like.device)  # a Numba/CuPy device array
 
@@ -81,7 +93,8 @@ def _check_batch_size(x):
 def _differentiable_grads(x, weight, mean, var, eps, use_batch_stats, dy):
     """(dx, dweight, dbias) written with PyTorch operations, so that autograd can
     differentiate them again (double backward: gradient penalties, MAML). With batch
-    statistics, mean and var are recomputed from ``x``: they depend on it."""
+    statistics, mean and var are recomputed from ``x``: they depend on it. ``dy``: the
+    gradient w.r.t. BN's output (behind a ReLU, already masked)."""
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
     if use_batch_stats:
@@ -105,52 +118,68 @@ def _differentiable_grads(x, weight, mean, var, eps, use_batch_stats, dy):
 class BatchNormFunction(torch.autograd.Function):
     """Batch norm over dim 1 of ``x`` with nbbn's kernels; returns ``y``.
 
-    ``apply(x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps)``:
-    with ``use_batch_stats`` it normalizes with the batch statistics and, where
-    running buffers are given, updates them in place (as ``nbbn.batch_norm``: unbiased
-    variance, factor ``momentum``); otherwise it normalizes with the running
-    buffers. Differentiable in ``x``, ``weight`` and ``bias``: the backward is
+    ``apply(x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
+    residual=None, activation=None)``: with ``use_batch_stats`` it normalizes with the
+    batch statistics and, where running buffers are given, updates them in place (as
+    ``nbbn.batch_norm``: unbiased variance, factor ``momentum``); otherwise it
+    normalizes with the running buffers. ``residual`` is added and ``activation``
+    ("relu") applied in the same pass. Differentiable in ``x``, ``weight``, ``bias``
+    and ``residual``: the backward is
     nbbn's kernels, or, where autograd records it (``create_graph=True``), the same
     formulas in PyTorch operations, differentiable again. Forward-mode AD raises
     NotImplementedError (``batch_norm`` does for ``torch.func`` transforms, vmap included).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
+                residual=None, activation=None):
         xa, wa, ba = _arr(x), _arr(weight), _arr(bias)
+        epilogue = dict(residual=_arr(residual), activation=activation)
         ctx.eps = eps
         ctx.use_batch_stats = use_batch_stats
+        ctx.activation = activation
         if use_batch_stats:
             # The running buffers updated in the same call (not where the batch is empty).
             ya, mean, var = forward_and_update(xa, _arr(running_mean), _arr(running_var), wa, ba,
-                                               momentum, eps, axis=1)
+                                               momentum, eps, axis=1, **epilogue)
             if running_mean is not None and x.numel():
                 # Written through a NumPy view: tell autograd, as an in-place op would.
                 torch.autograd.graph.increment_version([running_mean, running_var])
             mean, var = _tensor(mean, x), _tensor(var, x)
         else:
             ya = nbbn.batch_norm(xa, _arr(running_mean), _arr(running_var), wa, ba,
-                                 training=False, eps=eps, axis=1)
+                                 training=False, eps=eps, axis=1, **epilogue)
             # Saved as they are now: an in-place change before backward is reported by autograd.
             mean, var = running_mean, running_var
-        ctx.save_for_backward(x, weight, mean, var)
-        return _tensor(ya, x)
+        y = _tensor(ya, x)
+        # Behind the ReLU, the backward reads y (the gradient flows where y > 0).
+        ctx.save_for_backward(x, weight, mean, var, y if activation else None)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, mean, var, y = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_r = len(ctx.needs_input_grad) > 8 and ctx.needs_input_grad[8]
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+            if y is not None:
+                dy = dy * (y > 0)
             dx, dw, db = _differentiable_grads(x, weight, mean, var, ctx.eps,
                                                ctx.use_batch_stats, dy)
             return (dx if need_x else None, dw if need_w else None, db if need_b else None,
-                    None, None, None, None, None)
+                    None, None, None, None, None, dy if need_r else None, None)
         dya, xa, wa = _arr(dy), _arr(x), _arr(weight)
-        dx = dw = db = None
+        dx = dw = db = dr = None
         if ctx.use_batch_stats:
-            dx, dw, db = nbbn.batch_norm_backward(dya, xa, _arr(mean), _arr(var), wa, ctx.eps,
-                                                  axis=1)
+            dx, dw, db, *dr = nbbn.batch_norm_backward(
+                dya, xa, _arr(mean), _arr(var), wa, ctx.eps, axis=1, y=_arr(y),
+                activation=ctx.activation, residual_grad=need_r)
+            dr = dr[0] if dr else None
         else:
+            if y is not None:  # the ReLU's gradient, then the affine map's
+                dy = torch.where(y > 0, dy, 0)
+                dya = _arr(dy)
+            dr = dy
             # Normalizing with constants is affine in x: dx = dy * weight / sqrt(var + eps),
             # which is inference batch norm of dy with a zero mean.
             if need_x:
@@ -165,7 +194,8 @@ class BatchNormFunction(torch.autograd.Function):
         dx = _tensor(dx, x) if need_x else None
         dw = _tensor(dw, x) if need_w else None
         db = _tensor(db, x) if need_b else None
-        return dx, dw, db, None, None, None, None, None
+        dr = _tensor(dr, x) if need_r else None
+        return dx, dw, db, None, None, None, None, None, dr, None
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -175,10 +205,21 @@ class BatchNormFunction(torch.autograd.Function):
 
 
 
-def _check_arguments(x, running_mean, running_var, weight, bias):
+def _check_arguments(x, running_mean, running_var, weight, bias, residual=None,
+                     activation=None):
     """PyTorch's argument rules, each error naming its argument (before anything changes)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    _layout.check_activation(activation)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a torch.Tensor or None, got "
+                            f"{type(residual).__name__}")
+        if residual.shape != x.shape or residual.dtype != x.dtype \
+                or residual.device != x.device:
+            raise ValueError(f"residual must have the shape, dtype and device of input "
+                             f"({tuple(x.shape)}, {x.dtype}, {x.device}); got "
+                             f"({tuple(residual.shape)}, {residual.dtype}, {residual.device})")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither "
                          "be None")
@@ -193,10 +234,22 @@ def _check_arguments(x, running_mean, running_var, weight, bias):
             raise ValueError(f"{name} should contain {channels} elements, not {p.numel()}")
 
 
+def _composed(x, running_mean, running_var, weight, bias, training, momentum, eps, residual,
+              activation):
+    """PyTorch's operations for what nbbn cannot represent: batch norm, + residual, ReLU."""
+    y = nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training,
+                                 momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return nn.functional.relu(y) if activation else y
+
+
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
-    """Drop-in for ``torch.nn.functional.batch_norm`` computing with nbbn's kernels."""
-    _check_arguments(x, running_mean, running_var, weight, bias)
+               momentum=0.1, eps=1e-5, *, residual=None, activation=None):
+    """Drop-in for ``torch.nn.functional.batch_norm`` computing with nbbn's kernels;
+    ``residual`` (shaped like x) and ``activation`` ("relu") give ``relu(BN(x) + residual)``
+    in the same pass."""
+    _check_arguments(x, running_mean, running_var, weight, bias, residual, activation)
     if getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
         raise NotImplementedError(
             "nbbn.torch batch norm does not support torch.func transforms (vmap, grad, jacrev, "
@@ -204,12 +257,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if training:
         _check_batch_size(x)
     if not _supported(x) or x.dim() < 2:
-        return nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training,
-                                        momentum, eps)
+        return _composed(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                         residual, activation)
     if not training and (running_mean is None or running_var is None):
         raise ValueError("running_mean and running_var are required when training=False")
     return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, bool(training),
-                                   float(momentum), float(eps))
+                                   float(momentum), float(eps), residual, activation)
 
 
 # ---- modules -------------------------------------------------------------------------------
@@ -219,7 +272,11 @@ class _NbbnBatchNorm:
     """``forward`` of PyTorch's ``_BatchNorm``, with the arithmetic done by nbbn."""
 
     def forward(self, input):
+        return self._normalized(input)
+
+    def _normalized(self, input, residual=None, activation=None):
         self._check_input_dim(input)
+        _check_arguments(input, None, None, None, None, residual, activation)
         factor = 0.0 if self.momentum is None else self.momentum
         # Batch statistics in training, and in evaluation when there are no running ones.
         use_batch_stats = self.training or (self.running_mean is None and
@@ -234,7 +291,8 @@ class _NbbnBatchNorm:
         track = not self.training or self.track_running_stats
         return batch_norm(input, self.running_mean if track else None,
                           self.running_var if track else None, self.weight, self.bias,
-                          use_batch_stats, factor, self.eps)
+                          use_batch_stats, factor, self.eps, residual=residual,
+                          activation=activation)
 
 
 class BatchNorm1d(_NbbnBatchNorm, nn.BatchNorm1d):
@@ -249,6 +307,36 @@ class BatchNorm3d(_NbbnBatchNorm, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` (input ``(N, C, D, H, W)``) computed by nbbn."""
 
 
+class _NbbnBatchNormAct(_NbbnBatchNorm):
+    """Batch norm with a fused epilogue: ``forward(x, residual=None)`` is
+    ``activation(BN(x) + residual)``, computed in batch norm's own passes (forward and
+    backward, the residual's gradient included)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, activation="relu", device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+        self.activation = _layout.check_activation(activation)
+
+    def forward(self, input, residual=None):
+        return self._normalized(input, residual, self.activation)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class BatchNormAct1d(_NbbnBatchNormAct, nn.BatchNorm1d):
+    """``BatchNorm1d`` then ``+ residual`` and ReLU, fused (input ``(N, C)``/``(N, C, L)``)."""
+
+
+class BatchNormAct2d(_NbbnBatchNormAct, nn.BatchNorm2d):
+    """``BatchNorm2d`` then ``+ residual`` and ReLU, fused (input ``(N, C, H, W)``)."""
+
+
+class BatchNormAct3d(_NbbnBatchNormAct, nn.BatchNorm3d):
+    """``BatchNorm3d`` then ``+ residual`` and ReLU, fused (input ``(N, C, D, H, W)``)."""
+
+
 _SWAPS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 
 
@@ -258,7 +346,8 @@ def convert(module):
     The swap is in place: each batch-norm module keeps its identity, parameters,
     buffers, hooks and training mode and only changes class, so optimizers and
     state dicts made before the call keep working. Subclasses of PyTorch's
-    classes (``SyncBatchNorm``, lazy modules, user subclasses) are left alone.
+    classes (``SyncBatchNorm``, lazy modules, user subclasses, nbbn's
+    ``BatchNormAct*d``) are left alone.
     Returns ``module``.
     """
     if not isinstance(module, nn.Module):

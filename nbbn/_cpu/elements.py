@@ -16,6 +16,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from .._bits import bitcast
 from .._layout import is_bfloat16
 from ._jit import helper
 
@@ -64,24 +65,24 @@ def as_dtype(values, dtype):
     return out.astype(np.uint16).view(dtype)
 
 
+def as_float64(a):
+    """The float64 values of host array ``a`` (of a kernel dtype: 16-bit floats as records)."""
+    if a.dtype == FLOAT16:
+        return a.view(np.float16).astype(np.float64)
+    if a.dtype == BFLOAT16:
+        return (a.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32) \
+            .astype(np.float64)
+    return np.asarray(a, np.float64)
+
+
 def work_dtype(dtype):
     """The dtype the elementwise kernels compute in for data of ``dtype``."""
     dtype = np.dtype(dtype)
     return np.dtype(np.float32) if dtype.itemsize == 2 else np.dtype(np.float64)
 
 
-def _bitcast(source, target):
-    """An intrinsic reinterpreting a ``source`` value's bits as ``target`` (Numba types)."""
-    @intrinsic
-    def cast(typingctx, value):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], context.get_value_type(target))
-        return target(source), codegen
-    return cast
-
-
-float32_of_bits = _bitcast(types.uint32, types.float32)
-bits_of_float32 = _bitcast(types.float32, types.uint32)
+float32_of_bits = bitcast(intrinsic, types.uint32, types.float32)
+bits_of_float32 = bitcast(intrinsic, types.float32, types.uint32)
 
 
 @intrinsic
@@ -133,12 +134,17 @@ def _wide(v):
 
 
 def store(a, i, value):
-    """``a[i] = value`` rounded to a's dtype (16-bit floats from float32, nearest even)."""
+    """``a[i] = value`` rounded to a's dtype (16-bit floats from float32, nearest even); a
+    ``value`` that is an element of a's 16-bit dtype is copied as it is (its bits)."""
 
 
 @overload(store, inline="always")
 def _store(a, i, value):
     field = _record_field(a.dtype)
+    if field is not None and _record_field(value) == field:
+        def copy_bits(a, i, value):
+            a[i] = value
+        return copy_bits
     if field == "bfloat16":
         def store_bfloat16(a, i, value):
             a[i].bfloat16 = bfloat16_of_float32(np.float32(value))
@@ -151,27 +157,6 @@ def _store(a, i, value):
     def store_float(a, i, value):
         a[i] = value
     return store_float
-
-
-def copy_element(a, i, v):
-    """``a[i] = v`` for element ``v`` of an array of a's dtype (bits as they are)."""
-
-
-@overload(copy_element, inline="always")
-def _copy_element(a, i, v):
-    field = _record_field(a.dtype)
-    if field == "bfloat16":
-        def copy_bfloat16(a, i, v):
-            a[i].bfloat16 = v.bfloat16
-        return copy_bfloat16
-    if field == "float16":
-        def copy_float16(a, i, v):
-            a[i].float16 = v.float16
-        return copy_float16
-
-    def copy_value(a, i, v):
-        a[i] = v
-    return copy_value
 
 
 def zero_below(a):
@@ -238,7 +223,12 @@ def _relu(v, on):
     if _absent(on):
         return lambda v, on: v
     zero = np.float32(0) if v == types.float32 else 0.0
-    return lambda v, on: zero if v < zero else v
+
+    def impl(v, on):
+        if v < zero:
+            return zero
+        return v
+    return impl
 
 
 @helper
@@ -264,19 +254,8 @@ def keep(x, copy, mask, i, v, y):
     """What a layer keeps of element i for backward (each None: not kept): x[i]'s bits into
     ``copy``; whether the stored y is positive, from its value ``v`` (the ReLU's gate:
     uint8) into ``mask``."""
-    copy_if(copy, i, x[i])
+    store_if(copy, i, x[i])
     mask_if(mask, i, v, y)
-
-
-def copy_if(a, i, v):
-    """``copy_element(a, i, v)``, nothing where ``a`` is None."""
-
-
-@overload(copy_if, inline="always")
-def _copy_if(a, i, v):
-    if _absent(a):
-        return lambda a, i, v: None
-    return lambda a, i, v: copy_element(a, i, v)
 
 
 def mask_if(mask, i, v, y):
@@ -302,4 +281,9 @@ def gated(d, gate, i):
 def _gated(d, gate, i):
     if _absent(gate):
         return lambda d, gate, i: d
-    return lambda d, gate, i: d if wide(gate[i]) > 0 else zero_as(d)
+
+    def impl(d, gate, i):
+        if wide(gate[i]) > 0:
+            return d
+        return zero_as(d)
+    return impl
