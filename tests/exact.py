@@ -41,3 +41,8 @@ def relative_error(value, exact):
 def offset_data(offset, n, rng):
     """``offset + N(0, 1) + drift``: unit spread, a slow linear drift of 4 over the run."""
     return offset + rng.standard_normal(n) + np.linspace(0.0, 4.0, n)
+
+
+def channels(offset, n, nchan, rng):
+    """(nchan, n) values: channel c is ``offset * (c + 1) + N(0, 1) + drift``."""
+    return np.stack([offset_data(offset * (c + 1), n, rng) for c in range(nchan)])
