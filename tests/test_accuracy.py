@@ -156,6 +156,37 @@ def test_moments_combine_any_chunking(rng):
         assert exact.relative_error(total.m2, m2) <= VAR_TARGET
 
 
+BATCH_LAYOUTS = ["rows", "columns", "columns_strided", "rows_strided"]  # channels on axis 1
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("layout", BATCH_LAYOUTS)
+def test_batch_norm_statistics_and_backward_sums(layout, offset, build, rng):
+    """The forward's batch mean/var as the statistics' targets; the backward's sum(dy) (dbias)
+    and sum(dy * (x - mean)) (dweight, with var 1 and eps 0) within 1e-14 of the exact sums
+    for the given mean, beside NumPy's float64 sums of the same terms."""
+    values = exact.channels(offset, 24_000, 2, rng)
+    grads = rng.standard_normal(values.shape) + 0.3
+    x, _ = LAYOUTS[layout](values)
+    dy, _ = LAYOUTS[layout](grads)
+    _, mean, var = nbbn.batch_norm_forward(x, np.ones(2), np.zeros(2))
+    _, dweight, dbias = nbbn.batch_norm_backward(dy, x, mean, np.ones(2), np.ones(2), eps=0.0)
+    worst = np.zeros((2, 2))
+    for c in range(2):
+        exact_mean, m2 = exact.moments(values[c])
+        assert exact.ulps(mean[c], exact_mean) <= 0.5
+        assert exact.relative_error(var[c], m2 / values.shape[1]) <= VAR_TARGET
+        sum_dy, sum_dy_xmu = exact.backward_sums(grads[c], values[c], mean[c])
+        errors = [[exact.relative_error(dbias[c], sum_dy),
+                   exact.relative_error(np.sum(grads[c]), sum_dy)],
+                  [exact.relative_error(dweight[c], sum_dy_xmu),
+                   exact.relative_error(np.sum(grads[c] * (values[c] - mean[c])), sum_dy_xmu)]]
+        worst = np.maximum(worst, errors)
+    print(f"{layout} {build} {offset:g}: sum(dy) nbbn {worst[0, 0]:.1e} NumPy {worst[0, 1]:.1e}; "
+          f"sum(dy*(x-mean)) nbbn {worst[1, 0]:.1e} NumPy {worst[1, 1]:.1e}")
+    assert worst[:, 0].max() <= VAR_TARGET
+
+
 def test_error_free_transformations_stay_exact_inside_fastmath_kernels():
     """``_math``'s functions compile without fastmath even when a fastmath kernel calls
     them (reassociation would cancel TwoSum's error term, contraction the remainder)."""

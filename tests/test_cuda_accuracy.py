@@ -112,6 +112,27 @@ def test_moments_carry_the_mean_low_part_through_merges(rng):
     assert exact.relative_error(total.m2, m2) <= VAR_TARGET
 
 
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("layout", ["rows", "columns", "columns_strided", "rows_strided"])
+def test_batch_norm_statistics_and_backward_sums(layout, offset, rng):
+    """As ``test_accuracy.test_batch_norm_statistics_and_backward_sums``, on the device."""
+    values = exact.channels(offset, 4_000, 2, rng)
+    grads = rng.standard_normal(values.shape) + 0.3
+    x, _ = LAYOUTS[layout](values)
+    dy, _ = LAYOUTS[layout](grads)
+    ones, zeros = dev(np.ones(2)), dev(np.zeros(2))
+    _, mean, var = nbbn.batch_norm_forward(x, ones, zeros)
+    _, dweight, dbias = nbbn.batch_norm_backward(dy, x, mean, ones, ones, eps=0.0)
+    mean, var, dweight, dbias = map(_host, (mean, var, dweight, dbias))
+    for c in range(2):
+        exact_mean, m2 = exact.moments(values[c])
+        assert exact.ulps(mean[c], exact_mean) <= 0.5
+        assert exact.relative_error(var[c], m2 / values.shape[1]) <= VAR_TARGET
+        sum_dy, sum_dy_xmu = exact.backward_sums(grads[c], values[c], mean[c])
+        assert exact.relative_error(dbias[c], sum_dy) <= VAR_TARGET
+        assert exact.relative_error(dweight[c], sum_dy_xmu) <= VAR_TARGET
+
+
 def test_nonfinite_data_as_numpy():
     """inf and nan pass through the double-double merges as NumPy's sums would."""
     v = np.arange(2_000.0).reshape(2, -1)

@@ -1,7 +1,10 @@
 """Batch-norm backward: one fused reduction pass, then one elementwise pass.
 
 Reduction: per channel ``sum(dy)`` and ``sum(dy * (x - mean))`` in float64,
-per-thread partial sums added serially at the end. Elementwise:
+as the statistics are summed (``moments.py``): vectorized loops over chunks of
+CHUNK values (a row) or COLUMN_BLOCK_SWEEPS sweeps (channels-last), whose sums
+go into per-thread double-doubles (TwoSum), so rounding stays inside short
+chunks; the threads' double-doubles are added at the end. Elementwise:
 ``dx = g[c] * dy + h[c] * (x - mean[c]) + k[c]`` with per-channel float64
 coefficients, which covers training (batch statistics) and evaluation
 (running statistics: h = k = 0) alike.
@@ -9,9 +12,47 @@ coefficients, which covers training (batch statistics) and evaluation
 import numpy as np
 from numba import prange
 
+from .. import _math
 from ._jit import helper, kernel, thread_plan
 from ._blocks import (BLOCK, GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, row_block, stream_split,
                       tiled, widen)
+from .moments import CHUNK, COLUMN_BLOCK_SWEEPS, STRIDED_CHUNK
+
+# Rows of a (4, C) array of double-double sums: sum(dy), sum(dy * (x - mean)).
+DY_HI, DY_LO, DXM_HI, DXM_LO = range(4)
+
+
+@helper
+def add_sums(sums, c, s_dy, s_dxm):
+    """Add a chunk's sums of channel c into the double-double sums."""
+    sums[DY_HI, c], sums[DY_LO, c] = _math.accumulate(sums[DY_HI, c], sums[DY_LO, c], s_dy)
+    sums[DXM_HI, c], sums[DXM_LO, c] = _math.accumulate(sums[DXM_HI, c], sums[DXM_LO, c],
+                                                        s_dxm)
+
+
+@kernel
+def total_sums(partial):
+    """Per-channel (sum(dy), sum(dy * (x - mean))) of (P, 4, C) double-double sums, added
+    in double-double (a plain sum of the parts' hi would round as often as P)."""
+    total = np.zeros((4, partial.shape[2]))
+    for p in range(partial.shape[0]):
+        for c in range(partial.shape[2]):
+            add_sums(total, c, partial[p, DY_HI, c], partial[p, DXM_HI, c])
+            total[DY_LO, c] += partial[p, DY_LO, c]
+            total[DXM_LO, c] += partial[p, DXM_LO, c]
+    return total[DY_HI] + total[DY_LO], total[DXM_HI] + total[DXM_LO]
+
+
+@helper
+def chunk_sums(g, v, m):
+    """(sum(g), sum(g * (v - m))) in float64: one vectorized loop."""
+    s_dy = 0.0
+    s_dxm = 0.0
+    for i in range(g.shape[0]):
+        d = np.float64(g[i])
+        s_dy += d
+        s_dxm += d * (np.float64(v[i]) - m)
+    return s_dy, s_dxm
 
 
 @kernel
@@ -19,22 +60,17 @@ def sums_rows(dy, x, mean, nthreads):
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
-    partial = np.zeros((nthreads, 2, nchan))
+    step = CHUNK if x.strides[2] == x.itemsize and dy.strides[2] == dy.itemsize \
+        else STRIDED_CHUNK
+    partial = np.zeros((nthreads, 4, nchan))
     for t in prange(nthreads):
         for item in range(t * n_items // nthreads, (t + 1) * n_items // nthreads):
             o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
-            g = dy[o, c, start:stop]
-            v = x[o, c, start:stop]
-            m = mean[c]
-            s_dy = 0.0
-            s_dxm = 0.0
-            for i in range(g.shape[0]):
-                d = np.float64(g[i])
-                s_dy += d
-                s_dxm += d * (np.float64(v[i]) - m)
-            partial[t, 0, c] += s_dy
-            partial[t, 1, c] += s_dxm
-    return partial.sum(axis=0)
+            for first in range(start, stop, step):
+                last = min(stop, first + step)
+                s_dy, s_dxm = chunk_sums(dy[o, c, first:last], x[o, c, first:last], mean[c])
+                add_sums(partial[t], c, s_dy, s_dxm)
+    return partial
 
 
 @helper
@@ -54,32 +90,40 @@ def sums_sweep(dy, x, r, step, n_streams, mean, s_dy, s_dxm):
 
 
 @helper
-def sums_walk(dy, x, t, nthreads, n_streams, mean, s_dy, s_dxm):
-    """Thread t's rows as n_streams lockstep streams (``_blocks.stream_split``)."""
+def sums_walk(dy, x, t, nthreads, n_streams, mean, s_dy, s_dxm, sums):
+    """Thread t's rows as n_streams lockstep streams (``_blocks.stream_split``), in blocks of
+    COLUMN_BLOCK_SWEEPS sweeps whose sums go into the double-double ``sums``."""
     first, step, stop = stream_split(t, nthreads, x.shape[0], n_streams)
-    for r in range(first, first + step):
-        sums_sweep(dy, x, r, step, n_streams, mean, s_dy, s_dxm)
+    for r0 in range(first, first + step, COLUMN_BLOCK_SWEEPS):
+        s_dy[:] = 0.0
+        s_dxm[:] = 0.0
+        for r in range(r0, min(first + step, r0 + COLUMN_BLOCK_SWEEPS)):
+            sums_sweep(dy, x, r, step, n_streams, mean, s_dy, s_dxm)
+        for c in range(mean.shape[0]):
+            add_sums(sums, c, s_dy[c], s_dxm[c])
+    s_dy[:] = 0.0
+    s_dxm[:] = 0.0
     for r in range(first + n_streams * step, stop):
         sums_sweep(dy, x, r, 0, 1, mean, s_dy, s_dxm)
+    for c in range(mean.shape[0]):
+        add_sums(sums, c, s_dy[c], s_dxm[c])
 
 
 @kernel
 def sums_columns(dy, x, mean, nthreads):
-    """Per-thread partial sums over channels-last rows."""
+    """Per-thread double-double sums over channels-last rows."""
     nchan = x.shape[1]
-    partial = np.empty((nthreads, 2, nchan))
+    partial = np.zeros((nthreads, 4, nchan))
     for t in prange(nthreads):
         # The thread's own accumulators: fresh arrays, so the compiler knows that
         # nothing else writes them and vectorizes the sweep without alias checks.
         s_dy = np.zeros(nchan)
         s_dxm = np.zeros(nchan)
         if nchan >= WIDE_ROW:
-            sums_walk(dy, x, t, nthreads, SUMS_STREAMS[1], mean, s_dy, s_dxm)
+            sums_walk(dy, x, t, nthreads, SUMS_STREAMS[1], mean, s_dy, s_dxm, partial[t])
         else:
-            sums_walk(dy, x, t, nthreads, SUMS_STREAMS[0], mean, s_dy, s_dxm)
-        partial[t, 0] = s_dy
-        partial[t, 1] = s_dxm
-    return partial.sum(axis=0)
+            sums_walk(dy, x, t, nthreads, SUMS_STREAMS[0], mean, s_dy, s_dxm, partial[t])
+    return partial
 
 
 @kernel
@@ -141,16 +185,15 @@ def backward_sums(dy, x, mean):
     """(sum(dy), sum(dy * (x - mean))) per channel of 3-D views, float64[C] each."""
     if x.shape[2] > 1:
         nthreads, parallel = _rows_plan(x)
-        sums = sums_rows(dy, x, mean, nthreads, parallel=parallel)
-        return sums[0], sums[1]
+        return total_sums(sums_rows(dy, x, mean, nthreads, parallel=parallel), parallel=False)
     nchan = x.shape[1]
     k, (dyw, xw), rest = widen(dy[:, :, 0], x[:, :, 0])
     nthreads, parallel = _columns_plan(xw)
-    sums = sums_columns(dyw, xw, tiled(mean, k), nthreads, parallel=parallel)
-    sums = sums.reshape(2, k, nchan).sum(axis=1)
+    partial = sums_columns(dyw, xw, tiled(mean, k), nthreads, parallel=parallel)
+    partial = partial.reshape(nthreads, 4, k, nchan).transpose(0, 2, 1, 3).reshape(-1, 4, nchan)
     if rest:
-        sums += sums_columns(*rest, mean, 1, parallel=False)
-    return sums[0], sums[1]
+        partial = np.concatenate([partial, sums_columns(*rest, mean, 1, parallel=False)])
+    return total_sums(partial, parallel=False)
 
 
 def grad_input(dy, x, mean, g, h, k, dx):

@@ -43,6 +43,11 @@ MIN_WORK = 16       # elements per thread before a reduction adds blocks
 UNROLL = 4          # elements a thread has in flight (the kernels' four-way walk)
 ELEMENTWISE_WAVES = 8  # elementwise grids: at most this many times the reduction target
 MAX_GRID_Y = 65535
+# Rounds of four values a reduction's thread sums plainly before adding them into its
+# float64 double-doubles (``folded``): a longer plain sum of squares of data on a coarse
+# grid (1.7e9 + N(0, 1)) rounds with a bias (see ``_cpu/moments.CHUNK``).
+CHUNK_ROUNDS = 16
+ROUND0 = int32(0)  # the round counter: 32 bits (a register fewer than Python's int64)
 PARTIAL_PAD = 16    # partial states of a channel start on a 128-byte line (float64)
 
 
@@ -304,6 +309,17 @@ def four_rows(off, row_step):
 def load4(x, a, b, c, d):
     """x at four offsets, the four loads issued together."""
     return x[a], x[b], x[c], x[d]
+
+
+@cuda.jit(device=True, cache=True)
+def folded(h1, h2, s1, s2):
+    """A chunk's sums added into the thread's float64 sums h1, h2 (TwoSum): ``(h1, h2, e1,
+    e2)``, the rounding errors e in the chunk sums' dtype, to start the next chunk with
+    (then ``h + e`` is the sum so far to the chunk sums' precision: a double-double whose
+    low part goes on accumulating, in two registers fewer than a separate one)."""
+    h1, e1 = two_sum(h1, float64(s1))
+    h2, e2 = two_sum(h2, float64(s2))
+    return h1, h2, cast(e1, s1), cast(e2, s2)
 
 
 # ---- block-level merges ----------------------------------------------------------------------

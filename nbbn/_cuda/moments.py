@@ -9,8 +9,8 @@ Accurate as the host's (``_cpu/moments.py``), at the same cost in memory traffic
   NumPy's inf/nan semantics with no second pass). The thread's values are spread over the
   whole plane (a grid stride), so its first one lies within the channel's spread of the
   mean and ``m2 = s2 - s1**2 / n`` cancels a few bits at most.
-* Sums. CHUNK_ROUNDS rounds of four values are summed plainly in the accumulation dtype
-  (``accumulate``), then added into the thread's double-double sums (``folded``: TwoSum),
+* Sums. ``launch.CHUNK_ROUNDS`` rounds of four values are summed plainly in the accumulation dtype
+  (``accumulate``), then added into the thread's double-double sums (``launch.folded``: TwoSum),
   so rounding stays inside short chunks however many values a thread reads. The sums
   become a state ``(n, mean, mean_low, m2)`` whose mean is a double-double
   (``_math.shifted_moments``: an FMA remainder).
@@ -28,23 +28,18 @@ and merge its state, and one more float64 shuffle per warp level (``block_merge`
 """
 import math
 
-from numba import cuda, float64, int32
+from numba import cuda, float64
 
 from .ema import ema_step
-from .launch import (advance, as_index, block_merge, cast, column_start, column_walk, four,
-                     four_rows, last_block, load4, load_partial, merge, moved, operand_walk,
-                     plane_walk, shifted_moments, two_sum)
+from .launch import (CHUNK_ROUNDS, ROUND0, advance, as_index, block_merge, column_start,
+                     column_walk, folded, four, four_rows, last_block, load4, load_partial,
+                     merge, moved, operand_walk, plane_walk, shifted_moments, two_sum)
 from .normalize import affine_coefficients
 
 # channel_result modes (the second statistic written)
 RAW_M2, VARIANCE, STD = 0, 1, 2
 # channel_result flags
 COEFFICIENTS, HAS_WEIGHT, HAS_BIAS, UPDATE_RUNNING = 1, 2, 4, 8
-# Rounds of four values a thread sums plainly before adding them into its double-doubles:
-# a longer plain sum of squares of data on a coarse grid (1.7e9 + N(0, 1)) rounds with a
-# bias (see ``_cpu/moments.CHUNK``).
-CHUNK_ROUNDS = 16
-ROUND0 = int32(0)  # the round counter: 32 bits (a register fewer than Python's int64)
 # Fields of a block's partial state (``write_partial``): count, mean, mean_low, m2.
 FIELDS = 4
 
@@ -73,17 +68,6 @@ def accumulate4(s1, s2, values, k, zero):
     s1, s2 = accumulate(s1, s2, b, k, zero)
     s1, s2 = accumulate(s1, s2, c, k, zero)
     return accumulate(s1, s2, d, k, zero)
-
-
-@cuda.jit(device=True, cache=True)
-def folded(h1, h2, s1, s2):
-    """A chunk's sums added into the thread's float64 sums h1, h2 (TwoSum): ``(h1, h2, e1,
-    e2)``, the rounding errors e in the chunk sums' dtype, to start the next chunk with
-    (then ``h + e`` is the sum so far to the chunk sums' precision: a double-double whose
-    low part goes on accumulating, in two registers fewer than a separate one)."""
-    h1, e1 = two_sum(h1, float64(s1))
-    h2, e2 = two_sum(h2, float64(s2))
-    return h1, h2, cast(e1, s1), cast(e2, s2)
 
 
 @cuda.jit(device=True, cache=True)
