@@ -53,8 +53,11 @@ def dd_add(a_hi, a_lo, b_hi, b_lo):
 
 
 def accumulate(hi, lo, value):
-    """A double-double sum hi + lo with ``value`` added (lo not renormalized)."""
+    """A double-double sum hi + lo with ``value`` added (lo not renormalized). A sum that
+    became inf (inf data, or an overflow) stays inf: its error term, nan, is dropped."""
     s, e = two_sum(hi, value)
+    if not math.isfinite(s):
+        return s, lo
     return s, lo + e
 
 

@@ -134,12 +134,15 @@ def test_batch_norm_statistics_and_backward_sums(layout, offset, rng):
 
 
 def test_nonfinite_data_as_numpy():
-    """inf and nan pass through the double-double merges as NumPy's sums would."""
-    v = np.arange(2_000.0).reshape(2, -1)
-    v[0, 700] = np.inf
+    """inf and nan pass through the chunked sums and double-double merges as NumPy's sums
+    would; so does a square that overflows (the variance is then inf)."""
+    v = np.arange(8_000.0).reshape(2, -1)
+    v[0, 700] = np.inf  # read early by its thread: its sums go on for many chunks
     v[1, 3] = np.nan
-    for layout in ("rows", "columns"):
+    v[1, 5:9] = -np.inf
+    big = (4 + np.random.default_rng(3).standard_normal((2, 4_000))) * 1e300
+    for v, layout in ((v, "rows"), (v, "columns"), (big, "rows"), (big, "columns")):
         with np.errstate(invalid="ignore"):  # the simulator computes with NumPy scalars
             mean, var = (_host(r) for r in nbbn.mean_var(*LAYOUTS[layout](v)))
-            np.testing.assert_array_equal(mean, v.mean(axis=1))
+            np.testing.assert_allclose(mean, v.mean(axis=1), rtol=1e-15)
             np.testing.assert_array_equal(var, v.var(axis=1))

@@ -319,6 +319,10 @@ def folded(h1, h2, s1, s2):
     low part goes on accumulating, in two registers fewer than a separate one)."""
     h1, e1 = two_sum(h1, float64(s1))
     h2, e2 = two_sum(h2, float64(s2))
+    if not math.isfinite(h1):  # inf or nan stays so (inf's error term would be nan)
+        e1 = 0.0
+    if not math.isfinite(h2):
+        e2 = 0.0
     return h1, h2, cast(e1, s1), cast(e2, s2)
 
 

@@ -79,8 +79,10 @@ def shifted_state(n, k, h1, h2, s1, s2):
     nf = float64(n)
     h1, l1 = two_sum(h1, float64(s1))
     h2, l2 = two_sum(h2, float64(s2))
-    if not (math.isfinite(h1) and math.isfinite(h2)):  # inf/nan data: NumPy's semantics
+    if not math.isfinite(h1):  # inf/nan data: NumPy's semantics
         return nf, float64(k) + h1 / nf, 0.0, h2 - h1 * (h1 / nf)
+    if not math.isfinite(h2):  # squares beyond float64 (an m2 as large): NumPy's inf
+        return nf, float64(k) + h1 / nf, 0.0, h2
     mean, mean_low, m2 = shifted_moments(nf, float64(k), h1, l1, h2, l2)
     return nf, mean, mean_low, max(m2, 0.0)  # m2 < 0: rounding
 
