@@ -4,9 +4,9 @@ Each function here uses only operations both Numba targets compile (``math``,
 not ``numpy`` ufuncs: ``np.isfinite`` has no CUDA lowering). CPU kernels call
 them as they are: ``_cpu/_jit.py`` registers each as a Numba overload of
 itself, compiled without fastmath wherever a kernel calls it (so they may call
-each other too). The CUDA backend compiles each
-as a device function whose globals are the device versions of the others, and
-``fma`` as ``cuda.fma`` (``_cuda/launch.py``).
+each other too). The CUDA backend compiles each as a device function whose
+globals are the device versions of the others, and ``fma`` as ``cuda.fma``
+(``_cuda/launch.py``).
 
 Double-doubles: the statistics carry a mean as an unevaluated sum ``hi + lo``
 of two float64 (``hi`` the float64 nearest to the sum, about 106 bits in all),

@@ -92,9 +92,10 @@ def _check_dof(count, ddof):
 def moments(a, axis=None, keepdims=False, *, split_every=None):
     """Lazy ``Moments(count, mean, m2)`` of a Dask array along ``axis``.
 
-    ``mean``/``m2`` (and ``mean_low``, see ``Moments``) are float64 Dask arrays; ``count`` (values per entry) is an
-    int where the chunk sizes are known, else a Dask array. Merge with other
-    ``Moments`` as usual (``Moments.merge`` works on Dask arrays too).
+    ``mean``/``m2`` (and ``mean_low``, see ``Moments``) are float64 Dask arrays;
+    ``count`` (values per entry) is an int where the chunk sizes are known, else a Dask
+    array. Merge with other ``Moments`` as usual (``Moments.merge`` works on Dask arrays
+    too).
     """
     a = _as_dask(a)
     if not _layout.kernels_read(a.dtype):

@@ -18,9 +18,9 @@ A reduction's threads accumulate privately, then ``block_merge``/``block_sum2`` 
 the threads that share a channel: a shared-memory tree whose first five levels are warp
 shuffles on a real GPU (``USE_SHUFFLE``, the one switch: the CUDA simulator has no warp
 intrinsics). Moments states are ``(n, mean, mean_low, m2)``, the mean a double-double,
-merged by ``_math.chan_merge_dd`` (``merge``). The blocks of one channel then meet in the same launch: each writes its
-partial state, and the last block to finish (an atomic ticket per channel) merges them
-and writes the channel's results (``last_block``).
+merged by ``_math.chan_merge_dd`` (``merge``). The blocks of one channel then meet in
+the same launch: each writes its partial state, and the last block to finish (an atomic
+ticket per channel) merges them and writes the channel's results (``last_block``).
 """
 import functools
 import math
@@ -51,7 +51,6 @@ ROUND0 = int32(0)  # the round counter: 32 bits (a register fewer than Python's 
 PARTIAL_PAD = 16    # partial states of a channel start on a 128-byte line (float64)
 
 
-
 @cuda.jit(device=True, cache=True)
 def _fma(a, b, c):
     return cuda.fma(a, b, c)
@@ -60,8 +59,8 @@ def _fma(a, b, c):
 def _device_math():
     """``_math``'s functions compiled for the device, calling each other and the FMA
     instruction (in the simulator, ``_math.fma``'s exact arithmetic). Strict as written:
-    kernels are compiled without fastmath, and no product in the error-free
-    transformations is one that contraction could fuse with a sum."""
+    kernels are compiled without fastmath; whatever FMA contraction NVVM applies can only
+    fuse a product into a sum of error terms (TwoSum has no product), which is harmless."""
     scope = dict(vars(_math), fma=_math.fma if SIMULATOR else _fma)
     for name, f in vars(_math).items():
         if isinstance(f, pytypes.FunctionType) and f.__module__ == _math.__name__ \

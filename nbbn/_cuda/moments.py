@@ -9,13 +9,14 @@ Accurate as the host's (``_cpu/moments.py``), at the same cost in memory traffic
   NumPy's inf/nan semantics with no second pass). The thread's values are spread over the
   whole plane (a grid stride), so its first one lies within the channel's spread of the
   mean and ``m2 = s2 - s1**2 / n`` cancels a few bits at most.
-* Sums. ``launch.CHUNK_ROUNDS`` rounds of four values are summed plainly in the accumulation dtype
-  (``accumulate``), then added into the thread's double-double sums (``launch.folded``: TwoSum),
-  so rounding stays inside short chunks however many values a thread reads. The sums
-  become a state ``(n, mean, mean_low, m2)`` whose mean is a double-double
-  (``_math.shifted_moments``: an FMA remainder).
-* Merge. The block's threads, then the channel's blocks (in the last of them to finish,
-  ``launch.last_block``) merge with Chan's formula in double-double (``launch.merge``):
+* Sums. ``launch.CHUNK_ROUNDS`` rounds of four values are summed plainly in the
+  accumulation dtype (``accumulate``), then added into the thread's float64 sums by TwoSum
+  (``launch.folded``), so rounding stays inside short chunks however many values a thread
+  reads. The sums become a state ``(n, mean, mean_low, m2)`` whose mean is a
+  double-double (``_math.shifted_moments``: an FMA remainder).
+* Merge. The block's threads (``launch.block_merge``), then the channel's blocks, in the
+  last of them to finish (``launch.last_block``), pairwise over their partial states
+  (``merged_partials``), merge with Chan's formula in double-double (``launch.merge``):
   the channel's mean comes out correctly rounded, its m2 within a few ulps.
 
 The last block writes the channel's results (``channel_result``): statistics for
