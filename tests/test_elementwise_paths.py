@@ -94,7 +94,8 @@ def test_column_kernels_every_split(n_rows, nchan, nthreads, parallel, rng):
     mean, scale, shift, g, h = coeffs
     y, dx = np.empty_like(x), np.empty_like(x)
     normalize.affine_columns(x, scale, shift, y, nthreads, parallel=parallel)
-    sums = backward.sums_columns(dy, x, mean, nthreads, parallel=parallel)
+    sums = backward.total_sums(backward.sums_columns(dy, x, mean, nthreads, parallel=parallel),
+                               parallel=False)
     backward.dx_columns(dy, x, mean, g, h, scale, dx, nthreads, parallel=parallel)
     _check(x, dy, coeffs, y, sums, dx)
 
