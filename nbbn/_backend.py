@@ -63,17 +63,19 @@ class Backend(Protocol):
     # ---- statistics ----------------------------------------------------------------------
 
     def statistics(self, like, a, red, kinds, ddof, dtype, out):
-        """The statistics ``kinds`` ("mean", "m2", "var", "std") of array ``a`` (``like``: as
-        given) over the ``_layout.Reduction`` ``red``, each of shape ``red.shape`` in
-        ``dtype``, in like's library; ``out``
-        (validated, or None) receives the first. var/std divide m2 by count - ddof (inf or
-        nan where that is <= 0, as NumPy)."""
+        """The statistics ``kinds`` ("mean", "m2", "var", "std", "mean_low") of array ``a``
+        (``like``: as given) over the ``_layout.Reduction`` ``red``, each of shape
+        ``red.shape`` in ``dtype``, in like's library; ``out`` (validated, or None) receives
+        the first. var/std divide m2 by count - ddof (inf or nan where that is <= 0, as
+        NumPy). "mean_low" (with dtype float64) is the rest of the mean: ``mean + mean_low``
+        to double-double accuracy, for merges (``Moments``)."""
 
     # ---- batch norm ----------------------------------------------------------------------
 
-    def batch_moments(self, call, variance=False):
+    def batch_moments(self, call, variance=False, mean_low=False):
         """Per-channel float64 (mean, m2) of ``call.x``, or (mean, biased variance) with
-        ``variance``; nan where the batch is empty."""
+        ``variance``; nan where the batch is empty. With ``mean_low``, a third vector: the
+        rest of the mean (double-double, as in ``statistics``; 0 where empty)."""
 
     def coefficients(self, dtype, mean, var, weight, bias, eps):
         """Batch norm of data of ``dtype`` as ``x * scale + shift``: (scale, shift) vectors

@@ -95,7 +95,8 @@ def test_column_kernels_every_split(n_rows, nchan, nthreads, parallel, rng):
     y, dx = np.empty_like(x), np.empty_like(x)
     normalize.affine_columns(x, scale, shift, y, None, None, None, None, nthreads,
                              parallel=parallel)
-    sums = backward.sums_columns(dy, x, mean, None, None, nthreads, parallel=parallel)
+    sums = backward.total_sums(backward.sums_columns(dy, x, mean, None, None, nthreads,
+                                                     parallel=parallel), parallel=False)
     backward.dx_columns(dy, x, None, mean, g, h, scale, dx, nthreads, parallel=parallel)
     _check(x, dy, coeffs, y, sums, dx)
 

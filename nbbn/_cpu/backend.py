@@ -128,9 +128,10 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
     if red.count == 0 or red.nchan == 0:
         mean = np.full(red.nchan, np.nan)  # NumPy's mean of nothing
         m2 = np.zeros(red.nchan)  # a sum over nothing
+        mean_low = np.zeros(red.nchan)
     else:
-        mean, m2, _ = channel_moments(_view3(_flip_reduced(kernel_array(a), red.axes),
-                                             red.layout))
+        mean, m2, mean_low = channel_moments(_view3(_flip_reduced(kernel_array(a), red.axes),
+                                                    red.layout))
     for step in _numpy_flags(a, red, kinds, ddof, mean, m2):
         _FLAG_STEPS[step]()
     results = []
@@ -139,6 +140,8 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
             v = mean
         elif kind == "m2":
             v = m2
+        elif kind == "mean_low":
+            v = mean_low
         else:
             with np.errstate(invalid="ignore", divide="ignore"):
                 v = m2 / max(red.count - ddof, 0)
@@ -151,12 +154,15 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
 # ---- batch norm ------------------------------------------------------------------------------
 
 
-def batch_moments(call, variance=False):
+def batch_moments(call, variance=False, mean_low=False):
     plan = call.plan
     if plan.count == 0 or plan.nchan == 0:
-        return np.full(plan.nchan, np.nan), np.full(plan.nchan, np.nan)
-    mean, m2, _ = channel_moments(call.x3)
-    return mean, m2 / plan.count if variance else m2
+        mean, second = np.full(plan.nchan, np.nan), np.full(plan.nchan, np.nan)
+        low = np.zeros(plan.nchan)
+    else:
+        mean, m2, low = channel_moments(call.x3)
+        second = m2 / plan.count if variance else m2
+    return (mean, second, low) if mean_low else (mean, second)
 
 
 def _as64(p, default, n):

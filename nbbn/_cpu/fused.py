@@ -19,7 +19,7 @@ from numba.extending import overload
 from .. import _math
 from ._blocks import BLOCK
 from ._jit import helper, kernel
-from .backward import dx_items, dx_share, sums_items, sums_share
+from .backward import DXM_HI, DXM_LO, DY_HI, DY_LO, dx_items, dx_share, sums_items, sums_share
 from .elements import store_if
 from .ema import ema_update
 from .moments import FIELDS, M2, MEAN, checked, columns_state, rows_state
@@ -66,22 +66,32 @@ def _affine_all(x, scale, shift, y, copy):
 
 
 def sums_all(dy, x, mean):
-    """(2, C) float64: sum(dy) and sum(dy * (x - mean)) per channel over all of x."""
+    """(2, C) float64: sum(dy) and sum(dy * (x - mean)) per channel over all of x, each
+    from double-double sums (as ``backward.backward_sums``)."""
+
+
+@helper
+def _totals(sums):
+    """(2, C): (4, C) double-double sums, each pair added."""
+    out = np.empty((2, sums.shape[1]))
+    out[0] = sums[DY_HI] + sums[DY_LO]
+    out[1] = sums[DXM_HI] + sums[DXM_LO]
+    return out
 
 
 @overload(sums_all, inline="always")
 def _sums_all(dy, x, mean):
     if x.ndim == 3:
         def rows(dy, x, mean):
-            sums = np.zeros((2, x.shape[1]))
+            sums = np.zeros((4, x.shape[1]))
             sums_items(dy, x, mean, None, None, 0, _items(x), sums)
-            return sums
+            return _totals(sums)
         return rows
 
     def columns(dy, x, mean):
-        sums = np.zeros((2, x.shape[1]))
+        sums = np.zeros((4, x.shape[1]))
         sums_share(dy, x, mean, None, None, 0, 1, sums)
-        return sums
+        return _totals(sums)
     return columns
 
 

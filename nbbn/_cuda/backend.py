@@ -8,7 +8,8 @@ copied to the host and nothing waits for the device: per-channel statistics,
 coefficients, the running-buffer update and the parameter gradients are kernels too,
 fused where the grid allows (a reduction's last block per channel writes the channel's
 results; dx's kernel computes its coefficients). Accumulation is float32 for 16-bit
-input (float16, bfloat16) and float64 otherwise; merges are float64. The epilogue
+input (float16, bfloat16) and float64 otherwise, as on the host; the statistics' merges
+are double-double (``_cuda/moments.py``), the backward sums' float64. The epilogue
 (residual, ReLU, a layer's kept copy of x and ReLU mask) and the ReLU's gate in the
 backward are optional operands of the same kernels (``_kernel_args``' ``optional``).
 """
@@ -181,15 +182,16 @@ def _moments(queue, x3, nchan, dtype, fin):
     """The per-channel reduction of x3 (None: an empty batch) writing ``fin``'s results."""
     if nchan:
         op = _empty_operand(queue, nchan, dtype) if x3 is None else x3
-        _reduction(queue, _MOMENTS, 3, (op,), (_zero(dtype),), (fin,))
+        _reduction(queue, _MOMENTS, moment_kernels.FIELDS, (op,), (_zero(dtype),), (fin,))
 
 
-def _fin(mode, ddof, mean, second, scale, shift=None, flags=0, eps=0.0, momentum=0.0,
+def _fin(mode, ddof, mean, second, low, scale, shift=None, flags=0, eps=0.0, momentum=0.0,
          var_factor=0.0, weight=None, bias=None, running=None):
     """channel_result's arguments (``moments.channel_result``); absent arrays are dummies."""
     rm, rv = running if running is not None else (scale, scale)
     return (float(ddof), mode, flags, float(eps), float(momentum), float(var_factor), mean,
-            second, scale, _or(shift, scale), _or(weight, scale), _or(bias, scale), rm, rv)
+            second, low, scale, _or(shift, scale), _or(weight, scale), _or(bias, scale), rm,
+            rv)
 
 
 def statistics(like, a, red, kinds, ddof, dtype, out):
@@ -204,28 +206,30 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
         targets[kind], finish = _channel_result(queue, family, red.nchan, red.shape, dtype,
                                                 None if finishes else out, "out")
         finishes.append(finish)
-    second = next((k for k in kinds if k != "mean"), "m2")
-    for kind in ("mean", second):  # what the kernel writes and nobody asked for
+    second = next((k for k in kinds if k in _MODES), "m2")
+    for kind in ("mean", second, "mean_low"):  # what the kernel writes and nobody asked for
         if kind not in targets:
             targets[kind] = queue.work(kind, (red.nchan,), F8)
     scale = queue.work("scale", (max(red.nchan, 1),), _acc(a.dtype))
-    _moments(queue, x3, red.nchan, a.dtype,
-             _fin(_MODES[second], ddof, targets["mean"], targets[second], scale))
+    _moments(queue, x3, red.nchan, a.dtype, _fin(_MODES[second], ddof, targets["mean"],
+                                                 targets[second], targets["mean_low"], scale))
     return tuple(finish() for finish in finishes)
 
 
 # ---- batch norm ------------------------------------------------------------------------------
 
 
-def batch_moments(call, variance=False):
+def batch_moments(call, variance=False, mean_low=False):
     plan = call.plan
     queue = queue_of(call.x)
-    mean = queue.empty((plan.nchan,), F8)
-    second = queue.empty((plan.nchan,), F8)
+    shape = (plan.nchan,)
+    mean = queue.empty(shape, F8)
+    second = queue.empty(shape, F8)
+    low = queue.empty(shape, F8) if mean_low else queue.work("mean_low", shape, F8)
     mode = moment_kernels.VARIANCE if variance else moment_kernels.RAW_M2
     scale = queue.work("scale", (max(plan.nchan, 1),), _acc(plan.dtype))
-    _moments(queue, call.x3, plan.nchan, plan.dtype, _fin(mode, 0, mean, second, scale))
-    return mean, second
+    _moments(queue, call.x3, plan.nchan, plan.dtype, _fin(mode, 0, mean, second, low, scale))
+    return (mean, second, low) if mean_low else (mean, second)
 
 
 def coefficients(dtype, mean, var, weight, bias, eps):
@@ -313,8 +317,9 @@ def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_fa
                    w=(moment_kernels.HAS_WEIGHT, weight is not None),
                    b=(moment_kernels.HAS_BIAS, bias is not None),
                    r=(moment_kernels.UPDATE_RUNNING, running is not None))
-    fin = _fin(moment_kernels.VARIANCE, 0, to_numba(mean), to_numba(var), scale, shift, flags,
-               eps, momentum, var_factor, weight, bias, running)
+    fin = _fin(moment_kernels.VARIANCE, 0, to_numba(mean), to_numba(var),
+               queue.work("mean_low", (nchan,), F8), scale, shift, flags, eps, momentum,
+               var_factor, weight, bias, running)
     _moments(queue, call.x3, nchan, plan.dtype, fin)
     return _normalized(queue, call, scale, shift, out, epilogue), mean, var
 
