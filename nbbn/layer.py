@@ -1,10 +1,13 @@
-"""``BatchNorm``: a batch-norm layer for custom trainers, state-dict compatible with PyTorch."""
-from typing import NamedTuple
+"""``BatchNorm`` and ``BatchRenorm``: layers for custom trainers, state-dict compatible with
+PyTorch."""
+import contextlib
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _dispatch, _layout
-from .batchnorm import Call, normalize, require_values
+from .batchnorm import (Call, PooledStatistics, check_convention, normalize, renorm_forward,
+                        renorm_gradients, require_values)
 
 _COUNTER = "num_batches_tracked"
 
@@ -17,6 +20,7 @@ class _Saved(NamedTuple):
     var: object
     count: int
     batch_stats: bool
+    renorm: Any = None  # batch renorm's (r, d), constants for the gradient
 
 
 class BatchNorm:
@@ -28,10 +32,18 @@ class BatchNorm:
     average (factor ``1 / num_batches_tracked``). ``backward(dy)`` returns dx
     and sets ``grad_weight``/``grad_bias`` (overwritten by each call, not
     accumulated).
+
+    ``virtual_batch_size`` (ghost batch norm): in training, axis 0 is split into
+    groups of that many consecutive samples, each normalized with its own
+    statistics; the running buffers move by the groups' count-weighted mean
+    statistics (variance unbiased within each group). ``precise_statistics()``
+    replaces the running buffers by the exact statistics of the batches seen
+    inside it.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, dtype=np.float32, device="cpu"):
+                 track_running_stats=True, *, axis=1, dtype=np.float32, device="cpu",
+                 virtual_batch_size=None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -47,6 +59,9 @@ class BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.axis = axis
         self.dtype = dtype
+        self.virtual_batch_size = (None if virtual_batch_size is None else
+                                   _layout.check_virtual_batch_size(virtual_batch_size))
+        self._pooled = None  # inside precise_statistics: the batches' PooledStatistics
         n = self.num_features
         self.weight = np.ones(n, dtype) if affine else None
         self.bias = np.zeros(n, dtype) if affine else None
@@ -67,9 +82,11 @@ class BatchNorm:
                     setattr(self, name, be.from_host(getattr(self, name)))
 
     def __repr__(self):
+        vbs = "" if self.virtual_batch_size is None else \
+            f", virtual_batch_size={self.virtual_batch_size}"
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis})")
+                f"axis={self.axis}{vbs})")
 
     def train(self, mode=True):
         self.training = bool(mode)
@@ -87,11 +104,12 @@ class BatchNorm:
 
     def forward(self, x):
         be = self._backend(x=x)
-        call = Call(be, x, self.axis)
+        batch_stats = self._uses_batch_stats()
+        call = Call(be, x, self.axis,
+                    virtual_batch_size=self.virtual_batch_size if batch_stats else None)
         if call.plan.nchan != self.num_features:
             raise ValueError(f"x has {call.plan.nchan} channels on axis {self.axis}, expected "
                              f"{self.num_features}")
-        batch_stats = self._uses_batch_stats()
         if batch_stats:
             count, mean, var = self._batch_stats(be, call)
             require_values(call, count)
@@ -99,16 +117,55 @@ class BatchNorm:
             count = call.plan.count
             mean = be.to_float64(self.running_mean)
             var = be.to_float64(self.running_var)
-        y = normalize(call, mean, var, self.weight, self.bias, self.eps)
+        y, renorm = self._normalize(call, mean, var)
         if batch_stats and self.training and self.track_running_stats:
-            self.num_batches_tracked += 1
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
-            be.ema(self.running_mean, self.running_var, mean, var, factor, count / (count - 1))
-        self._saved = _Saved(call, mean, var, count, batch_stats)
+            self._update_running(be, call, count, mean, var)
+        self._saved = _Saved(call, mean, var, count, batch_stats, renorm)
         return y
 
     __call__ = forward
+
+    def _update_running(self, be, call, count, mean, var):
+        """After a training forward: fold the batch statistics into the running buffers (or,
+        inside ``precise_statistics``, into the exact statistics, the buffers untouched)."""
+        plan = call.plan
+        if self._pooled is not None:
+            self._pooled.add(mean, var, count, plan.last_count if plan.groups > 1 else count)
+            return
+        self.num_batches_tracked += 1
+        factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                  else self.momentum)
+        if plan.groups == 1:
+            be.ema(self.running_mean, self.running_var, mean, var, factor, count / (count - 1))
+            return
+        groups = PooledStatistics(self.running_mean, plan.nchan)
+        groups.add(mean, var, count, plan.last_count)
+        be.ema(self.running_mean, self.running_var, *groups.batch_mean(), factor, 1.0)
+
+    @contextlib.contextmanager
+    def precise_statistics(self, convention="population"):
+        """Exact inference statistics ("precise BN"): inside, training-mode forwards leave the
+        running buffers (and ``num_batches_tracked``) alone and pool their batches' statistics;
+        on a normal exit the running buffers receive them, where any batch was seen.
+
+        ``"population"``: the mean and the unbiased variance of all values seen, merged
+        exactly (Chan et al., float64), not an average of batch statistics.
+        ``"batch_mean"``: the count-weighted mean of the batch means and of the batches'
+        unbiased variances (what training-time normalization saw; with virtual batches,
+        of the groups'). Nothing else about the layer changes.
+        """
+        check_convention(convention)
+        if not self.track_running_stats:
+            raise ValueError("precise_statistics needs running statistics "
+                             "(track_running_stats=True)")
+        if self._pooled is not None:
+            raise RuntimeError("precise_statistics is already active on this layer")
+        self._pooled = PooledStatistics(self.running_mean, self.num_features)
+        try:
+            yield self
+            self._pooled.store(self.running_mean, self.running_var, convention)
+        finally:
+            self._pooled = None
 
     def backward(self, dy):
         """dx for the last ``forward``; sets ``grad_weight`` and ``grad_bias``."""
@@ -118,15 +175,24 @@ class BatchNorm:
         be = self._backend(dy=dy, x=saved.call.like)
         call, mean, var = saved.call, saved.mean, saved.var
         dy3 = call.like_x(dy, "dy")
-        sum_dy, sum_dy_xmu = self._reduce_sums(be, *be.backward_sums(call, dy3, mean),
-                                               saved.batch_stats)
-        dx = be.grad_input(call, dy3, mean, var, self.weight, self.eps, sum_dy, sum_dy_xmu,
-                           saved.count, saved.batch_stats, None)
+        sums = self._reduce_sums(be, *be.backward_sums(call, dy3, mean), saved.batch_stats)
+        if saved.renorm is not None:
+            dx, self.grad_weight, self.grad_bias = renorm_gradients(
+                call, dy3, mean, var, *saved.renorm, self.weight, self.eps, sums, saved.count,
+                like=self.weight)
+            return dx
+        dx = be.grad_input(call, dy3, mean, var, self.weight, self.eps, *sums, saved.count,
+                           saved.batch_stats, None)
         self.grad_weight = self.grad_bias = None
         if self.weight is not None:
             self.grad_weight, self.grad_bias = be.param_grads(self.weight, self.weight, var,
-                                                              self.eps, sum_dy, sum_dy_xmu)
+                                                              self.eps, *sums)
         return dx
+
+    def _normalize(self, call, mean, var):
+        """y from the statistics this forward normalizes with, and batch renorm's (r, d) (None:
+        plain batch norm)."""
+        return normalize(call, mean, var, self.weight, self.bias, self.eps), None
 
     # ---- hooks a subclass may extend (nbbn.distributed.SyncBatchNorm) ------------------------
     # A synchronized subclass all-reduces in them: forward gets the batch statistics from
@@ -177,3 +243,51 @@ class BatchNorm:
                 np.copyto(self.num_batches_tracked, state_dict[name], casting="unsafe")
             else:
                 be.assign(getattr(self, name), state_dict[name])
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization (Ioffe 2017): ``BatchNorm``'s interface, with batch renorm in
+    training.
+
+    Training normalizes with the batch statistics corrected towards the running ones,
+    ``y = weight * ((x - mean) / sigma_b * r + d) + bias``, ``r = clip(sigma_b / sigma,
+    1/rmax, rmax)``, ``d = clip((mean - running_mean) / sigma, -dmax, dmax)`` (r, d
+    constant for the gradient), then updates the running buffers as batch norm does;
+    evaluation is batch norm with the running buffers. ``rmax``/``dmax`` are attributes,
+    so a trainer can run the paper's warm-up schedule (rmax from 1 to 3, dmax from 0 to
+    5); ``rmax=1, dmax=0`` is batch norm.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.01, affine=True, *, rmax=3.0,
+                 dmax=5.0, axis=1, dtype=np.float32, device="cpu"):
+        super().__init__(num_features, eps, momentum, affine, True, axis=axis, dtype=dtype,
+                         device=device)
+        self.rmax, self.dmax = rmax, dmax
+
+    @property
+    def rmax(self):
+        return self._rmax
+
+    @rmax.setter
+    def rmax(self, value):
+        self._rmax = _layout.check_renorm_limits(value, 0.0)[0]
+
+    @property
+    def dmax(self):
+        return self._dmax
+
+    @dmax.setter
+    def dmax(self, value):
+        self._dmax = _layout.check_renorm_limits(1.0, value)[1]
+
+    def __repr__(self):
+        return (f"BatchRenorm({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, rmax={self.rmax}, "
+                f"dmax={self.dmax}, axis={self.axis})")
+
+    def _normalize(self, call, mean, var):
+        if not self.training:
+            return super()._normalize(call, mean, var)
+        y, r, d = renorm_forward(call, mean, var, self.running_mean, self.running_var,
+                                 self.weight, self.bias, self.rmax, self.dmax, self.eps)
+        return y, (r, d)

@@ -13,7 +13,12 @@ does. Install with the ``nbbn[torch]`` extra.
   references are untouched).
 - :class:`BatchNormFunction` is the ``torch.autograd.Function``: forward is
   ``nbbn.batch_norm_forward`` (training) or ``nbbn.batch_norm`` (evaluation),
-  backward is ``nbbn.batch_norm_backward``. CPU tensors cross to NumPy without a
+  backward is ``nbbn.batch_norm_backward``.
+- Small batches: ``virtual_batch_size=`` (ghost batch norm) on the batch-norm
+  modules; :class:`BatchRenorm1d`, :class:`BatchRenorm2d`, :class:`BatchRenorm3d`
+  (batch renormalization, subclasses of the ``BatchNorm*d`` classes: same state
+  dict, batch norm in evaluation); :func:`recompute_batch_norm_stats` (exact
+  inference statistics, "precise BN", for any model's batch norms). CPU tensors cross to NumPy without a
   copy (``tensor.detach().numpy()`` / ``torch.from_numpy``); CUDA tensors are
   handed to nbbn as they are (``__cuda_array_interface__``), so the work runs
   on their device and the results are CUDA tensors. nbbn's CUDA work is queued
@@ -29,9 +34,12 @@ import torch
 from torch import nn
 
 import nbbn
+from nbbn import _layout
+from nbbn.batchnorm import PooledStatistics, check_convention
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "batch_norm",
-           "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "BatchRenorm1d",
+           "BatchRenorm2d", "BatchRenorm3d", "BatchRenormFunction", "batch_norm", "convert",
+           "recompute_batch_norm_stats"]
 
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
@@ -63,14 +71,25 @@ def _tensor(a, like):
     return torch.as_tensor(a, device=like.device)  # a Numba/CuPy device array
 
 
-def _check_batch_size(x):
-    """PyTorch's check: batch statistics need more than one value per channel."""
-    n = x.shape[0]
-    for s in x.shape[2:]:
-        n *= s
-    if n == 1:
+def _check_batch_size(x, virtual_batch_size=None):
+    """PyTorch's check: batch statistics need more than one value per channel (in each
+    virtual batch)."""
+    counts = _group_counts(x, virtual_batch_size)
+    if counts and min(counts) == 1:
         raise ValueError("Expected more than 1 value per channel when training, "
-                         f"got input size {x.size()}")
+                         f"got input size {x.size()}"
+                         + ("" if virtual_batch_size is None else
+                            f" in virtual batches of {virtual_batch_size}"))
+
+
+def _group_counts(x, virtual_batch_size):
+    """Values per channel in each virtual batch (one group: the whole batch)."""
+    batch = x.shape[0]
+    per_sample = 1
+    for s in x.shape[2:]:
+        per_sample *= s
+    size = max(batch, 1) if virtual_batch_size is None else virtual_batch_size
+    return [min(size, batch - start) * per_sample for start in range(0, batch, size)]
 
 
 # ---- the autograd Function -----------------------------------------------------------------
@@ -79,23 +98,28 @@ def _check_batch_size(x):
 class BatchNormFunction(torch.autograd.Function):
     """Batch norm over dim 1 of ``x`` with nbbn's kernels; returns ``y``.
 
-    ``apply(x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps)``:
-    with ``use_batch_stats`` it normalizes with the batch statistics and, where
+    ``apply(x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
+    virtual_batch_size=None)``: with ``use_batch_stats`` it normalizes with the batch
+    statistics (per virtual batch where ``virtual_batch_size`` is not None) and, where
     running buffers are given, updates them in place (``nbbn.ema_update``, unbiased
     variance, factor ``momentum``); otherwise it normalizes with the running
     buffers. Differentiable in ``x``, ``weight`` and ``bias`` (once).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
+                virtual_batch_size=None):
         xa, wa, ba = _arr(x), _arr(weight), _arr(bias)
         ctx.eps = eps
         ctx.use_batch_stats = use_batch_stats
+        ctx.virtual_batch_size = virtual_batch_size
         if use_batch_stats:
-            ya, mean, var = nbbn.batch_norm_forward(xa, wa, ba, eps, axis=1)
+            ya, mean, var = nbbn.batch_norm_forward(xa, wa, ba, eps, axis=1,
+                                                    virtual_batch_size=virtual_batch_size)
             if running_mean is not None and x.numel():  # PyTorch: an empty batch updates nothing
+                counts = _group_counts(x, virtual_batch_size)
                 nbbn.ema_update(_arr(running_mean), _arr(running_var), mean, var,
-                                x.numel() // x.shape[1], momentum)
+                                counts if virtual_batch_size else counts[0], momentum)
                 # Written through a NumPy view: tell autograd, as an in-place op would.
                 torch.autograd.graph.increment_version([running_mean, running_var])
             mean, var = _tensor(mean, x), _tensor(var, x)
@@ -116,7 +140,8 @@ class BatchNormFunction(torch.autograd.Function):
         dx = dw = db = None
         if ctx.use_batch_stats:
             dx, dw, db = nbbn.batch_norm_backward(dya, xa, _arr(mean), _arr(var), wa, ctx.eps,
-                                                  axis=1)
+                                                  axis=1,
+                                                  virtual_batch_size=ctx.virtual_batch_size)
         else:
             # Normalizing with constants is affine in x: dx = dy * weight / sqrt(var + eps),
             # which is inference batch norm of dy with a zero mean.
@@ -132,46 +157,116 @@ class BatchNormFunction(torch.autograd.Function):
         dx = _tensor(dx, x) if need_x else None
         dw = _tensor(dw, x) if need_w else None
         db = _tensor(db, x) if need_b else None
-        return dx, dw, db, None, None, None, None, None
+        return (dx, dw, db) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+class BatchRenormFunction(torch.autograd.Function):
+    """Batch renormalization (training) over dim 1 of ``x`` with nbbn's kernels; returns ``y``.
+
+    ``apply(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps)``:
+    ``nbbn.batch_renorm_forward`` (running buffers updated in place) and
+    ``nbbn.batch_renorm_backward`` (r, d constant). Differentiable in ``x``,
+    ``weight`` and ``bias`` (once).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps):
+        ya, *stats = nbbn.batch_renorm_forward(_arr(x), _arr(running_mean), _arr(running_var),
+                                               _arr(weight), _arr(bias), rmax=rmax, dmax=dmax,
+                                               momentum=momentum, eps=eps, axis=1)
+        torch.autograd.graph.increment_version([running_mean, running_var])
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, *(_tensor(v, x) for v in stats))
+        return _tensor(ya, x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, *stats = ctx.saved_tensors
+        grads = nbbn.batch_renorm_backward(_arr(dy), _arr(x), *map(_arr, stats), _arr(weight),
+                                           ctx.eps, axis=1)
+        return (*(_tensor(g, x) if need else None
+                  for g, need in zip(grads, ctx.needs_input_grad[:3])), *(None,) * 6)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
-    """Drop-in for ``torch.nn.functional.batch_norm`` computing with nbbn's kernels."""
+               momentum=0.1, eps=1e-5, *, virtual_batch_size=None):
+    """Drop-in for ``torch.nn.functional.batch_norm`` computing with nbbn's kernels;
+    ``virtual_batch_size`` (training): ghost batch norm."""
     if training:
-        _check_batch_size(x)
+        _check_batch_size(x, virtual_batch_size)
     if not _supported(x):
+        if virtual_batch_size is not None and training:
+            raise TypeError(f"nbbn.torch: virtual batches need a float16/32/64 CPU or CUDA "
+                            f"tensor, got {x.dtype} on {x.device}")
         return nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training,
                                         momentum, eps)
     if not training and (running_mean is None or running_var is None):
         raise ValueError("running_mean and running_var are required when training=False")
     return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, bool(training),
-                                   float(momentum), float(eps))
+                                   float(momentum), float(eps),
+                                   virtual_batch_size if training else None)
 
 
 # ---- modules -------------------------------------------------------------------------------
 
 
 class _NbbnBatchNorm:
-    """``forward`` of PyTorch's ``_BatchNorm``, with the arithmetic done by nbbn."""
+    """``forward`` of PyTorch's ``_BatchNorm``, with the arithmetic done by nbbn.
+
+    ``virtual_batch_size`` (keyword, default None): ghost batch norm in training, as
+    ``nbbn.BatchNorm``'s. Inside ``recompute_batch_norm_stats`` a training forward pools
+    its batch statistics (``_nbbn_pooled``) instead of moving the running buffers.
+    """
+
+    virtual_batch_size = None  # also for modules that ``convert`` swapped in
+    _nbbn_pooled = None
+
+    def __init__(self, *args, virtual_batch_size=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if virtual_batch_size is not None:
+            self.virtual_batch_size = _layout.check_virtual_batch_size(virtual_batch_size)
+
+    def extra_repr(self):
+        vbs = self.virtual_batch_size
+        return super().extra_repr() + ("" if vbs is None else f", virtual_batch_size={vbs}")
 
     def forward(self, input):
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
         # Batch statistics in training, and in evaluation when there are no running ones.
         use_batch_stats = self.training or (self.running_mean is None and
                                             self.running_var is None)
+        vbs = self.virtual_batch_size if self.training else None
         if use_batch_stats:
-            _check_batch_size(input)  # before the counter moves: a failed call changes nothing
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
+            # before the counter moves: a failed call changes nothing
+            _check_batch_size(input, vbs)
+        if self.training and self._nbbn_pooled is not None:
+            return self._pooled_forward(input, vbs)
+        factor = self._count_batch()
         # Running buffers are updated in training only when tracked; read in evaluation.
         track = not self.training or self.track_running_stats
         return batch_norm(input, self.running_mean if track else None,
                           self.running_var if track else None, self.weight, self.bias,
-                          use_batch_stats, factor, self.eps)
+                          use_batch_stats, factor, self.eps, virtual_batch_size=vbs)
+
+    def _count_batch(self):
+        """PyTorch's bookkeeping of a forward: count a training batch (tracked), and return the
+        running buffers' factor (``momentum``, or 1/count for the cumulative average)."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                      else self.momentum)
+        return factor
+
+    def _pooled_forward(self, input, vbs):
+        """Training forward under ``recompute_batch_norm_stats`` (no autograd): the output, the
+        batch statistics pooled, the running buffers and counter untouched."""
+        y, mean, var = nbbn.batch_norm_forward(_arr(input), _arr(self.weight), _arr(self.bias),
+                                               self.eps, axis=1, virtual_batch_size=vbs)
+        counts = _group_counts(input, vbs)
+        self._nbbn_pooled.add(mean, var, counts[0], counts[-1])
+        return _tensor(y, input)
 
 
 class BatchNorm1d(_NbbnBatchNorm, nn.BatchNorm1d):
@@ -184,6 +279,58 @@ class BatchNorm2d(_NbbnBatchNorm, nn.BatchNorm2d):
 
 class BatchNorm3d(_NbbnBatchNorm, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` (input ``(N, C, D, H, W)``) computed by nbbn."""
+
+
+class _NbbnBatchRenorm(_NbbnBatchNorm):
+    """Batch renormalization (Ioffe 2017) in training, batch norm in evaluation: as
+    ``nbbn.BatchRenorm``, with ``rmax``/``dmax`` attributes for warm-up schedules and the
+    running buffers always tracked. State dict, ``isinstance`` and evaluation are those of
+    the ``torch.nn.BatchNorm*d`` it subclasses."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.01, affine=True, *, rmax=3.0,
+                 dmax=5.0, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
+        self.rmax, self.dmax = _layout.check_renorm_limits(rmax, dmax)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}"
+
+    def forward(self, input):
+        if not self.training:
+            return super().forward(input)
+        self._check_input_dim(input)
+        _check_batch_size(input)
+        if not _supported(input):
+            raise TypeError(f"nbbn.torch.{type(self).__name__} computes on float16/32/64 CPU "
+                            f"or CUDA tensors, got {input.dtype} on {input.device}")
+        if self._nbbn_pooled is not None:
+            return self._pooled_forward(input, None)
+        rmax, dmax = _layout.check_renorm_limits(self.rmax, self.dmax)
+        return BatchRenormFunction.apply(input, self.weight, self.bias, self.running_mean,
+                                         self.running_var, rmax, dmax, self._count_batch(),
+                                         self.eps)
+
+    def _pooled_forward(self, input, vbs):
+        # renormalized against the running buffers, which stay as they are (copies move)
+        rmax, dmax = _layout.check_renorm_limits(self.rmax, self.dmax)
+        running = (_arr(self.running_mean.clone()), _arr(self.running_var.clone()))
+        y, mean, var, _, _ = nbbn.batch_renorm_forward(
+            _arr(input), *running, _arr(self.weight), _arr(self.bias), rmax=rmax, dmax=dmax,
+            momentum=0.0, eps=self.eps, axis=1)
+        self._nbbn_pooled.add(mean, var, input.numel() // input.shape[1])
+        return _tensor(y, input)
+
+
+class BatchRenorm1d(_NbbnBatchRenorm, nn.BatchNorm1d):
+    """Batch renorm over ``(N, C)`` or ``(N, C, L)``: a ``torch.nn.BatchNorm1d``."""
+
+
+class BatchRenorm2d(_NbbnBatchRenorm, nn.BatchNorm2d):
+    """Batch renorm over ``(N, C, H, W)`` (any memory format): a ``torch.nn.BatchNorm2d``."""
+
+
+class BatchRenorm3d(_NbbnBatchRenorm, nn.BatchNorm3d):
+    """Batch renorm over ``(N, C, D, H, W)``: a ``torch.nn.BatchNorm3d``."""
 
 
 _SWAPS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
@@ -205,3 +352,67 @@ def convert(module):
         if swap is not None:
             m.__class__ = swap
     return module
+
+
+# ---- exact inference statistics ("precise BN") --------------------------------------------
+
+
+def recompute_batch_norm_stats(model, batches, *, convention="population", forward=None):
+    """Set every batch norm's running statistics in ``model`` to the exact statistics of
+    ``batches`` ("precise BN"); returns ``model``.
+
+    Runs ``forward(model, batch)`` (default ``model(batch)``) for each batch under
+    ``torch.no_grad()`` in training mode: each batch-norm layer normalizes with its
+    batch statistics, as in training, and pools them. Then its running buffers are set:
+    ``convention="population"``: the mean and unbiased variance of all values it saw,
+    merged exactly (Chan et al., float64), not an average of batch statistics;
+    ``"batch_mean"``: the count-weighted mean of the batch means and of the batches'
+    unbiased variances (per virtual batch with ``virtual_batch_size``). Works on
+    ``torch.nn.BatchNorm1d/2d/3d`` (computed by nbbn while it runs) and nbbn's modules
+    alike; other batch-norm subclasses are read by a forward pre-hook. Parameters,
+    ``num_batches_tracked`` and the modules' training modes are left as they were.
+    """
+    check_convention(convention)
+    forward = (lambda m, batch: m(batch)) if forward is None else forward
+    norms = [(m, type(m), PooledStatistics(_arr(m.running_mean), m.num_features))
+             for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    modes = [(m, m.training) for m in model.modules()]
+    counters = [(m, m.num_batches_tracked.clone()) for m, _, _ in norms
+                if m.num_batches_tracked is not None]
+    hooks = []
+    try:
+        for m, cls, pooled in norms:
+            m.__class__ = _SWAPS.get(cls, cls)  # torch.nn's modules run on nbbn meanwhile
+            if isinstance(m, _NbbnBatchNorm):
+                m._nbbn_pooled = pooled
+            else:
+                hooks.append(m.register_forward_pre_hook(_pool_input(pooled)))
+        model.train()
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch)
+        for m, _, pooled in norms:
+            pooled.store(_arr(m.running_mean), _arr(m.running_var), convention)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, cls, _ in norms:
+            m.__class__ = cls
+            m.__dict__.pop("_nbbn_pooled", None)
+        for m, counter in counters:
+            m.num_batches_tracked.copy_(counter)
+        for m, training in modes:
+            m.training = training
+    return model
+
+
+def _pool_input(pooled):
+    """A forward pre-hook pooling the batch statistics of a batch-norm module's input (for
+    batch-norm classes nbbn does not compute)."""
+    def hook(module, args):
+        x = args[0]
+        m = nbbn.moments(_arr(x), axis=(0, *range(2, x.dim())))
+        if m.count:
+            pooled.add(m.mean, m.m2 / m.count, m.count)
+    return hook

@@ -3,8 +3,10 @@ import numpy as np
 
 from .backward import backward_sums as _sums, grad_input as _grad_input
 from .ema import ema as _ema_kernel
+from .merge import merge_batches as _merge_kernel
 from .moments import channel_moments
 from .normalize import affine as _affine_kernel
+from .renorm import renorm_factors as _renorm_factors
 
 
 # ---- arrays ----------------------------------------------------------------------------------
@@ -105,16 +107,30 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
 # ---- batch norm ------------------------------------------------------------------------------
 
 
+def _counts(plan, count):
+    """Values behind each statistic: ``count`` (a scalar) for one group; per (group,
+    channel) with virtual batches, ``count`` in each group but the last."""
+    if plan.groups == 1:
+        return count
+    counts = np.full((plan.groups, plan.nchan), float(count))
+    counts[-1] = plan.last_count
+    return counts.ravel()
+
+
 def batch_moments(call, variance=False):
     plan = call.plan
     if plan.count == 0 or plan.nchan == 0:
-        return np.full(plan.nchan, np.nan), np.full(plan.nchan, np.nan)
-    mean, m2 = channel_moments(call.x3)
-    return mean, m2 / plan.count if variance else m2
+        return np.full(plan.groups * plan.nchan, np.nan), np.full(plan.groups * plan.nchan, np.nan)
+    mean, m2 = _by_group(plan, channel_moments, (call.x3,))
+    return mean, m2 / _counts(plan, plan.group_count) if variance else m2
 
 
 def _as64(p, default, n):
-    return np.full(n, default) if p is None else np.asarray(p, np.float64)
+    """Per-channel ``p`` in float64 over n values (groups x channels), ``default`` if None."""
+    if p is None:
+        return np.full(n, default)
+    p = np.asarray(p, np.float64)
+    return p if p.shape[0] == n else np.tile(p, n // p.shape[0])
 
 
 def _invstd(var, eps):
@@ -150,10 +166,22 @@ def _output(call, out):
     return buf.reshape(layout.shape3), finish
 
 
+def _by_group(plan, kernel, views, vectors=()):
+    """``kernel(*views, *vectors)`` for each virtual batch, on its rows of the 3-D views and its
+    part of the per-(group, channel) vectors; results (if any) concatenated per output."""
+    if plan.groups == 1:
+        return kernel(*views, *vectors)
+    rows, nchan = plan.group_rows, plan.nchan
+    parts = [kernel(*(v[g * rows:(g + 1) * rows] for v in views),
+                    *(p[g * nchan:(g + 1) * nchan] for p in vectors)) for g in range(plan.groups)]
+    return None if parts[0] is None else tuple(np.concatenate(p) for p in zip(*parts))
+
+
 def affine(call, scale, shift, out):
     view3, finish = _output(call, out)
     if call.plan.size:
-        _affine_kernel(call.x3, scale, shift, view3)
+        _by_group(call.plan, lambda x3, y3, a, b: _affine_kernel(x3, a, b, y3),
+                  (call.x3, view3), (scale, shift))
     return finish()
 
 
@@ -180,9 +208,10 @@ def ema(running_mean, running_var, mean, var, momentum, var_factor):
 
 
 def backward_sums(call, dy3, mean):
-    if call.plan.size == 0:
-        return np.zeros(call.plan.nchan), np.zeros(call.plan.nchan)
-    return _sums(dy3, call.x3, np.asarray(mean, np.float64))
+    plan = call.plan
+    if plan.size == 0:
+        return np.zeros(plan.groups * plan.nchan), np.zeros(plan.groups * plan.nchan)
+    return _by_group(plan, _sums, (dy3, call.x3), (np.asarray(mean, np.float64),))
 
 
 def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, batch_stats,
@@ -190,21 +219,30 @@ def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, bat
     view3, finish = _output(call, out)
     if call.plan.size == 0:
         return finish()
-    nchan = call.plan.nchan
+    n = len(var)
     invstd = _invstd(var, eps)
-    g = invstd * _as64(weight, 1.0, nchan)
+    g = invstd * _as64(weight, 1.0, n)
     if batch_stats:
         # The mean and variance depend on x too: their gradients, folded per channel.
+        count = _counts(call.plan, count)
         h = -g * invstd * invstd * sum_dy_xmu / count
         k = -g * sum_dy / count
     else:
-        h = k = np.zeros(nchan)
-    _grad_input(dy3, call.x3, np.asarray(mean, np.float64), g, h, k, view3)
+        h = k = np.zeros(n)
+    _by_group(call.plan, lambda dy, x, dx, *coef: _grad_input(dy, x, *coef, dx),
+              (dy3, call.x3, view3), (np.asarray(mean, np.float64), g, h, k))
     return finish()
 
 
+def _channel_sum(v, nchan):
+    """Per-(group, channel) ``v`` summed over the groups."""
+    return v if len(v) == nchan else v.reshape(-1, nchan).sum(axis=0)
+
+
 def param_grads(like, weight, var, eps, sum_dy, sum_dy_xmu):
-    return (sum_dy_xmu * _invstd(var, eps)).astype(weight.dtype), sum_dy.astype(weight.dtype)
+    nchan = weight.shape[0]
+    return (_channel_sum(sum_dy_xmu * _invstd(var, eps), nchan).astype(weight.dtype),
+            _channel_sum(sum_dy, nchan).astype(weight.dtype))
 
 
 def folded(w, b, scale, shift, b_dtype):
@@ -212,6 +250,33 @@ def folded(w, b, scale, shift, b_dtype):
     w_folded = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
     b_folded = shift if b is None else b * scale + shift
     return w_folded.astype(w.dtype), b_folded.astype(b_dtype)
+
+
+# ---- small batches ---------------------------------------------------------------------------
+
+
+def renorm_coefficients(dtype, mean, var, running_mean, running_var, weight, bias, rmax, dmax,
+                        eps):
+    n = len(var)
+    r, d = np.empty(n), np.empty(n)
+    _renorm_factors(*(np.asarray(v, np.float64) for v in (mean, var, running_mean, running_var)),
+                    rmax, dmax, eps, r, d, parallel=False)
+    w = _as64(weight, 1.0, n)
+    return (r, d, *coefficients(dtype, mean, var, w * r, _as64(bias, 0.0, n) + w * d, eps))
+
+
+def renorm_grads(like, weight, var, r, d, eps, sum_dy, sum_dy_xmu):
+    r, d = np.asarray(r, np.float64), np.asarray(d, np.float64)
+    weight_eff = _as64(weight, 1.0, len(r)) * r
+    if weight is None:
+        return weight_eff, None, None
+    dweight = r * sum_dy_xmu * _invstd(var, eps) + d * sum_dy
+    return weight_eff, dweight.astype(weight.dtype), sum_dy.astype(weight.dtype)
+
+
+def merge_batches(state, mean, var, count, last_count):
+    _merge_kernel(state, np.asarray(mean, np.float64), np.asarray(var, np.float64),
+                  float(count), float(last_count), parallel=False)
 
 
 # ---- per-channel vectors ---------------------------------------------------------------------

@@ -11,7 +11,8 @@ import numpy as np
 from numba import cuda
 
 from .. import _layout
-from . import arrays, backward, ema as ema_kernels, moments as moment_kernels, normalize
+from . import arrays, backward, ema as ema_kernels, merge, moments as moment_kernels, normalize
+from . import renorm
 from .arrays import Family, to_numba
 from .launch import channels_config, columns_config, final_config, launch, rows_config
 
@@ -129,6 +130,8 @@ def _zero(call):
 
 
 def _x3(call):
+    if call.plan.groups > 1:  # TEMPORARY: until the device kernels are group-aware
+        raise NotImplementedError("nbbn: virtual batches on CUDA arrays are not implemented yet")
     return call.x3 if call.plan.size else None
 
 
@@ -195,7 +198,7 @@ def _affine(x3, scale, shift, zero, y3):
 def affine(call, scale, shift, out):
     view3, finish = _output(call.plan, call.like, out)
     if call.plan.size:
-        _affine(call.x3, scale, shift, _zero(call), view3)
+        _affine(_x3(call), scale, shift, _zero(call), view3)
     return finish()
 
 
@@ -304,6 +307,48 @@ def folded(w, b, scale, shift, b_dtype):
     if b is not None:
         return w_folded, _scaled(b, scale, shift, b_dtype)
     return w_folded, cast(w, shift, b_dtype)
+
+
+# ---- small batches ---------------------------------------------------------------------------
+
+
+def renorm_coefficients(dtype, mean, var, running_mean, running_var, weight, bias, rmax, dmax,
+                        eps):
+    """One per-channel kernel: r, d and the affine pass's coefficients."""
+    nchan = mean.shape[0]
+    acc = _acc(dtype)
+    r, d = arrays.scratch((nchan,), F8), arrays.scratch((nchan,), F8)
+    scale, shift = arrays.scratch((nchan,), acc), arrays.scratch((nchan,), acc)
+    if nchan:
+        flags = _flags(w=(normalize.HAS_WEIGHT, weight is not None),
+                       b=(normalize.HAS_BIAS, bias is not None))
+        launch(renorm.renorm_coefficients, channels_config(nchan), mean, var, running_mean,
+               running_var, _or(weight, mean), _or(bias, mean), flags, rmax, dmax, eps, r, d,
+               scale, shift)
+    return r, d, scale, shift
+
+
+def renorm_grads(like, weight, var, r, d, eps, sum_dy, sum_dy_xmu):
+    nchan = var.shape[0]
+    weight_eff = arrays.scratch((nchan,), F8)
+    dweight = dbias = None
+    if weight is not None:
+        family = Family(like)
+        dweight = family.empty((nchan,), weight.dtype)
+        dbias = family.empty((nchan,), weight.dtype)
+    if nchan:
+        flags = _flags(w=(normalize.HAS_WEIGHT, weight is not None))
+        launch(renorm.renorm_grads, channels_config(nchan), sum_dy, sum_dy_xmu, var, r, d,
+               _or(weight, var), flags, eps, weight_eff, to_numba(_or(dweight, weight_eff)),
+               to_numba(_or(dbias, weight_eff)))
+    return weight_eff, dweight, dbias
+
+
+def merge_batches(state, mean, var, count, last_count):
+    nchan = state.shape[1]
+    if nchan:
+        launch(merge.merge_batches, channels_config(nchan), state, mean, var, float(count),
+               float(last_count))
 
 
 # ---- per-channel vectors ---------------------------------------------------------------------
