@@ -200,10 +200,11 @@ class BatchNorm:
     # the call's backend ``be`` (host or device) and return vectors on the same side.
 
     def _batch_stats(self, be, call):
-        """``(count, mean, var)`` per channel of the batch: values per channel, float64
-        mean and biased variance. Here the batch is ``call.x``; a synchronized layer
-        merges the moments of every shard of the batch."""
-        return (call.plan.count, *be.batch_moments(call, variance=True))
+        """``(count, mean, var)`` per channel of the batch: values per channel (per virtual
+        batch but the last, with virtual batches), float64 mean and biased variance. Here
+        the batch is ``call.x``; a synchronized layer merges the moments of every shard of
+        the batch."""
+        return (call.plan.group_count, *be.batch_moments(call, variance=True))
 
     def _reduce_sums(self, be, sum_dy, sum_dy_xmu, batch_stats):
         """The backward pass's per-channel ``sum(dy)``, ``sum(dy * (x - mean))`` over the

@@ -13,17 +13,17 @@ does. Install with the ``nbbn[torch]`` extra.
   references are untouched).
 - :class:`BatchNormFunction` is the ``torch.autograd.Function``: forward is
   ``nbbn.batch_norm_forward`` (training) or ``nbbn.batch_norm`` (evaluation),
-  backward is ``nbbn.batch_norm_backward``.
-- Small batches: ``virtual_batch_size=`` (ghost batch norm) on the batch-norm
-  modules; :class:`BatchRenorm1d`, :class:`BatchRenorm2d`, :class:`BatchRenorm3d`
-  (batch renormalization, subclasses of the ``BatchNorm*d`` classes: same state
-  dict, batch norm in evaluation); :func:`recompute_batch_norm_stats` (exact
-  inference statistics, "precise BN", for any model's batch norms). CPU tensors cross to NumPy without a
+  backward is ``nbbn.batch_norm_backward``. CPU tensors cross to NumPy without a
   copy (``tensor.detach().numpy()`` / ``torch.from_numpy``); CUDA tensors are
   handed to nbbn as they are (``__cuda_array_interface__``), so the work runs
   on their device and the results are CUDA tensors. nbbn's CUDA work is queued
   on Numba's default stream, PyTorch's on its current stream: the two agree
   unless the caller switched PyTorch to a side stream.
+- Small batches: ``virtual_batch_size=`` (ghost batch norm) on the batch-norm
+  modules; :class:`BatchRenorm1d`, :class:`BatchRenorm2d`, :class:`BatchRenorm3d`
+  (batch renormalization, subclasses of the ``BatchNorm*d`` classes: same state
+  dict, batch norm in evaluation); :func:`recompute_batch_norm_stats` (exact
+  inference statistics, "precise BN", for any model's batch norms).
 
 Inputs nbbn cannot represent (bfloat16, complex, devices other than CPU and
 CUDA) fall back to ``torch.nn.functional.batch_norm``, so a converted model

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent('''
     numba.cuda.dispatcher.get_current_device = Sm90
     from nbbn._cuda import launch
     launch.USE_SHUFFLE = sys.argv[1] == "shuffle"
-    from nbbn._cuda import arrays, backward, ema, moments, normalize
+    from nbbn._cuda import arrays, backward, ema, merge, moments, normalize, renorm
 
     def arr(dtype, ndim):
         return t.Array(dtype, ndim, "A")
@@ -74,9 +74,15 @@ SCRIPT = textwrap.dedent('''
         compile(backward, "param_grads", arr(f8, 1), arr(f8, 1), arr(out, 1), f8, arr(p, 1),
                 arr(p, 1))
         compile(ema, "ema", arr(p, 1), arr(p, 1), arr(out, 1), arr(out, 1), f8, f8)
+        compile(renorm, "renorm_coefficients", arr(f8, 1), arr(f8, 1), arr(p, 1), arr(p, 1),
+                arr(p, 1), arr(p, 1), t.int64, f8, f8, f8, arr(f8, 1), arr(f8, 1), arr(acc, 1),
+                arr(acc, 1))
+        compile(renorm, "renorm_grads", arr(f8, 1), arr(f8, 1), arr(out, 1), arr(out, 1),
+                arr(out, 1), arr(p, 1), t.int64, f8, arr(f8, 1), arr(p, 1), arr(p, 1))
+        compile(merge, "merge_batches", arr(f8, 2), arr(out, 1), arr(out, 1), f8, f8)
         compile(arrays, "fill_kernel", arr(p, 1), f8)
     compile(backward, "finalize_sums", arr(f8, 3), arr(f8, 1), arr(f8, 1))
-    every = {(m.__name__, k) for m in (arrays, backward, ema, moments, normalize)
+    every = {(m.__name__, k) for m in (arrays, backward, ema, merge, moments, normalize, renorm)
              for k in m.KERNELS}
     missing = every - compiled
     assert not missing, f"kernels without a PTX check: {sorted(missing)}"
