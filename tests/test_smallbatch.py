@@ -419,19 +419,25 @@ def test_virtual_batches_any_layout(axis, rng):
 
 
 def test_virtual_batches_large_threaded(rng):
-    for shape, axis in [((32, 16, 24, 24), 1), ((32, 24, 24, 16), -1), ((4096, 64), 1)]:
-        x = rng.standard_normal(shape).astype(np.float32) * 4 + 3
-        dy = rng.standard_normal(shape).astype(np.float32)
+    """The threaded kernels, and the channels-last regrouping of few channels into wide rows
+    (``_cpu._blocks.widen``): taken where a wide row stays in one group, the last group
+    possibly among the leftover rows only; not taken where it would straddle groups."""
+    for shape, axis, size in [((32, 16, 24, 24), 1, 12), ((32, 24, 24, 16), -1, 12),
+                              ((4096, 64), 1, 12), ((4100, 16), 1, 32), ((4097, 64), 1, 3),
+                              ((9, 40, 40, 8), -1, 4)]:
+        x = rng.standard_normal(shape) * 4 + 3
+        dy = rng.standard_normal(shape)
         c = shape[axis]
-        w = rng.random(c).astype(np.float32) + 0.5
+        w = rng.random(c) + 0.5
         mv = lambda a: np.moveaxis(a, axis, 1)  # noqa: E731
-        y_ref, grads_ref, _, _ = ghost_reference(mv(x), w, w, mv(dy), 12)
-        y, m, v = nbbn.batch_norm_forward(x, w, w, axis=axis, virtual_batch_size=12)
-        dx, dw, db = nbbn.batch_norm_backward(dy, x, m, v, w, axis=axis, virtual_batch_size=12)
-        np.testing.assert_allclose(mv(y), y_ref, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(mv(dx), grads_ref[0], rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(dw, grads_ref[1], rtol=1e-4, atol=1e-2)
-        np.testing.assert_allclose(db, grads_ref[2], rtol=1e-4, atol=1e-2)
+        y_ref, grads_ref, _, _ = ghost_reference(mv(x), w, w, mv(dy), size)
+        y, m, v = nbbn.batch_norm_forward(x, w, w, axis=axis, virtual_batch_size=size)
+        dx, dw, db = nbbn.batch_norm_backward(dy, x, m, v, w, axis=axis,
+                                              virtual_batch_size=size)
+        np.testing.assert_allclose(mv(y), y_ref, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(mv(dx), grads_ref[0], rtol=1e-8, atol=1e-8)
+        np.testing.assert_allclose(dw, grads_ref[1], rtol=1e-9, atol=1e-8)
+        np.testing.assert_allclose(db, grads_ref[2], rtol=1e-9, atol=1e-8)
 
 
 def test_virtual_batches_edge_cases_and_errors(rng):

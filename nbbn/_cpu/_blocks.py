@@ -6,6 +6,13 @@ memory order and vectorized across channels. With few channels a row is too
 short to vectorize, so contiguous rows are regrouped: (R, C) is viewed as
 (R // k, k*C) — k copies of each channel side by side — plus R % k leftover
 rows; each family folds the k copies back into C channels.
+
+Virtual batches (ghost batch norm) split the outer rows into groups of
+``group_rows`` consecutive rows (0: one group, all rows), each with its own
+statistics and coefficients, which are then per (group, channel): vectors of
+groups * C values, index g * C + c. A kernel finds a row's group by one
+division per row (or per row item); a tile of a reduction never straddles two
+groups; a regrouped row holds rows of one group only (k divides group_rows).
 """
 import numpy as np
 
@@ -17,18 +24,20 @@ BLOCK = 4096
 MIN_ROW_WIDTH = 256
 
 
-def widen(*arrays):
+def widen(*arrays, group_rows=0):
     """``(k, wide, rest)`` for same-shaped 2-D (R, C) arrays (see the module docstring).
 
     ``k == 1`` means no regrouping: ``wide`` are the arrays themselves.
     Otherwise ``wide`` are (R // k, k*C) views and ``rest`` the leftover
-    (R % k, C) rows, or None when there are none.
+    (R % k, C) rows, or None when there are none. With virtual batches of
+    ``group_rows`` rows, only where k divides it (then a group is group_rows // k
+    wide rows, and the leftover rows are the last group's).
     """
     n_rows, nchan = arrays[0].shape
     k = -(-MIN_ROW_WIDTH // max(nchan, 1))
     contiguous_rows = all(a.strides[0] == nchan * a.strides[1] for a in arrays)
     # Small inputs: the regrouping costs more than it saves.
-    if k == 1 or n_rows * nchan < 16 * MIN_ROW_WIDTH or not contiguous_rows:
+    if k == 1 or n_rows * nchan < 16 * MIN_ROW_WIDTH or not contiguous_rows or group_rows % k:
         return 1, arrays, None
     cut = n_rows - n_rows % k
     # Rows that follow each other in memory merge: these reshapes are views.
@@ -37,9 +46,23 @@ def widen(*arrays):
     return k, wide, rest
 
 
-def tiled(a, k):
-    """Per-channel coefficients for k regrouped copies of each channel (see ``widen``)."""
-    return a if k == 1 else np.tile(a, k)
+def tiled(a, k, nchan=None):
+    """Per-channel coefficients for k regrouped copies of each channel (see ``widen``); per
+    (group, channel) ones of ``nchan`` channels are tiled within each group."""
+    if k == 1:
+        return a
+    return np.tile(a, k) if nchan is None else np.tile(a.reshape(-1, nchan), (1, k)).ravel()
+
+
+@helper
+def group_size(group_rows, n_rows):
+    """Rows per group: ``group_rows``, or all rows (at least 1) where it is 0 (one group)."""
+    return group_rows if group_rows > 0 else max(n_rows, 1)
+
+
+def group_count(group_rows, n_rows):
+    """Groups of ``group_rows`` rows (0: one) in n_rows rows."""
+    return -(-n_rows // group_rows) if group_rows > 0 else 1
 
 
 @helper

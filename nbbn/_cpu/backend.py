@@ -121,8 +121,13 @@ def batch_moments(call, variance=False):
     plan = call.plan
     if plan.count == 0 or plan.nchan == 0:
         return np.full(plan.groups * plan.nchan, np.nan), np.full(plan.groups * plan.nchan, np.nan)
-    mean, m2 = _by_group(plan, channel_moments, (call.x3,))
+    mean, m2 = channel_moments(call.x3, _group_rows(plan))
     return mean, m2 / _counts(plan, plan.group_count) if variance else m2
+
+
+def _group_rows(plan):
+    """The kernels' ``group_rows``: outer rows per virtual batch, 0 for one group."""
+    return plan.group_rows if plan.groups > 1 else 0
 
 
 def _as64(p, default, n):
@@ -166,22 +171,10 @@ def _output(call, out):
     return buf.reshape(layout.shape3), finish
 
 
-def _by_group(plan, kernel, views, vectors=()):
-    """``kernel(*views, *vectors)`` for each virtual batch, on its rows of the 3-D views and its
-    part of the per-(group, channel) vectors; results (if any) concatenated per output."""
-    if plan.groups == 1:
-        return kernel(*views, *vectors)
-    rows, nchan = plan.group_rows, plan.nchan
-    parts = [kernel(*(v[g * rows:(g + 1) * rows] for v in views),
-                    *(p[g * nchan:(g + 1) * nchan] for p in vectors)) for g in range(plan.groups)]
-    return None if parts[0] is None else tuple(np.concatenate(p) for p in zip(*parts))
-
-
 def affine(call, scale, shift, out):
     view3, finish = _output(call, out)
     if call.plan.size:
-        _by_group(call.plan, lambda x3, y3, a, b: _affine_kernel(x3, a, b, y3),
-                  (call.x3, view3), (scale, shift))
+        _affine_kernel(call.x3, scale, shift, view3, _group_rows(call.plan))
     return finish()
 
 
@@ -211,7 +204,7 @@ def backward_sums(call, dy3, mean):
     plan = call.plan
     if plan.size == 0:
         return np.zeros(plan.groups * plan.nchan), np.zeros(plan.groups * plan.nchan)
-    return _by_group(plan, _sums, (dy3, call.x3), (np.asarray(mean, np.float64),))
+    return _sums(dy3, call.x3, np.asarray(mean, np.float64), _group_rows(plan))
 
 
 def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, batch_stats,
@@ -229,8 +222,8 @@ def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, bat
         k = -g * sum_dy / count
     else:
         h = k = np.zeros(n)
-    _by_group(call.plan, lambda dy, x, dx, *coef: _grad_input(dy, x, *coef, dx),
-              (dy3, call.x3, view3), (np.asarray(mean, np.float64), g, h, k))
+    _grad_input(dy3, call.x3, np.asarray(mean, np.float64), g, h, k, view3,
+                _group_rows(call.plan))
     return finish()
 
 

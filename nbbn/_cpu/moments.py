@@ -22,7 +22,7 @@ import numpy as np
 from numba import prange
 
 from .. import _math
-from ._blocks import BLOCK, widen
+from ._blocks import BLOCK, group_count, group_size, widen
 from ._jit import helper, kernel, strict_helper, thread_plan
 
 # Rows per tile of the vertical (channels-last) reduction.
@@ -121,37 +121,41 @@ def merge_threads(state):
 
 
 @kernel
-def moments_rows(x, nthreads):
+def moments_rows(x, nthreads, group_rows=0):
     """Moments over axes 0 and 2 of x[outer, C, inner]; rows x[o, c, :] in blocks.
 
     Work items are (row, block) pairs in memory order; thread t takes the
-    t-th contiguous share and walks it without any division per item.
+    t-th contiguous share and walks it with one division per row (its group).
+    Per (group, channel) with virtual batches of ``group_rows`` outer rows.
     """
     n_outer, nchan, n_inner = x.shape
+    rows = group_size(group_rows, n_outer)
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
-    state = np.zeros((nthreads, 3, nchan))
+    state = np.zeros((nthreads, 3, (n_outer + rows - 1) // rows * nchan))
     for t in prange(nthreads):
         lo = t * n_items // nthreads
         hi = (t + 1) * n_items // nthreads
         row, blk = divmod(lo, blocks_per_row)
         o, c = divmod(row, nchan)
-        n_a, mean_a, m2_a = state[t, 0, c], state[t, 1, c], state[t, 2, c]
+        s = o // rows * nchan + c  # the state of the row's (group, channel)
+        n_a, mean_a, m2_a = state[t, 0, s], state[t, 1, s], state[t, 2, s]
         for _ in range(lo, hi):
             start = blk * BLOCK
             n_a, mean_a, m2_a = fold_block(n_a, mean_a, m2_a, x[o, c, start:min(n_inner, start + BLOCK)])
             blk += 1
             if blk == blocks_per_row:
                 blk = 0
-                state[t, 0, c], state[t, 1, c], state[t, 2, c] = n_a, mean_a, m2_a
+                state[t, 0, s], state[t, 1, s], state[t, 2, s] = n_a, mean_a, m2_a
                 c += 1
                 if c == nchan:
                     c = 0
                     o += 1
+                s = o // rows * nchan + c
                 if o < n_outer:
-                    n_a, mean_a, m2_a = state[t, 0, c], state[t, 1, c], state[t, 2, c]
+                    n_a, mean_a, m2_a = state[t, 0, s], state[t, 1, s], state[t, 2, s]
         if blk != 0:
-            state[t, 0, c], state[t, 1, c], state[t, 2, c] = n_a, mean_a, m2_a
+            state[t, 0, s], state[t, 1, s], state[t, 2, s] = n_a, mean_a, m2_a
     return merge_threads(state)
 
 
@@ -215,32 +219,40 @@ def column_means(x, r0, r1, c0, out):
 
 
 @kernel
-def moments_columns(x, nthreads):
+def moments_columns(x, nthreads, group_rows=0):
     """Moments over axis 0 of x[rows, C] (a vertical reduction, channels-last).
 
     Work items are tiles of (COLUMN_TILE_ROWS, <= COLUMN_TILE_CHANNELS
     columns), row-major, in memory order. Each tile is one pass of sums shifted
     per column by the thread's running mean (its first row for a column's first
-    tile), folded in as in ``fold_block``.
+    tile), folded in as in ``fold_block``. Per (group, channel) with virtual
+    batches of ``group_rows`` rows: the tiles of a group end at its last row.
     """
     n_rows, nchan = x.shape
+    rows = group_size(group_rows, n_rows)
+    groups = (n_rows + rows - 1) // rows
     tile_c = min(nchan, COLUMN_TILE_CHANNELS)
     ctiles = (nchan + tile_c - 1) // tile_c
-    n_items = ((n_rows + COLUMN_TILE_ROWS - 1) // COLUMN_TILE_ROWS) * ctiles
-    state = np.zeros((nthreads, 3, nchan))
+    group_tiles = (rows + COLUMN_TILE_ROWS - 1) // COLUMN_TILE_ROWS
+    n_items = groups * group_tiles * ctiles
+    state = np.zeros((nthreads, 3, groups * nchan))
     for t in prange(nthreads):
         shift = np.empty(tile_c)
         s1 = np.empty(tile_c)
         s2 = np.empty(tile_c)
         for item in range(t * n_items // nthreads, (t + 1) * n_items // nthreads):
             rt, ct = divmod(item, ctiles)
-            r0 = rt * COLUMN_TILE_ROWS
-            r1 = min(n_rows, r0 + COLUMN_TILE_ROWS)
+            g, rt = divmod(rt, group_tiles)
+            r0 = g * rows + rt * COLUMN_TILE_ROWS
+            r1 = min(n_rows, g * rows + rows, r0 + COLUMN_TILE_ROWS)
+            if r0 >= r1:  # past the end of a short last group
+                continue
             c0 = ct * tile_c
+            s0 = g * nchan + c0  # the state of the tile's first (group, channel)
             width = min(nchan, c0 + tile_c) - c0
-            if state[t, 0, c0] > 0:  # shift by the running means
+            if state[t, 0, s0] > 0:  # shift by the running means
                 for j in range(width):
-                    shift[j] = state[t, 1, c0 + j]
+                    shift[j] = state[t, 1, s0 + j]
             else:  # these columns' first tile: shift by its own means (one in-cache pass)
                 column_means(x, r0, r1, c0, shift[:width])
             s1[:width] = 0.0
@@ -248,7 +260,7 @@ def moments_columns(x, nthreads):
             shifted_rows(x, r0, r1, c0, shift[:width], s1, s2)
             n_b = np.float64(r1 - r0)
             for j in range(width):
-                c = c0 + j
+                c = s0 + j
                 n_a = state[t, 0, c]
                 k = shift[j]
                 if np.isfinite(s2[j]) and np.isfinite(k):
@@ -258,58 +270,67 @@ def moments_columns(x, nthreads):
                     state[t, 1, c] = k + s1[j] / n
                     state[t, 2, c] = state[t, 2, c] + (s2[j] - s1[j] * s1[j] / n)
                 else:
-                    mean_b, m2_b = exact_moments(x[r0:r1, c])
+                    mean_b, m2_b = exact_moments(x[r0:r1, c0 + j])
                     state[t, 0, c], state[t, 1, c], state[t, 2, c] = chan_merge(
                         n_a, state[t, 1, c], state[t, 2, c], n_b, mean_b, m2_b)
     return merge_threads(state)
 
 
 @kernel
-def fold_columns(mean, m2, n_group, tail):
-    """Channel moments from regrouped columns: column g * C + c holds channel c.
+def fold_columns(mean, m2, copies, n_rows, group_rows, groups, tail):
+    """Channel moments from regrouped columns: in group g, column (g * copies + k) * C + c
+    holds channel c.
 
-    ``mean``/``m2`` are the moments of ``n_group`` rows per column; ``tail``
-    is the (rows, C) remainder that did not fill a folded row.
+    ``mean``/``m2`` are the moments of the columns of ``n_rows`` wide rows,
+    ``group_rows`` per group (0: one group); ``tail`` is the (rows, C) remainder
+    that did not fill a wide row (the last group's).
     """
     nchan = tail.shape[1]
-    group = mean.shape[0] // nchan
-    out_mean = np.empty(nchan)
-    out_m2 = np.empty(nchan)
+    group_rows = group_size(group_rows, n_rows)
+    out_mean = np.empty(groups * nchan)
+    out_m2 = np.empty(groups * nchan)
     n_tail = np.float64(tail.shape[0])
-    for c in range(nchan):
-        n_a, mean_a, m2_a = 0.0, 0.0, 0.0
-        for g in range(group):
-            j = g * nchan + c
-            n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, np.float64(n_group), mean[j], m2[j])
-        if n_tail > 0:
-            mean_b, m2_b = exact_moments(tail[:, c])
-            n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_tail, mean_b, m2_b)
-        out_mean[c] = mean_a
-        out_m2[c] = m2_a
+    for g in range(groups):
+        n_group = np.float64(min(group_rows, n_rows - g * group_rows))
+        for c in range(nchan):
+            n_a, mean_a, m2_a = 0.0, 0.0, 0.0
+            for k in range(copies if n_group > 0 else 0):
+                j = (g * copies + k) * nchan + c
+                n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_group, mean[j], m2[j])
+            if n_tail > 0 and g == groups - 1:
+                mean_b, m2_b = exact_moments(tail[:, c])
+                n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_tail, mean_b, m2_b)
+            out_mean[g * nchan + c] = mean_a
+            out_m2[g * nchan + c] = m2_a
     return out_mean, out_m2
 
 
-def column_moments(x):
-    """(mean[C], m2[C]) in float64 over axis 0 of a 2-D (rows, C) view.
+def column_moments(x, group_rows=0):
+    """(mean, m2) in float64 over axis 0 of a 2-D (rows, C) view, per channel (per group
+    and channel with virtual batches of ``group_rows`` rows).
 
     Few channels: contiguous rows are regrouped into wide rows (``_blocks.widen``)
     so that the vector loop runs across many columns; ``fold_columns`` merges the
     k copies of each channel and the leftover rows afterwards.
     """
     n_rows, nchan = x.shape
-    k, (wide,), rest = widen(x)
+    k, (wide,), rest = widen(x, group_rows=group_rows)
     nthreads, parallel = thread_plan(x.size, wide.shape[0])
-    mean, m2 = moments_columns(wide, nthreads, parallel=parallel)
+    wide_rows = group_rows // k
+    mean, m2 = moments_columns(wide, nthreads, wide_rows, parallel=parallel)
     if k == 1:
         return mean, m2
-    return fold_columns(mean, m2, wide.shape[0], x[:0] if rest is None else rest[0], parallel=False)
+    return fold_columns(mean, m2, k, wide.shape[0], wide_rows, group_count(group_rows, n_rows),
+                        x[:0] if rest is None else rest[0], parallel=False)
 
 
-def channel_moments(x):
-    """(mean[C], m2[C]) in float64 of a 3-D (outer, C, inner) view; count = outer*inner."""
+def channel_moments(x, group_rows=0):
+    """(mean, m2) in float64 of a 3-D (outer, C, inner) view, per channel: count =
+    outer*inner; per (group, channel), g-major, with virtual batches of ``group_rows``
+    outer rows (0: one group)."""
     n_outer, nchan, n_inner = x.shape
     if n_inner == 1:
-        return column_moments(x[:, :, 0])
+        return column_moments(x[:, :, 0], group_rows)
     items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
     nthreads, parallel = thread_plan(x.size, items)
-    return moments_rows(x, nthreads, parallel=parallel)
+    return moments_rows(x, nthreads, group_rows, parallel=parallel)

@@ -1,15 +1,20 @@
-"""The elementwise pass of batch norm: y = x * scale[c] + shift[c], in float64."""
+"""The elementwise pass of batch norm: y = x * scale[c] + shift[c], in float64.
+
+With virtual batches the coefficients are per (group, channel) (``_blocks``):
+scale[g * C + c], g the row's group.
+"""
 import numpy as np
 from numba import prange
 
 from ._jit import kernel, thread_plan
-from ._blocks import BLOCK, row_block, tiled, widen
+from ._blocks import BLOCK, group_size, row_block, tiled, widen
 
 
 @kernel
-def affine_rows(x, scale, shift, y, nthreads):
+def affine_rows(x, scale, shift, y, nthreads, group_rows):
     """y[o, c, i] = x[o, c, i] * scale[c] + shift[c], rows split into BLOCK-sized items."""
     n_outer, nchan, n_inner = x.shape
+    rows = group_size(group_rows, n_outer)
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
     for t in prange(nthreads):
@@ -17,38 +22,43 @@ def affine_rows(x, scale, shift, y, nthreads):
             o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
             src = x[o, c, start:stop]
             dst = y[o, c, start:stop]
-            a = scale[c]
-            b = shift[c]
+            a = scale[o // rows * nchan + c]
+            b = shift[o // rows * nchan + c]
             for i in range(src.shape[0]):
                 dst[i] = np.float64(src[i]) * a + b
 
 
 @kernel
-def affine_columns(x, scale, shift, y, nthreads):
+def affine_columns(x, scale, shift, y, nthreads, group_rows):
     """y[r, c] = x[r, c] * scale[c] + shift[c] for channels-last rows."""
     n_rows, nchan = x.shape
+    rows = group_size(group_rows, n_rows)
     for t in prange(nthreads):
         for r in range(t * n_rows // nthreads, (t + 1) * n_rows // nthreads):
             src = x[r]
             dst = y[r]
+            g = r // rows * nchan
+            a = scale[g:g + nchan]
+            b = shift[g:g + nchan]
             for c in range(nchan):
-                dst[c] = np.float64(src[c]) * scale[c] + shift[c]
+                dst[c] = np.float64(src[c]) * a[c] + b[c]
 
 
-def _affine_columns(x, scale, shift, y):
+def _affine_columns(x, scale, shift, y, group_rows):
     nthreads, parallel = thread_plan(x.size, x.shape[0])
-    affine_columns(x, scale, shift, y, nthreads, parallel=parallel)
+    affine_columns(x, scale, shift, y, nthreads, group_rows, parallel=parallel)
 
 
-def affine(x, scale, shift, y):
-    """y = x * scale + shift over 3-D (outer, C, inner) views; scale/shift float64[C]."""
+def affine(x, scale, shift, y, group_rows=0):
+    """y = x * scale + shift over 3-D (outer, C, inner) views; scale/shift float64, per
+    channel or per (group, channel) with virtual batches of ``group_rows`` outer rows."""
     n_outer, nchan, n_inner = x.shape
     if n_inner > 1:
         items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
         nthreads, parallel = thread_plan(x.size, items)
-        affine_rows(x, scale, shift, y, nthreads, parallel=parallel)
+        affine_rows(x, scale, shift, y, nthreads, group_rows, parallel=parallel)
         return
-    k, (xw, yw), rest = widen(x[:, :, 0], y[:, :, 0])
-    _affine_columns(xw, tiled(scale, k), tiled(shift, k), yw)
-    if rest:
-        _affine_columns(*rest[:1], scale, shift, *rest[1:])
+    k, (xw, yw), rest = widen(x[:, :, 0], y[:, :, 0], group_rows=group_rows)
+    _affine_columns(xw, tiled(scale, k, nchan), tiled(shift, k, nchan), yw, group_rows // k)
+    if rest:  # the last group's
+        _affine_columns(rest[0], scale[-nchan:], shift[-nchan:], rest[1], 0)
