@@ -43,21 +43,21 @@ SCRIPT = textwrap.dedent('''
 
     for x, acc in ((t.float16, t.float32), (t.float32, f8), (t.float64, f8), (t.int64, f8),
                    (t.boolean, f8)):
-        compile(moments, "moments_rows", arr(x, 3), acc, t.int64, arr(f8, 3))
-        compile(moments, "moments_columns", arr(x, 2), acc, arr(f8, 3))
+        compile(moments, "moments_rows", arr(x, 3), acc, t.int64, t.int64, arr(f8, 3))
+        compile(moments, "moments_columns", arr(x, 2), acc, t.int64, arr(f8, 3))
         if x not in (t.int64, t.boolean):
             compile(normalize, "affine_rows", arr(x, 3), arr(acc, 1), arr(acc, 1), acc,
-                    arr(x, 3))
+                    t.int64, arr(x, 3))
             compile(normalize, "affine_columns", arr(x, 2), arr(acc, 1), arr(acc, 1), acc,
-                    arr(x, 2))
+                    t.int64, arr(x, 2))
             compile(backward, "sums_rows", arr(x, 3), arr(x, 3), arr(f8, 1), acc, t.int64,
-                    arr(f8, 3))
-            compile(backward, "sums_columns", arr(x, 2), arr(x, 2), arr(f8, 1), acc,
+                    t.int64, arr(f8, 3))
+            compile(backward, "sums_columns", arr(x, 2), arr(x, 2), arr(f8, 1), acc, t.int64,
                     arr(f8, 3))
             compile(backward, "dx_rows", arr(x, 3), arr(x, 3), arr(x, 1), arr(acc, 2), acc,
-                    arr(x, 3))
+                    t.int64, arr(x, 3))
             compile(backward, "dx_columns", arr(x, 2), arr(x, 2), arr(x, 1), arr(acc, 2), acc,
-                    arr(x, 2))
+                    t.int64, arr(x, 2))
             compile(arrays, "copy_strided", arr(x, 1), t.int64, t.UniTuple(t.int64, 3),
                     arr(x, 1), t.int64, t.UniTuple(t.int64, 3), t.UniTuple(t.int64, 3))
     for out, p, acc in ((t.float32, t.float16, t.float32), (t.float64, t.float32, f8),
@@ -69,8 +69,8 @@ SCRIPT = textwrap.dedent('''
                 arr(p, 1))
         compile(normalize, "scale_shift", arr(p, 1), arr(p, 1), arr(p, 1), arr(p, 1),
                 t.int64, f8, arr(acc, 1), arr(acc, 1))
-        compile(backward, "dx_coefficients", arr(f8, 1), arr(f8, 1), f8, arr(out, 1),
-                arr(p, 1), t.int64, f8, arr(acc, 2))
+        compile(backward, "dx_coefficients", arr(f8, 1), arr(f8, 1), f8, f8, t.int64,
+                arr(out, 1), arr(p, 1), t.int64, f8, arr(acc, 2))
         compile(backward, "param_grads", arr(f8, 1), arr(f8, 1), arr(out, 1), f8, arr(p, 1),
                 arr(p, 1))
         compile(ema, "ema", arr(p, 1), arr(p, 1), arr(out, 1), arr(out, 1), f8, f8)

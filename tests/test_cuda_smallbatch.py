@@ -107,9 +107,10 @@ def test_ema_update_of_virtual_batches_on_the_device(rng):
 
 
 @pytest.mark.parametrize("shape,axis", [((7, 3, 5), 1), ((9, 3), 1), ((5, 2, 2, 3), -1),
-                                        ((3, 2, 6), 1)], ids=str)
+                                        ((3, 2, 6), 1), ((6, 1, 9), 1), ((13, 1), 1)], ids=str)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_virtual_batches_match_cpu(shape, axis, dtype, rng):
+    """Including few (group, channel) pairs: several blocks per pair and grid merges."""
     x, w, b, dy = make(shape, axis, dtype, rng)
     for size in (2, 3):
         got = nbbn.batch_norm_forward(dev(x), dev(w), dev(b), axis=axis,

@@ -63,20 +63,22 @@ def fallback(op, a, **kwargs):
 # ---- statistics ------------------------------------------------------------------------------
 
 
-def _partials(x3, nchan, zero):
-    """Per-block (n, mean, m2) partial states of x3's channels, float64 (3, P, C); x3 is
-    None for an empty batch."""
+def _partials(x3, nchan, zero, groups=1, group_rows=None):
+    """Per-block (n, mean, m2) partial states of x3's channels, float64 (3, P, C), or of its
+    (group, channel) pairs, (3, P, groups * C), with virtual batches of ``group_rows`` outer
+    rows; x3 is None for an empty batch."""
     if x3 is None:
-        return arrays.scratch((3, 0, nchan), F8)
+        return arrays.scratch((3, 0, groups * nchan), F8)
     outer, nchan, inner = x3.shape
+    group_rows = outer if group_rows is None else group_rows
     if inner == 1:
-        cfg = columns_config(outer, nchan)
-        partial = arrays.scratch((3, cfg.parts, nchan), F8)
-        launch(moment_kernels.moments_columns, cfg, _columns(x3), zero, partial)
+        cfg = columns_config(group_rows, nchan)
+        partial = arrays.scratch((3, cfg.parts, groups * nchan), F8)
+        launch(moment_kernels.moments_columns, cfg, _columns(x3), zero, group_rows, partial)
     else:
-        cfg = rows_config(outer, nchan, inner)
-        partial = arrays.scratch((3, cfg.parts, nchan), F8)
-        launch(moment_kernels.moments_rows, cfg, x3, zero, cfg.bx, partial)
+        cfg = rows_config(group_rows, groups * nchan, inner)
+        partial = arrays.scratch((3, cfg.parts, groups * nchan), F8)
+        launch(moment_kernels.moments_rows, cfg, x3, zero, cfg.bx, group_rows, partial)
     return partial
 
 
@@ -130,19 +132,23 @@ def _zero(call):
 
 
 def _x3(call):
-    if call.plan.groups > 1:  # TEMPORARY: until the device kernels are group-aware
-        raise NotImplementedError("nbbn: virtual batches on CUDA arrays are not implemented yet")
     return call.x3 if call.plan.size else None
 
 
+def _batch_partials(call):
+    """``_partials`` of a batch-norm input: per (group, channel) with virtual batches."""
+    plan = call.plan
+    return _partials(_x3(call), plan.nchan, _zero(call), plan.groups, plan.group_rows)
+
+
 def batch_moments(call, variance=False):
-    nchan = call.plan.nchan
-    partial = _partials(_x3(call), nchan, _zero(call))
-    mean = arrays.scratch((nchan,), F8)
-    second = arrays.scratch((nchan,), F8)
-    if nchan:
+    n = call.plan.groups * call.plan.nchan
+    partial = _batch_partials(call)
+    mean = arrays.scratch((n,), F8)
+    second = arrays.scratch((n,), F8)
+    if n:
         mode = moment_kernels.VARIANCE if variance else moment_kernels.RAW_M2
-        launch(moment_kernels.finalize_moments, final_config(nchan), partial, 0.0, mode, mean,
+        launch(moment_kernels.finalize_moments, final_config(n), partial, 0.0, mode, mean,
                second)
     return mean, second
 
@@ -185,20 +191,20 @@ def _output(plan, like, out, dtype=None):
     return view3, lambda: result
 
 
-def _affine(x3, scale, shift, zero, y3):
+def _affine(x3, scale, shift, zero, y3, group_rows):
     outer, nchan, inner = x3.shape
     if inner == 1:
         launch(normalize.affine_columns, columns_config(outer, nchan, reduction=False),
-               _columns(x3), scale, shift, zero, _columns(y3))
+               _columns(x3), scale, shift, zero, group_rows, _columns(y3))
     else:
         launch(normalize.affine_rows, rows_config(outer, nchan, inner, reduction=False),
-               x3, scale, shift, zero, y3)
+               x3, scale, shift, zero, group_rows, y3)
 
 
 def affine(call, scale, shift, out):
     view3, finish = _output(call.plan, call.like, out)
     if call.plan.size:
-        _affine(_x3(call), scale, shift, _zero(call), view3)
+        _affine(call.x3, scale, shift, _zero(call), view3, call.plan.group_rows)
     return finish()
 
 
@@ -206,13 +212,13 @@ def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_fa
     """Statistics, then one per-channel kernel (batch mean/var, scale/shift, running-buffer
     update), then the affine pass: three launches."""
     plan = call.plan
-    nchan = plan.nchan
+    nchan = plan.groups * plan.nchan  # statistics per (group, channel)
     family = Family(call.like)
     if stats_dtype is None:
         mean = var = arrays.scratch((nchan,), F8)  # unused: written, never read
     else:
         mean, var = family.empty((nchan,), stats_dtype), family.empty((nchan,), stats_dtype)
-    partial = _partials(_x3(call), nchan, _zero(call))
+    partial = _batch_partials(call)
     acc = _acc(plan.dtype)
     scale = arrays.scratch((nchan,), acc)
     shift = arrays.scratch((nchan,), acc)
@@ -237,23 +243,23 @@ def ema(running_mean, running_var, mean, var, momentum, var_factor):
 def backward_sums(call, dy3, mean):
     """Block partials of the per-channel sums, then merged per channel (float64)."""
     plan = call.plan
-    nchan = plan.nchan
-    outer, _, inner = plan.layout.shape3
+    rows, n = plan.group_rows, plan.groups * plan.nchan  # per (group, channel)
+    inner = plan.layout.shape3[2]
     if not plan.size:
-        partial = arrays.scratch((2, 0, nchan), F8)
+        partial = arrays.scratch((2, 0, n), F8)
     elif inner == 1:
-        cfg = columns_config(outer, nchan)
-        partial = arrays.scratch((2, cfg.parts, nchan), F8)
+        cfg = columns_config(rows, plan.nchan)
+        partial = arrays.scratch((2, cfg.parts, n), F8)
         launch(backward.sums_columns, cfg, _columns(dy3), _columns(call.x3), mean, _zero(call),
-               partial)
+               rows, partial)
     else:
-        cfg = rows_config(outer, nchan, inner)
-        partial = arrays.scratch((2, cfg.parts, nchan), F8)
-        launch(backward.sums_rows, cfg, dy3, call.x3, mean, _zero(call), cfg.bx, partial)
-    sum_dy = arrays.scratch((nchan,), F8)
-    sum_dy_xmu = arrays.scratch((nchan,), F8)
-    if nchan:
-        launch(backward.finalize_sums, final_config(nchan), partial, sum_dy, sum_dy_xmu)
+        cfg = rows_config(rows, n, inner)
+        partial = arrays.scratch((2, cfg.parts, n), F8)
+        launch(backward.sums_rows, cfg, dy3, call.x3, mean, _zero(call), cfg.bx, rows, partial)
+    sum_dy = arrays.scratch((n,), F8)
+    sum_dy_xmu = arrays.scratch((n,), F8)
+    if n:
+        launch(backward.finalize_sums, final_config(n), partial, sum_dy, sum_dy_xmu)
     return sum_dy, sum_dy_xmu
 
 
@@ -263,18 +269,22 @@ def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, bat
     view3, finish = _output(plan, call.like, out)
     if plan.size:
         outer, nchan, inner = plan.layout.shape3
+        n = plan.groups * nchan  # coefficients per (group, channel)
         zero = _zero(call)
-        coef = arrays.scratch((3, nchan), _acc(plan.dtype))
+        coef = arrays.scratch((3, n), _acc(plan.dtype))
         flags = _flags(w=(backward.HAS_WEIGHT, weight is not None),
                        s=(backward.BATCH_STATS, batch_stats))
-        launch(backward.dx_coefficients, channels_config(nchan), sum_dy, sum_dy_xmu,
-               float(count), var, _or(weight, var), flags, eps, coef)
+        last = (plan.groups - 1) * nchan  # the last group's first (group, channel)
+        launch(backward.dx_coefficients, channels_config(n), sum_dy, sum_dy_xmu, float(count),
+               float(plan.last_count if last else count), last, var, _or(weight, var), flags,
+               eps, coef)
+        rows = plan.group_rows
         if inner == 1:
             launch(backward.dx_columns, columns_config(outer, nchan, reduction=False),
-                   _columns(dy3), _columns(call.x3), mean, coef, zero, _columns(view3))
+                   _columns(dy3), _columns(call.x3), mean, coef, zero, rows, _columns(view3))
         else:
             launch(backward.dx_rows, rows_config(outer, nchan, inner, reduction=False),
-                   dy3, call.x3, mean, coef, zero, view3)
+                   dy3, call.x3, mean, coef, zero, rows, view3)
     return finish()
 
 
@@ -296,7 +306,8 @@ def _scaled(a, scale, shift, dtype):
     plan = _layout.channel_plan(an, 0, "a", min_ndim=1)
     view3, finish = _output(plan, a, None, dtype)
     if plan.size:
-        _affine(arrays.view3(an, plan.layout), scale, shift, _acc(an.dtype).type(0), view3)
+        _affine(arrays.view3(an, plan.layout), scale, shift, _acc(an.dtype).type(0), view3,
+                plan.group_rows)
     return finish()
 
 

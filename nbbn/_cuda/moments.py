@@ -11,6 +11,11 @@ normalization's scale/shift and the running-buffer update for the forward pass.
 
 Accumulation: float32 for float16 input, float64 otherwise (as the CPU path);
 block and grid merges in float64.
+
+Virtual batches (ghost batch norm): the outer rows are cut into groups of
+``group_rows`` (all rows: one group), and the partial states are per (group,
+channel), index g * C + c: the rows kernel takes (group, channel) planes as it
+takes channels, the columns kernel walks each group's rows in turn.
 """
 import math
 
@@ -41,23 +46,28 @@ def shifted_state(n, k, s1, s2):
 
 
 @cuda.jit
-def moments_rows(x, zero, bx, partial):
-    """x[outer, C, inner]: block (bx_i, by_i) of channel c reads rows o = by_i*TY + ty + k*by*TY,
-    elements i = bx_i*TX + tx + m*bx*TX; partial[:, block, c] = its (n, mean, m2)."""
+def moments_rows(x, zero, bx, group_rows, partial):
+    """x[outer, C, inner]: block (bx_i, by_i) of (group g, channel c) reads the group's rows
+    o = g*group_rows + by_i*TY + ty + k*by*TY, elements i = bx_i*TX + tx + m*bx*TX;
+    partial[:, block, g*C + c] = its (n, mean, m2)."""
     n_outer, nchan, n_inner = x.shape
     tid, o0, ostep, i0, istep = rows_walk(bx)
     nthreads = cuda.blockDim.x * cuda.blockDim.y
     b = cuda.blockIdx.x
-    count = 0
-    if o0 < n_outer and i0 < n_inner:
-        count = ((n_outer - o0 + ostep - 1) // ostep) * ((n_inner - i0 + istep - 1) // istep)
-    for c in range(cuda.blockIdx.y, nchan, cuda.gridDim.y):
+    for gc in range(cuda.blockIdx.y, partial.shape[2], cuda.gridDim.y):
+        g = gc // nchan
+        c = gc - g * nchan
+        first = g * group_rows + o0
+        end = min(n_outer, (g + 1) * group_rows)
+        count = 0
+        if first < end and i0 < n_inner:
+            count = ((end - first + ostep - 1) // ostep) * ((n_inner - i0 + istep - 1) // istep)
         k = zero
         s1 = zero
         s2 = zero
         if count > 0:
-            k = zero + x[o0, c, i0]
-        for o in range(o0, n_outer, ostep):
+            k = zero + x[first, c, i0]
+        for o in range(first, end, ostep):
             for i in range(i0, n_inner, istep):
                 d = (zero + x[o, c, i]) - k
                 s1 += d
@@ -66,52 +76,55 @@ def moments_rows(x, zero, bx, partial):
         if n > 0 and not math.isfinite(mean):
             # inf - inf poisons the shifted sums; NumPy's mean is the plain sum's.
             total = zero
-            for o in range(o0, n_outer, ostep):
+            for o in range(first, end, ostep):
                 for i in range(i0, n_inner, istep):
                     total += zero + x[o, c, i]
             mean = float64(total) / n
         n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, 1)
         if tid == 0:
-            partial[0, b, c] = n
-            partial[1, b, c] = mean
-            partial[2, b, c] = m2
+            partial[0, b, gc] = n
+            partial[1, b, gc] = mean
+            partial[2, b, gc] = m2
 
 
 @cuda.jit
-def moments_columns(x, zero, partial):
+def moments_columns(x, zero, group_rows, partial):
     """x[rows, C], channels-last: thread tx of a block reads channel c (consecutive threads,
-    consecutive channels: coalesced), rows r = by_i*TY + ty + k*by*TY."""
+    consecutive channels: coalesced), rows r = g*group_rows + by_i*TY + ty + k*by*TY of each
+    group g in turn."""
     n_rows, nchan = x.shape
     tid, part, r0, rstep = columns_walk()
     tx = cuda.threadIdx.x
     ntx = cuda.blockDim.x
     nthreads = ntx * cuda.blockDim.y
-    rows = 0
-    if r0 < n_rows:
-        rows = (n_rows - r0 + rstep - 1) // rstep
     for c0 in range(cuda.blockIdx.x * ntx, nchan, cuda.gridDim.x * ntx):
         c = c0 + tx
-        count = rows if c < nchan else 0
-        k = zero
-        s1 = zero
-        s2 = zero
-        if count > 0:
-            k = zero + x[r0, c]
-            for r in range(r0, n_rows, rstep):
-                d = (zero + x[r, c]) - k
-                s1 += d
-                s2 += d * d
-        n, mean, m2 = shifted_state(count, k, s1, s2)
-        if n > 0 and not math.isfinite(mean):
-            total = zero
-            for r in range(r0, n_rows, rstep):
-                total += zero + x[r, c]
-            mean = float64(total) / n
-        n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, ntx)
-        if tid < ntx and c < nchan:
-            partial[0, part, c] = n
-            partial[1, part, c] = mean
-            partial[2, part, c] = m2
+        for g in range(partial.shape[2] // nchan):
+            first = g * group_rows + r0
+            end = min(n_rows, (g + 1) * group_rows)
+            count = 0
+            if first < end and c < nchan:
+                count = (end - first + rstep - 1) // rstep
+            k = zero
+            s1 = zero
+            s2 = zero
+            if count > 0:
+                k = zero + x[first, c]
+                for r in range(first, end, rstep):
+                    d = (zero + x[r, c]) - k
+                    s1 += d
+                    s2 += d * d
+            n, mean, m2 = shifted_state(count, k, s1, s2)
+            if n > 0 and not math.isfinite(mean):
+                total = zero
+                for r in range(first, end, rstep):
+                    total += zero + x[r, c]
+                mean = float64(total) / n
+            n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, ntx)
+            if tid < ntx and c < nchan:
+                partial[0, part, g * nchan + c] = n
+                partial[1, part, g * nchan + c] = mean
+                partial[2, part, g * nchan + c] = m2
 
 
 @cuda.jit(device=True)
@@ -167,8 +180,9 @@ def finalize_forward(partial, weight, bias, eps, momentum, var_factor, flags,
             var = m2 / n if n > 0.0 else math.nan
             mean_out[c] = mean
             var_out[c] = var
-            w = float64(weight[c]) if flags & HAS_WEIGHT else 1.0
-            b = float64(bias[c]) if flags & HAS_BIAS else 0.0
+            # per (group, channel) statistics: weight and bias of channel c % C
+            w = float64(weight[c % weight.shape[0]]) if flags & HAS_WEIGHT else 1.0
+            b = float64(bias[c % bias.shape[0]]) if flags & HAS_BIAS else 0.0
             a, d = affine_coefficients(mean, var, w, b, eps)
             scale[c] = a
             shift[c] = d
