@@ -12,7 +12,9 @@ Virtual batches (ghost batch norm) split the outer rows into groups of
 statistics and coefficients, which are then per (group, channel): vectors of
 groups * C values, index g * C + c. A kernel finds a row's group by one
 division per row (or per row item); a tile of a reduction never straddles two
-groups; a regrouped row holds rows of one group only (k divides group_rows).
+groups; a regrouped row holds rows of one group only (k divides group_rows);
+channels-last kernels walk a thread's rows in runs of one group
+(``group_segment``).
 """
 import numpy as np
 
@@ -58,6 +60,13 @@ def tiled(a, k, nchan=None):
 def group_size(group_rows, n_rows):
     """Rows per group: ``group_rows``, or all rows (at least 1) where it is 0 (one group)."""
     return group_rows if group_rows > 0 else max(n_rows, 1)
+
+
+@helper
+def group_segment(r, end, rows, nchan):
+    """Rows r:stop of one group, the first run of rows r:end: ``(s, stop)``, s the group's
+    first (group, channel) index (groups of ``rows`` rows)."""
+    return r // rows * nchan, min(end, (r // rows + 1) * rows)
 
 
 def group_count(group_rows, n_rows):

@@ -11,7 +11,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, thread_plan
-from ._blocks import BLOCK, group_count, group_size, row_block, tiled, widen
+from ._blocks import BLOCK, group_count, group_segment, group_size, row_block, tiled, widen
 
 
 @kernel
@@ -78,8 +78,7 @@ def sums_columns(dy, x, mean, nthreads, group_rows):
         r = t * n_rows // nthreads
         end = (t + 1) * n_rows // nthreads
         while r < end:
-            s = r // rows * nchan
-            stop = min(end, (r // rows + 1) * rows)
+            s, stop = group_segment(r, end, rows, nchan)
             column_sums(dy, x, r, stop, mean[s:s + nchan], partial[t, 0, s:s + nchan],
                         partial[t, 1, s:s + nchan])
             r = stop
@@ -109,14 +108,18 @@ def dx_columns(dy, x, mean, g, h, k, dx, nthreads, group_rows):
     n_rows, nchan = x.shape
     rows = group_size(group_rows, n_rows)
     for t in prange(nthreads):
-        for r in range(t * n_rows // nthreads, (t + 1) * n_rows // nthreads):
-            gy = dy[r]
-            v = x[r]
-            out = dx[r]
-            s = r // rows * nchan
-            m, gr, hr, kr = mean[s:s + nchan], g[s:s + nchan], h[s:s + nchan], k[s:s + nchan]
-            for c in range(nchan):
-                out[c] = gr[c] * np.float64(gy[c]) + hr[c] * (np.float64(v[c]) - m[c]) + kr[c]
+        r = t * n_rows // nthreads
+        end = (t + 1) * n_rows // nthreads
+        while r < end:
+            s, stop = group_segment(r, end, rows, nchan)
+            m, gs, hs, ks = mean[s:s + nchan], g[s:s + nchan], h[s:s + nchan], k[s:s + nchan]
+            for i in range(r, stop):
+                gy = dy[i]
+                v = x[i]
+                out = dx[i]
+                for c in range(nchan):
+                    out[c] = gs[c] * np.float64(gy[c]) + hs[c] * (np.float64(v[c]) - m[c]) + ks[c]
+            r = stop
 
 
 def _rows_plan(x):

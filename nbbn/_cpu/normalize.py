@@ -7,7 +7,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import kernel, thread_plan
-from ._blocks import BLOCK, group_size, row_block, tiled, widen
+from ._blocks import BLOCK, group_segment, group_size, row_block, tiled, widen
 
 
 @kernel
@@ -34,14 +34,18 @@ def affine_columns(x, scale, shift, y, nthreads, group_rows):
     n_rows, nchan = x.shape
     rows = group_size(group_rows, n_rows)
     for t in prange(nthreads):
-        for r in range(t * n_rows // nthreads, (t + 1) * n_rows // nthreads):
-            src = x[r]
-            dst = y[r]
-            g = r // rows * nchan
-            a = scale[g:g + nchan]
-            b = shift[g:g + nchan]
-            for c in range(nchan):
-                dst[c] = np.float64(src[c]) * a[c] + b[c]
+        r = t * n_rows // nthreads
+        end = (t + 1) * n_rows // nthreads
+        while r < end:
+            s, stop = group_segment(r, end, rows, nchan)
+            a = scale[s:s + nchan]
+            b = shift[s:s + nchan]
+            for i in range(r, stop):
+                src = x[i]
+                dst = y[i]
+                for c in range(nchan):
+                    dst[c] = np.float64(src[c]) * a[c] + b[c]
+            r = stop
 
 
 def _affine_columns(x, scale, shift, y, group_rows):
