@@ -440,6 +440,17 @@ def test_virtual_batches_large_threaded(rng):
         np.testing.assert_allclose(db, grads_ref[2], rtol=1e-9, atol=1e-8)
 
 
+def test_virtual_batches_far_apart_stay_exact(rng):
+    """Virtual batches whose means lie far apart (non-i.i.d.), channels-last: a group's first
+    tile is shifted by the previous group's mean where that is close, else computed exactly."""
+    for size, channels in ((128, 1024), (8, 1024), (32, 16)):
+        x = rng.standard_normal((4096, channels)) + (np.arange(4096) // size % 4 * 1e6)[:, None]
+        _, _, var = nbbn.batch_norm_forward(x, virtual_batch_size=size)
+        parts = [x[i:i + size] for i in range(0, 4096, size)]
+        exact = np.stack([(p - p[0]).var(0) for p in parts])  # p - p[0]: exact (Sterbenz)
+        np.testing.assert_allclose(var, exact, rtol=1e-9)
+
+
 def test_virtual_batches_edge_cases_and_errors(rng):
     x, w, b = make((5, 3, 4), np.float64, rng)
     y, mean, var = nbbn.batch_norm_forward(x, w, b, virtual_batch_size=8)  # one group

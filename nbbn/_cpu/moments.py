@@ -253,6 +253,10 @@ def moments_columns(x, nthreads, group_rows=0):
             if state[t, 0, s0] > 0:  # shift by the running means
                 for j in range(width):
                     shift[j] = state[t, 1, s0 + j]
+            elif g > 0 and state[t, 0, s0 - nchan] > 0:
+                # a virtual batch's first tile: by the thread's means of the previous batch
+                for j in range(width):
+                    shift[j] = state[t, 1, s0 - nchan + j]
             else:  # these columns' first tile: shift by its own means (one in-cache pass)
                 column_means(x, r0, r1, c0, shift[:width])
             s1[:width] = 0.0
@@ -263,9 +267,10 @@ def moments_columns(x, nthreads, group_rows=0):
                 c = s0 + j
                 n_a = state[t, 0, c]
                 k = shift[j]
-                if np.isfinite(s2[j]) and np.isfinite(k):
-                    # k is the running mean (or, first, the tile's first value).
-                    n = n_a + n_b
+                n = n_a + n_b
+                # k is the running mean (or, first, a near mean); where it lies far from the
+                # tile's values (s2 almost all s1**2 / n: cancellation), the exact path.
+                if np.isfinite(s2[j]) and np.isfinite(k) and s1[j] * s1[j] <= 0.99 * n * s2[j]:
                     state[t, 0, c] = n
                     state[t, 1, c] = k + s1[j] / n
                     state[t, 2, c] = state[t, 2, c] + (s2[j] - s1[j] * s1[j] / n)
