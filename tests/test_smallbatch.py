@@ -5,6 +5,8 @@ d detached; ``F.batch_norm`` on each virtual batch; ``np.mean``/``np.var(ddof=1)
 the concatenated batches for precise statistics.
 """
 import copy
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -693,3 +695,18 @@ def test_recompute_leaves_a_failed_model_as_it_was(rng):
     assert "_nbbn_pooled" not in vars(model[0])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_readme_section_runs():
+    """The README's small-batch examples run as written."""
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Small batches"):]
+    section = section[:section.index("\n## ")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3
+    namespace = {}
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+    assert namespace["mean"].shape == (2, 64) and namespace["dx"].shape == (8, 64, 28, 28)
+    layer, x = namespace["layer"], namespace["x"].astype(np.float64)
+    np.testing.assert_allclose(layer.running_var, x.var((0, 2, 3), ddof=1), rtol=1e-5)
