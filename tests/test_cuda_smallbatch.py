@@ -5,17 +5,7 @@ import numpy as np
 import pytest
 
 import nbbn
-from tests.test_cuda import SIM, TOL, close, cuda, dev, host, small_launches  # noqa: F401
-
-
-def make(shape, axis, dtype, rng):
-    c = shape[axis]
-    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
-    w = (rng.random(c) + 0.5).astype(dtype)
-    b = rng.standard_normal(c).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    return x, w, b, dy
-
+from tests.test_cuda import close, cuda, dev, host, make, small_launches  # noqa: F401
 
 CASES = [((4, 3, 5), 1), ((9, 3), 1), ((3, 2, 2, 3), -1)]
 

@@ -14,6 +14,7 @@ import pytest
 import nbbn
 from nbbn.distributed import SyncBatchRenorm
 from tests.layouts import variants
+from tests.test_batchnorm import make, t
 from tests.test_distributed import ThreadGroup
 
 torch = pytest.importorskip("torch")
@@ -26,18 +27,6 @@ def _renorm_modules():
     import nbbn.torch as nt
     return {2: nt.BatchRenorm1d, 3: nt.BatchRenorm1d, 4: nt.BatchRenorm2d, 5: nt.BatchRenorm3d}
 TOL = {np.float32: dict(rtol=3e-5, atol=3e-5), np.float64: dict(rtol=1e-10, atol=1e-10)}
-
-
-def make(shape, dtype, rng, affine=True):
-    c = shape[1]
-    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
-    w = (rng.random(c) + 0.5).astype(dtype) if affine else None
-    b = rng.standard_normal(c).astype(dtype) if affine else None
-    return x, w, b
-
-
-def t(a):
-    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
 
 
 def channel_view(v, ndim):
@@ -128,13 +117,18 @@ def test_renorm_matches_the_papers_formulas(shape, dtype, affine, limits, rng):
     assert_grads(nbbn.batch_renorm_backward(dy, x, mean, var, r, d, w), grads_ref, dtype)
 
 
-@pytest.mark.parametrize("axis", [0, 1, 2, -1])
-def test_renorm_any_axis_and_layout(axis, rng):
-    base = rng.standard_normal((4, 5, 6)) * 3 + 1
-    dy = rng.standard_normal(base.shape)
+def layout_case(shape, axis, rng):
+    """(x, dy, x with the channels moved to axis 1, weight, bias), float64."""
+    base = rng.standard_normal(shape) * 3 + 1
     moved = np.moveaxis(base, axis, 1)
     c = moved.shape[1]
-    w, b = rng.random(c) + 0.5, rng.standard_normal(c)
+    return base, rng.standard_normal(shape), moved, rng.random(c) + 0.5, rng.standard_normal(c)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+def test_renorm_any_axis_and_layout(axis, rng):
+    base, dy, moved, w, b = layout_case((4, 5, 6), axis, rng)
+    c = moved.shape[1]
     rm, rv = rng.standard_normal(c), rng.random(c) + 0.5
     y_ref, grads_ref, _, _ = renorm_reference(moved, w, b, np.moveaxis(dy, axis, 1), rm, rv,
                                               2.0, 1.0)
@@ -270,14 +264,10 @@ def test_renorm_layers_match_reference_over_steps(shape, dtype, rng):
         xt = t(x).double().requires_grad_()
         yt = ref(xt)
         yt.backward(t(dy).double())
-        xm = t(x).requires_grad_()
-        ym = tmod(xm)
-        ym.backward(t(dy))
-        y = layer(x)
-        dx = layer.backward(dy)
-        for got in (y, ym.detach().numpy()):
+        y, dx, ym, dxm = step_both(layer, tmod, x, dy)
+        for got in (y, ym):
             np.testing.assert_allclose(got, yt.detach().numpy(), **tol)
-        for got in (dx, xm.grad.numpy()):
+        for got in (dx, dxm):
             np.testing.assert_allclose(got, xt.grad.numpy(), **tol)
         for gw, gb in ((layer.grad_weight, layer.grad_bias),
                        (tmod.weight.grad.numpy(), tmod.bias.grad.numpy())):
@@ -292,6 +282,15 @@ def test_renorm_layers_match_reference_over_steps(shape, dtype, rng):
             np.testing.assert_allclose(getattr(layer, name), want, **tol, err_msg=name)
             np.testing.assert_allclose(getattr(tmod, name).numpy(), want, **tol, err_msg=name)
     assert int(tmod.num_batches_tracked) == int(layer.num_batches_tracked) == 5
+
+
+def step_both(layer, module, x, dy):
+    """A forward and backward of an nbbn layer and of a torch module: (y, dx) of each."""
+    xm = t(x).requires_grad_()
+    ym = module(xm)
+    ym.backward(t(dy))
+    y = layer(x)
+    return y, layer.backward(dy), ym.detach().numpy(), xm.grad.numpy()
 
 
 def test_renorm_layer_interface(rng):
@@ -398,11 +397,7 @@ def test_virtual_batches_match_batch_norm_per_group(shape, size, dtype, rng):
 
 @pytest.mark.parametrize("axis", [1, 2, -1])
 def test_virtual_batches_any_layout(axis, rng):
-    base = rng.standard_normal((7, 4, 5)) * 3 + 1
-    dy = rng.standard_normal(base.shape)
-    moved = np.moveaxis(base, axis, 1)
-    c = moved.shape[1]
-    w, b = rng.random(c) + 0.5, rng.standard_normal(c)
+    base, dy, moved, w, b = layout_case((7, 4, 5), axis, rng)
     y_ref, grads_ref, mean_ref, _ = ghost_reference(moved, w, b, np.moveaxis(dy, axis, 1), 3)
     for name, x in variants(base):
         before = x.copy()
@@ -509,15 +504,11 @@ def test_virtual_batch_layers_over_steps(size, dtype, rng):
             group_var = (counts * var * counts / (counts - 1)).sum(0) / counts.sum()
             rm = (1 - momentum) * rm + momentum * group_mean
             rv = (1 - momentum) * rv + momentum * group_var
-        xm = t(x).requires_grad_()
-        ym = tmod(xm)
-        ym.backward(t(dy))
-        y = layer(x)
-        dx = layer.backward(dy)
-        for got in (y, ym.detach().numpy()):
+        y, dx, ym, dxm = step_both(layer, tmod, x, dy)
+        for got in (y, ym):
             np.testing.assert_allclose(got, y_ref, **tol)
         if grads_ref is not None:
-            for got in (dx, xm.grad.numpy()):
+            for got in (dx, dxm):
                 np.testing.assert_allclose(got, grads_ref[0], **tol)
             np.testing.assert_allclose(layer.grad_weight, grads_ref[1], **tol)
             np.testing.assert_allclose(tmod.weight.grad.numpy(), grads_ref[1], **tol)

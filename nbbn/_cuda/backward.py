@@ -13,7 +13,7 @@ coefficients are per (group, channel), as in ``moments`` and ``normalize``.
 from numba import cuda, float64
 
 from .launch import block_sum2, columns_walk, rows_walk
-from .normalize import group_first_row, inv_sqrt
+from .normalize import group_first_row, group_span, inv_sqrt
 
 # dx_coefficients flags
 HAS_WEIGHT, BATCH_STATS = 1, 2
@@ -32,7 +32,8 @@ def sums_rows(dy, x, mean, zero, bx, group_rows, partial):
         m = zero + mean[gc]
         s_dy = zero
         s_dxm = zero
-        for o in range(grp * group_rows + o0, min(n_outer, (grp + 1) * group_rows), ostep):
+        first, end = group_span(grp, group_rows, o0, n_outer)
+        for o in range(first, end, ostep):
             for i in range(i0, n_inner, istep):
                 g = zero + dy[o, c, i]
                 s_dy += g
@@ -58,8 +59,8 @@ def sums_columns(dy, x, mean, zero, group_rows, partial):
             s_dxm = zero
             if c < nchan:
                 m = zero + mean[grp * nchan + c]
-                for r in range(grp * group_rows + r0, min(n_rows, (grp + 1) * group_rows),
-                               rstep):
+                first, end = group_span(grp, group_rows, r0, n_rows)
+                for r in range(first, end, rstep):
                     g = zero + dy[r, c]
                     s_dy += g
                     s_dxm += g * ((zero + x[r, c]) - m)

@@ -23,7 +23,7 @@ from numba import cuda, float64
 
 from .ema import ema_step
 from .launch import block_merge, chan_merge, columns_walk, rows_walk
-from .normalize import affine_coefficients
+from .normalize import affine_coefficients, group_span
 
 # finalize_moments modes
 RAW_M2, VARIANCE, STD = 0, 1, 2
@@ -57,8 +57,7 @@ def moments_rows(x, zero, bx, group_rows, partial):
     for gc in range(cuda.blockIdx.y, partial.shape[2], cuda.gridDim.y):
         g = gc // nchan
         c = gc - g * nchan
-        first = g * group_rows + o0
-        end = min(n_outer, (g + 1) * group_rows)
+        first, end = group_span(g, group_rows, o0, n_outer)
         count = 0
         if first < end and i0 < n_inner:
             count = ((end - first + ostep - 1) // ostep) * ((n_inner - i0 + istep - 1) // istep)
@@ -100,8 +99,7 @@ def moments_columns(x, zero, group_rows, partial):
     for c0 in range(cuda.blockIdx.x * ntx, nchan, cuda.gridDim.x * ntx):
         c = c0 + tx
         for g in range(partial.shape[2] // nchan):
-            first = g * group_rows + r0
-            end = min(n_rows, (g + 1) * group_rows)
+            first, end = group_span(g, group_rows, r0, n_rows)
             count = 0
             if first < end and c < nchan:
                 count = (end - first + rstep - 1) // rstep

@@ -67,6 +67,13 @@ def group_first_row(g, group_rows, r0, rstep):
     return lo + (r0 - lo) % rstep
 
 
+@cuda.jit(device=True)
+def group_span(g, group_rows, offset, n_rows):
+    """Rows ``first:end`` of group g that a reduction's thread starting at ``offset`` reads
+    (its walk restarts in every group)."""
+    return g * group_rows + offset, min(n_rows, (g + 1) * group_rows)
+
+
 @cuda.jit
 def affine_columns(x, scale, shift, zero, group_rows, y):
     """x[rows, C], channels-last: TX threads along C (coalesced), TY along rows, one group's
