@@ -1,19 +1,16 @@
-"""Each registry case x contender: floor, nbbn (and nbbn with out=), numpy, torch (see conftest.py)."""
+"""Each registry case x contender: floor, nbbn (and nbbn with out=), numpy, and torch, jax, tf
+where installed (see conftest.py)."""
 import pytest
 
 from nbbn._bench import registry
 from nbbn._bench.floor import floor_runner
 
-CONTENDERS = ("floor",) + registry.CONTENDERS
-
 
 def _params():
     out = []
     for case in registry.cases():
-        for who in CONTENDERS:
-            op = registry.OPS[case.op]
-            if (who == "floor" and not op.floor) or (who != "floor" and who not in op.contenders):
-                continue
+        op = registry.OPS[case.op]
+        for who in ("floor",) * bool(op.floor) + tuple(registry.factories(case)):
             out.append(pytest.param(case, who, id=f"{case.label.replace(' ', '-')}-{who}"))
     return out
 
@@ -24,11 +21,10 @@ def test_op(benchmark, measure, case_inputs, case, who):
     why = op.available()
     if why:
         pytest.skip(why)
-    if who == "torch" and not registry.torch_available():
-        pytest.skip("PyTorch not installed")
     benchmark.group = case.label
     inputs = case_inputs(case)
-    fn = floor_runner(op.floor, inputs["x"]) if who == "floor" else op.contenders[who](inputs)
+    fn = (floor_runner(op.floor, inputs["x"]) if who == "floor"
+          else registry.factories(case)[who](inputs))
     nbytes = op.bytes_moved(case)
     benchmark.extra_info.update(op=case.op, shape=list(case.shape), layout=case.layout,
                                 dtype=case.dtype, contender=who, bytes=nbytes)

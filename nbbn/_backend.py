@@ -13,11 +13,26 @@ Per-channel vectors are 1-D arrays of the backend (NumPy or Numba device
 arrays); statistics and sums are float64. With virtual batches
 (``call.plan.groups`` > 1, see ``_layout.ChannelPlan``) the batch statistics,
 the backward sums and the coefficients are per (group, channel): vectors of
-``groups * nchan`` values, group-major; weight and bias stay per channel. Arrays returned to the caller are
-allocated in the library of the array they are "like" (NumPy on the host;
+``groups * nchan`` values, group-major; weight and bias stay per channel. Arrays
+returned to the caller are allocated in the library of the array they are "like" (NumPy on the host;
 torch, CuPy or Numba on the device).
 """
-from typing import Protocol
+from typing import NamedTuple, Protocol
+
+
+class Epilogue(NamedTuple):
+    """What the forward's elementwise pass does besides ``x * scale + shift``: add
+    ``residual`` (a ``view``, shaped like x; None: nothing), then apply the ReLU where
+    ``relu``; and, for a layer's backward, write x's values into ``copy`` and ``y > 0``
+    (uint8) into ``mask`` (arrays from ``kept``; None: not kept)."""
+
+    residual: object = None
+    relu: bool = False
+    copy: object = None
+    mask: object = None
+
+
+PLAIN = Epilogue()
 
 
 class Backend(Protocol):
@@ -30,13 +45,23 @@ class Backend(Protocol):
     def check_writable(self, a, name):
         """Raise where ``a`` (as given) cannot be written in place (running buffers, out=)."""
 
+    def overlap(self, a, b):
+        """How arrays ``a`` and ``b`` (this backend's) share memory: None (not at all),
+        "same" (the same elements in the same layout: elementwise work in place is safe)
+        or "partial". Host: ``np.shares_memory``; device: the arrays' address ranges."""
+
     def view(self, call, a):
         """The read-only (outer, C, inner) view of ``a`` (this backend's array, shaped like
         ``call.x``) in ``call``'s layout; one copy where strides forbid a view."""
 
+    def kept(self, call, dtype):
+        """A new array shaped like ``call.x``, of ``dtype`` (None: x's), laid out in the
+        call's layout order (its view is direct): what a layer keeps for its backward."""
+
     def fallback(self, op, a, **kwargs):
-        """Statistic ``op`` of an array whose dtype the kernels don't read (complex,
-        object, a non-float ``dtype=``): NumPy's answer on the host, a TypeError on the device."""
+        """NumPy's function ``op`` (``numpy.mean``, ...) of an array whose dtype the kernels
+        don't read (complex, object, longdouble, a non-float ``dtype=``): NumPy's answer on the
+        host, a TypeError on the device."""
 
     # ---- statistics ----------------------------------------------------------------------
 
@@ -57,29 +82,34 @@ class Backend(Protocol):
         """Batch norm of data of ``dtype`` as ``x * scale + shift``: (scale, shift) vectors
         (mean's length) for ``affine``; weight/bias (per channel) may be None."""
 
-    def affine(self, call, scale, shift, out):
-        """``y = x * scale[g, c] + shift[g, c]`` over ``call.x`` (g: the row's group), into
-        ``out`` (validated) or a new array laid out like x."""
+    def affine(self, call, scale, shift, out, epilogue):
+        """``y = x * scale[g, c] + shift[g, c]`` (g: the row's group) over ``call.x`` and the
+        ``Epilogue``, into ``out`` (validated) or a new array laid out like x."""
 
     def forward(self, call, weight, bias, eps, out, stats_dtype, running, momentum,
-                var_factor):
+                var_factor, epilogue):
         """Training forward: ``(y, mean, var)``, the batch mean and biased variance in
         ``stats_dtype``, allocated in x's library (None: float64 work vectors); where
         ``running`` = (running_mean, running_var) is given (one group only), those are
-        updated in place (``ema`` with momentum, var_factor)."""
+        updated in place (``ema`` with momentum, var_factor); the elementwise pass with the
+        ``Epilogue``."""
 
     def ema(self, running_mean, running_var, mean, var, momentum, var_factor):
         """``running = (1 - momentum) * running + momentum * batch`` in place (the variance's
         batch term scaled by var_factor)."""
 
-    def backward_sums(self, call, dy3, mean):
-        """Per-channel float64 ``(sum(dy), sum(dy * (x - mean)))``; dy3 from ``view``."""
+    def backward_sums(self, call, dy3, mean, gate3, dresidual):
+        """Per-channel (per group and channel) float64 ``(sum(g), sum(g * (x - mean)))``, g being dy where ``gate3``
+        (y or a kept mask) is positive (the ReLU's gradient; None: g = dy); dy3 and gate3
+        from ``view``. With ``dresidual``, g too, as a new array like x in x's dtype
+        written in the same pass: ``(sum_g, sum_g_xmu, g)``."""
 
     def grad_input(self, call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count,
-                   batch_stats, out):
+                   batch_stats, out, gate3):
         """dx from the per-channel sums, ``count`` values behind the statistics (with
         virtual batches: in each group, the last group's ``call.plan.last_count``);
-        ``batch_stats``: mean/var came from x (their gradients are folded in)."""
+        ``batch_stats``: mean/var came from x (their gradients are folded in); dy3 through
+        ``gate3`` as in ``backward_sums``."""
 
     def param_grads(self, like, weight, var, eps, sum_dy, sum_dy_xmu):
         """(dweight, dbias) in weight's dtype, in ``like``'s library (summed over groups)."""
@@ -98,12 +128,14 @@ class Backend(Protocol):
         before this batch's update); scale/shift for ``affine``: batch norm's coefficients
         with the effective weight ``weight * r`` and bias ``bias + weight * d``."""
 
+    def renorm_weight(self, weight, r):
+        """Batch renorm's effective weight ``weight * r`` (float64; r where weight is None):
+        with it ``grad_input`` gives renorm's dx (r and d are constants for the gradient)."""
+
     def renorm_grads(self, like, weight, var, r, d, eps, sum_dy, sum_dy_xmu):
-        """Batch renorm's backward, per channel: ``(weight_eff, dweight, dbias)``.
-        ``weight_eff = weight * r`` (float64; r where weight is None) makes ``grad_input``
-        renorm's dx (r and d are constants for the gradient); ``dweight = r * sum_dy_xmu /
-        sqrt(var + eps) + d * sum_dy``, ``dbias = sum_dy`` in weight's dtype, in ``like``'s
-        library (None, None where weight is None)."""
+        """Batch renorm's parameter gradients ``(dweight, dbias)``: ``dweight = r * sum_dy_xmu
+        / sqrt(var + eps) + d * sum_dy``, ``dbias = sum_dy``, in weight's dtype, in ``like``'s
+        library."""
 
     def merge_batches(self, state, mean, var, count, last_count):
         """Fold per-(group, channel) statistics (mean and biased var, ``groups * C`` long;

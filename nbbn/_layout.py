@@ -11,6 +11,7 @@ strides allow, otherwise with one copy.
 """
 import functools
 import math
+import numbers
 import operator
 
 import numpy as np
@@ -21,8 +22,28 @@ class ConflictError(TypeError, ValueError):
     """Raised where NumPy's and PyTorch's conventions disagree on the exception type."""
 
 
-# Kinds the kernels read natively (float16 is widened to float32 on the host).
+# Kinds the kernels read natively (16-bit floats are widened inside them).
 KERNEL_KINDS = "biuf"
+
+
+def is_bfloat16(dtype):
+    """Whether ``dtype`` is bfloat16 (``ml_dtypes.bfloat16``, the dtype JAX and PyTorch hand
+    to NumPy), recognized without importing ml_dtypes."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "V" and dtype.name == "bfloat16" and dtype.itemsize == 2
+
+
+def is_float(dtype):
+    """Whether ``dtype`` is a float the kernels compute with: float16/32/64 or bfloat16."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" and dtype.itemsize <= 8 or is_bfloat16(dtype)
+
+
+def kernels_read(dtype):
+    """Whether the kernels read data of ``dtype`` (bool, integer, float up to 64 bits,
+    bfloat16)."""
+    dtype = np.dtype(dtype)
+    return dtype.kind in KERNEL_KINDS and dtype.itemsize <= 8 or is_bfloat16(dtype)
 
 _HOST_TYPES = (np.ndarray, np.generic, int, float, bool, list, tuple)
 
@@ -41,12 +62,37 @@ def is_device(a):
     return True
 
 
+NOT_GIVEN = np._NoValue  # NumPy's "not given": its nan-functions pass it on explicitly
+
+
+def ddof(ddof, correction):
+    """``ddof`` from NumPy's pair (both given: an error; ``correction`` may be NOT_GIVEN)."""
+    if correction is NOT_GIVEN:
+        return ddof
+    if ddof != 0:
+        raise ConflictError("ddof and correction can't be provided simultaneously.")
+    if correction is None:
+        raise TypeError("correction must be a number, got None")
+    return correction
+
+
+def result_dtype(dtype, requested):
+    """A statistic's dtype, as NumPy's: ``requested``, else a float input's (native byte
+    order), else float64."""
+    if requested is not None:
+        return np.dtype(requested)
+    return dtype.newbyteorder("=") if is_float(dtype) else np.dtype(np.float64)
+
+
 def reduced_axes(axis, ndim):
     """Normalized, sorted tuple of reduced axes (None means all)."""
     if axis is None:
         return tuple(range(ndim))
     if not isinstance(axis, tuple):
-        axis = (operator.index(axis),)
+        axis = (axis,)
+    if any(isinstance(i, (bool, np.bool_)) for i in axis):  # NumPy: an integer is required
+        raise TypeError(f"axis must be an integer or a tuple of integers, got {axis!r}")
+    axis = tuple(operator.index(i) for i in axis)
     return tuple(sorted(normalize_axis_tuple(axis, ndim, "axis")))
 
 
@@ -204,10 +250,10 @@ def channel_plan(a, axis, name="x", min_ndim=2, virtual_batch_size=None):
 
 
 def check_float_dtype(dtype, name):
-    """Batch-norm inputs are float16/32/64: integer and bool are TypeErrors."""
-    dtype = np.dtype(dtype)
-    if dtype.kind != "f" or dtype.itemsize > 8:
-        raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {dtype}")
+    """Batch-norm inputs are float16/32/64 or bfloat16: integer and bool are TypeErrors."""
+    if not is_float(dtype):
+        raise TypeError(f"{name} must be a floating-point array (float16/32/64, bfloat16), "
+                        f"got dtype {np.dtype(dtype)}")
 
 
 def check_channel_shape(shape, name, nchan):
@@ -220,10 +266,28 @@ def check_channel_shape(shape, name, nchan):
                          f"got shape {shape}")
 
 
-def check_eps(eps):
+def _real(value, name):
+    """A real number (not bool) as a float, or a TypeError naming the argument."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_eps(eps, training=False):
+    """eps >= 0, and > 0 in training (PyTorch: a constant channel would divide by zero)."""
+    eps = _real(eps, "eps")
+    if training and not eps > 0:
+        raise ValueError(f"eps must be positive during training, got {eps}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    return float(eps)
+    return eps
+
+
+def check_activation(activation):
+    """An epilogue's activation: None or "relu" (ValueError naming it otherwise)."""
+    if activation is None or isinstance(activation, str) and activation == "relu":
+        return activation
+    raise ValueError(f"activation must be None or 'relu', got {activation!r}")
 
 
 def check_virtual_batch_size(size):
@@ -244,16 +308,28 @@ def check_renorm_limits(rmax, dmax):
 
 
 def check_momentum(momentum):
+    momentum = _real(momentum, "momentum")
     if not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    return float(momentum)
+    return momentum
 
 
-def check_out_shape_dtype(out_shape, out_dtype, shape, dtype, name="out"):
-    """A reduction's ``out=``: the result's shape, a dtype it can be cast to (same kind)."""
+def check_count(count, minimum):
+    """A whole number of values per channel, at least ``minimum``."""
+    if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral):
+        raise TypeError(f"count must be an integer (values per channel), got "
+                        f"{type(count).__name__} {count!r}")
+    if count < minimum:
+        raise ValueError(f"count must be >= {minimum}, got {count}")
+    return int(count)
+
+
+def check_out_shape_dtype(out_shape, out_dtype, shape, dtype, casting, name="out"):
+    """A reduction's ``out=``: the result's shape, a dtype the result can be cast to under
+    NumPy's ``casting`` rule for that statistic ("unsafe" for mean/var, "same_kind" for std)."""
     if tuple(out_shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(out_shape)}, expected {tuple(shape)}")
-    if not np.can_cast(dtype, out_dtype, "same_kind"):
+    if not np.can_cast(dtype, out_dtype, casting):
         raise ConflictError(f"{name} has dtype {out_dtype}, cannot hold a {np.dtype(dtype)} result")
 
 

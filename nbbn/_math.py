@@ -1,11 +1,25 @@
 """Per-element math shared by the CPU and CUDA kernels, written once as plain Python.
 
 Each function here uses only operations both Numba targets compile (``math``,
-not ``numpy`` ufuncs: ``np.isfinite`` has no CUDA lowering). The CUDA backend
-wraps them with ``cuda.jit(device=True)``; the CPU kernels can wrap the same
-functions with their ``helper`` decorator (``numba.njit``).
+not ``numpy`` ufuncs: ``np.isfinite`` has no CUDA lowering). CPU kernels call
+them as they are: ``_cpu/_jit.py`` registers each as a Numba overload of
+itself, compiled without fastmath wherever a kernel calls it (so they may call
+each other too). The CUDA backend wraps ``chan_merge`` with
+``cuda.jit(device=True)``; to use the double-double functions, which call each
+other and ``fma``, it would register them the same way for the CUDA target
+(``overload(f, target="cuda")``, ``fma`` as ``cuda.fma``).
+
+Double-doubles: the statistics carry a mean as an unevaluated sum ``hi + lo``
+of two float64 (``hi`` the float64 nearest to the sum, about 106 bits in all),
+kept exact by error-free transformations (TwoSum, the FMA remainder). These are
+exact only as written: compiled with reassociation or contraction the compiler
+would cancel the compensation (``(a + b) - a`` is ``b`` to it), hence strict builds.
+``fma`` is the one primitive each backend supplies (the hardware instruction).
+The functions without ``fma`` (``two_sum``, ``dd_add``) also work elementwise on
+NumPy arrays (``Moments.merge``).
 """
 import math
+from fractions import Fraction
 
 
 def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
@@ -25,6 +39,82 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean, m2_a + m2_b + delta * delta * (n_a * n_b / n)
 
 
+def fma(a, b, c):
+    """``a * b + c`` rounded once.
+
+    Each backend compiles calls to this name as the hardware instruction (the
+    CPU one in ``_cpu/_jit.py``); this body, exact rational arithmetic, is what
+    runs where Python itself runs the kernels (the CUDA simulator).
+    """
+    if math.isfinite(a) and math.isfinite(b) and math.isfinite(c):
+        return float(Fraction(a) * Fraction(b) + Fraction(c))
+    return a * b + c
+
+
+def two_sum(a, b):
+    """(s, e): s = a + b rounded, and a + b = s + e exactly (Knuth's TwoSum)."""
+    s = a + b
+    b_part = s - a
+    return s, (a - (s - b_part)) + (b - b_part)
+
+
+def quotient(num, den):
+    """num / den as a double-double (hi, lo): hi rounded, lo from the exact remainder."""
+    hi = num / den
+    return hi, fma(-hi, den, num) / den
+
+
+def dd_add(a_hi, a_lo, b_hi, b_lo):
+    """(a_hi + a_lo) + (b_hi + b_lo) as a normalized double-double."""
+    s, e = two_sum(a_hi, b_hi)
+    return two_sum(s, e + (a_lo + b_lo))
+
+
+def accumulate(hi, lo, value):
+    """A double-double sum hi + lo with ``value`` added (lo not renormalized)."""
+    s, e = two_sum(hi, value)
+    return s, lo + e
+
+
+def shifted_moments(n, k, s1_hi, s1_lo, s2_hi, s2_lo):
+    """(mean hi, mean lo, m2) of n values from their sums shifted by k, double-doubles
+    ``s1 = sum(x - k)`` and ``s2 = sum((x - k)**2)``.
+
+    The mean ``k + s1 / n`` is exact to double-double accuracy (the FMA
+    remainder of the division). ``m2 = s2 - s1**2 / n`` is rounded once (an FMA)
+    where the cancellation is: exact for exact sums (integer or constant data);
+    otherwise the sums' own rounding errors, in units of s2, are what remains,
+    so k should lie near the data (s2 not much larger than m2).
+    """
+    q_hi = s1_hi / n
+    q_lo = (fma(-q_hi, n, s1_hi) + s1_lo) / n
+    mean_hi, mean_lo = dd_add(k, 0.0, q_hi, q_lo)
+    m2 = (fma(-s1_hi, q_hi, s2_hi) + s2_lo) - (s1_hi * q_lo + s1_lo * q_hi)
+    return mean_hi, mean_lo, m2
+
+
+def chan_merge_dd(n_a, a_hi, a_lo, m2_a, n_b, b_hi, b_lo, m2_b):
+    """Chan et al.'s merge of two (count, mean, m2) states whose means are double-doubles.
+
+    The mean moves by ``delta * n_b / n``, computed to double-double accuracy
+    (an FMA product and remainder), so a chain of merges keeps the mean exact
+    to about 2**-100 relative: correctly rounded at the end. Equal means give
+    ``delta == 0`` exactly (constant data stays exact). Non-finite inputs give
+    non-finite outputs (the callers apply NumPy's inf/nan rules afterwards).
+    """
+    if n_b == 0:
+        return n_a, a_hi, a_lo, m2_a
+    if n_a == 0:
+        return n_b, b_hi, b_lo, m2_b
+    n = n_a + n_b
+    d_hi, d_lo = dd_add(b_hi, b_lo, -a_hi, -a_lo)
+    p_hi = d_hi * n_b                                  # delta * n_b, exactly as p_hi + p_lo
+    p_lo = fma(d_hi, n_b, -p_hi) + d_lo * n_b
+    s_hi, s_lo = quotient(p_hi, n)                     # ... / n
+    m_hi, m_lo = dd_add(a_hi, a_lo, s_hi, s_lo + p_lo / n)
+    return n, m_hi, m_lo, m2_a + m2_b + d_hi * d_hi * (n_a * (n_b / n))
+
+
 def renorm_factors(mean, var, running_mean, running_var, rmax, dmax, eps):
     """Batch renorm's (r, d) of one channel (Ioffe 2017) from the batch's mean and biased
     variance and the running buffers: r = clip(sigma_b / sigma, 1/rmax, rmax),
@@ -41,7 +131,6 @@ def renorm_factors(mean, var, running_mean, running_var, rmax, dmax, eps):
     elif d < -dmax:
         d = -dmax
     return r, d
-
 
 
 def pooled_variance(vbar_a, n, n_b, var_b):

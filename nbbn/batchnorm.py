@@ -5,12 +5,17 @@ arguments (``_layout``'s rules, from the arrays' descriptions), all before
 anything is computed or written, so a call that raises changes nothing; then
 it calls the stages of the backend where the arrays live (``_backend``).
 Forward: one statistics pass, then one elementwise pass ``y = x * scale +
-shift`` with per-channel coefficients. Backward: one fused pass for
-``sum(dy)`` and ``sum(dy * (x - mean))``, then one elementwise pass for ``dx``.
+shift`` with per-channel coefficients, and the epilogue (a residual added, a
+ReLU) in the same pass. Backward: one fused pass for ``sum(dy)`` and ``sum(dy *
+(x - mean))``, then one elementwise pass for ``dx``; behind a ReLU, dy is masked
+(where y > 0) inside both passes.
 """
+import copy
+
 import numpy as np
 
 from . import _dispatch, _layout
+from ._backend import PLAIN, Epilogue
 
 
 class Call:
@@ -33,20 +38,27 @@ class Call:
             self._x3 = self.be.view(self, self.x)
         return self._x3
 
+    def private(self, earlier=None):
+        """``(kept, copy)``: this call reading its own copy of x's values where x3 is a view
+        of the caller's x (a layer keeps it for backward: later in-place changes to x must
+        not reach it), and the array that copy is written into by the forward's elementwise
+        pass, which reads x anyway (``Epilogue.copy``; None: no copy needed). ``earlier``: a
+        private call no longer needed, whose array is reused if it fits (a fresh array costs
+        more than the copy: its pages are new)."""
+        if not (self.plan.size and self.be.overlap(self.x3, self.x)):
+            return self, None
+        kept = copy.copy(self)
+        kept.copy_of_x = reused(earlier, "copy_of_x", self.plan)
+        if kept.copy_of_x is None:
+            kept.copy_of_x = self.be.kept(self, None)
+        kept._x3 = self.be.view(self, kept.copy_of_x)
+        return kept, kept.copy_of_x
+
     def vector(self, p, name):
         return vector(self.be, p, name, self.plan.nchan)
 
     def running_buffer(self, p, name):
         return running_buffer(self.be, p, name, self.plan.nchan)
-
-    def like_x(self, a, name):
-        """A validated float array shaped like x (dy), as the backend's 3-D view."""
-        a = self.be.array(a, name)
-        _layout.check_float_dtype(a.dtype, name)
-        if tuple(a.shape) != self.plan.shape:
-            raise ValueError(f"{name} must have the shape of x, {self.plan.shape}; "
-                             f"got shape {tuple(a.shape)}")
-        return self.be.view(self, a)
 
     def statistics(self, p, name):
         """Batch statistics as the caller holds them (per channel; (groups, C) with virtual
@@ -62,11 +74,52 @@ class Call:
             return stats
         return tuple(v.reshape(self.plan.groups, self.plan.nchan) for v in stats)
 
-    def check_out(self, out):
-        if out is not None:
-            self.be.check_writable(out, "out")
-            o = self.be.array(out, "out")
-            _layout.check_exact_shape_dtype(o.shape, o.dtype, self.plan.shape, self.plan.dtype)
+    def like_x(self, a, name, same_dtype=False):
+        """A validated float array shaped like x (dy; of x's dtype too where ``same_dtype``),
+        as the backend's 3-D view."""
+        a = self.be.array(a, name)
+        _layout.check_float_dtype(a.dtype, name)
+        if tuple(a.shape) != self.plan.shape:
+            raise ValueError(f"{name} must have the shape of x, {self.plan.shape}; "
+                             f"got shape {tuple(a.shape)}")
+        if same_dtype and np.dtype(a.dtype).newbyteorder("=") != self.plan.dtype:
+            raise ValueError(f"{name} must have x's dtype, {self.plan.dtype}; got {a.dtype}")
+        return self.be.view(self, a)
+
+    def epilogue(self, residual, activation):
+        """The ``Epilogue`` of a forward's ``residual=`` and ``activation=`` (validated)."""
+        relu = _layout.check_activation(activation) == "relu"
+        if residual is None:
+            return Epilogue(relu=relu)
+        return Epilogue(self.like_x(residual, "residual", same_dtype=True), relu)
+
+    def output(self, out, like_x=(), vectors=()):
+        """``out`` validated, as the stages may write it, and ``deliver(result)`` -> what the
+        call returns. Where ``out`` overlaps an array the call reads (``like_x``: arrays
+        shaped like x, which may be exactly ``out``, elementwise in place; ``vectors``:
+        per-channel inputs, None allowed), the stages write a new array, then copied."""
+        if out is None:
+            return None, lambda result: result
+        be = self.be
+        be.check_writable(out, "out")
+        o = be.array(out, "out")
+        _layout.check_exact_shape_dtype(o.shape, o.dtype, self.plan.shape, self.plan.dtype)
+        reads = [(a, "same") for a in (self.x, *like_x)] + [(v, None) for v in vectors]
+        if not any(be.overlap(o, a) not in (None, safe) for a, safe in reads if a is not None):
+            return out, lambda result: result
+
+        def deliver(result):
+            be.assign(o, result)
+            return out
+
+        return None, deliver
+
+
+def reused(earlier, name, plan):
+    """The array ``name`` an earlier call kept, where it was kept for the same ``plan``."""
+    if earlier is None or earlier.plan is not plan:
+        return None
+    return getattr(earlier, name, None)
 
 
 def required(p, name):
@@ -74,6 +127,13 @@ def required(p, name):
     if p is None:
         raise TypeError(f"{name} is required (an array), got None")
     return p
+
+
+def private(be, a, written):
+    """Vector ``a``, copied where it overlaps an array the call writes (``written``)."""
+    if a is not None and any(w is not None and be.overlap(w, a) for w in written):
+        return be.copy(a)
+    return a
 
 
 def vector(be, p, name, nchan):
@@ -94,124 +154,179 @@ def running_buffer(be, p, name, nchan):
     return vector(be, p, name, nchan)
 
 
-def normalize(call, mean, var, weight, bias, eps, out=None):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias as one affine pass."""
+def normalize(call, mean, var, weight, bias, eps, out=None, epilogue=PLAIN):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias as one affine pass (and the
+    ``epilogue``)."""
     be = call.be
-    return be.affine(call, *be.coefficients(call.plan.dtype, mean, var, weight, bias, eps), out)
+    return be.affine(call, *be.coefficients(call.plan.dtype, mean, var, weight, bias, eps), out,
+                     epilogue)
 
 
 def require_values(call, count=None):
     """Training needs more than one value per channel (``count``: over the whole batch), in
-    each virtual batch (group) where there are several."""
+    each virtual batch (group) where there are several; an empty batch is allowed, as in
+    PyTorch (an empty result; the running buffers unchanged)."""
     plan = call.plan
     if plan.groups > 1:
         if plan.last_count <= 1:
             raise ValueError("Expected more than 1 value per channel when training, got input "
                              f"size {plan.shape} whose last virtual batch has "
                              f"{plan.last_count} value(s) per channel")
-    elif (plan.count if count is None else count) <= 1:
+    elif (plan.count if count is None else count) == 1:
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input size {plan.shape}"
                          + ("" if count is None else f" ({count} values per channel in all)"))
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, axis=1, out=None):
+               momentum=0.1, eps=1e-5, *, axis=1, out=None, residual=None, activation=None):
     """Drop-in for ``torch.nn.functional.batch_norm`` (any channel ``axis``).
 
     Training normalizes with the batch statistics and, where running buffers are
     given, updates them in place with the unbiased batch variance. Evaluation
-    normalizes with the running buffers.
+    normalizes with the running buffers. ``residual`` (shaped like x) is added and
+    ``activation`` ("relu") applied in the same pass: ``act(BN(x) + residual)``.
     """
     be = _dispatch.backend(x=x, running_mean=running_mean, running_var=running_var,
-                           weight=weight, bias=bias, out=out)
-    call = Call(be, x, axis)
+                           weight=weight, bias=bias, out=out, residual=residual)
+    call = Call(be, required(x, "x"), axis)
     weight = call.vector(weight, "weight")
     bias = call.vector(bias, "bias")
-    eps = _layout.check_eps(eps)
-    momentum = _layout.check_momentum(momentum)
-    call.check_out(out)
+    epilogue = call.epilogue(residual, activation)
+    read = () if residual is None else (be.array(residual, "residual"),)
+    eps = _layout.check_eps(eps, training)
+    if training:  # evaluation ignores momentum, as PyTorch does
+        momentum = _layout.check_momentum(momentum)
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
+        missing = "running_var" if running_var is None else "running_mean"
+        raise ValueError(f"running_mean and running_var must be given together (or both "
+                         f"None, as in PyTorch): {missing} is None")
     if not training:
         if running_mean is None:
             raise ValueError("running_mean and running_var are required when training=False")
-        return normalize(call, call.vector(running_mean, "running_mean"),
-                         call.vector(running_var, "running_var"), weight, bias, eps, out)
+        running_mean = call.vector(running_mean, "running_mean")
+        running_var = call.vector(running_var, "running_var")
+        target, deliver = call.output(out, like_x=read,
+                                      vectors=(running_mean, running_var, weight, bias))
+        return deliver(normalize(call, running_mean, running_var, weight, bias, eps, target,
+                                 epilogue))
     running_mean = call.running_buffer(running_mean, "running_mean")
     running_var = call.running_buffer(running_var, "running_var")
+    target, deliver = call.output(out, like_x=read, vectors=(weight, bias))
+    running = None
+    if running_mean is not None:
+        data = [call.x] + ([] if out is None else [be.array(out, "out")])
+        for buffer, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+            if any(be.overlap(buffer, a) for a in data):
+                raise ValueError(f"{name} shares memory with x or out: it is written in place")
+        weight, bias = (private(be, p, (running_mean, running_var)) for p in (weight, bias))
+        running = (running_mean, running_var)
     require_values(call)
     count = call.plan.count
-    running = None if running_mean is None else (running_mean, running_var)
-    return be.forward(call, weight, bias, eps, out, None, running, momentum,
-                      count / (count - 1))[0]
+    if count == 0:  # PyTorch: an empty batch updates nothing
+        running = None
+    return deliver(be.forward(call, weight, bias, eps, target, None, running, momentum,
+                              count / (count - 1) if count > 1 else 1.0, epilogue)[0])
 
 
 def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
-                       virtual_batch_size=None):
-    """Training-mode forward: ``(y, mean, var)`` with the batch statistics (var biased).
+                       residual=None, activation=None, virtual_batch_size=None):
+    """Training-mode forward: ``(y, mean, var)`` with the batch statistics (var biased);
+    ``y = act(BN(x) + residual)`` where ``residual``/``activation`` ("relu") are given.
 
     ``virtual_batch_size`` (ghost batch norm): axis 0 is split into groups of that
     many consecutive samples (the last may be smaller), each normalized with its own
     statistics; mean/var are then (groups, C).
     """
-    be = _dispatch.backend(x=x, weight=weight, bias=bias, out=out)
-    call = Call(be, x, axis, virtual_batch_size=virtual_batch_size)
+    be = _dispatch.backend(x=x, weight=weight, bias=bias, out=out, residual=residual)
+    call = Call(be, required(x, "x"), axis, virtual_batch_size=virtual_batch_size)
     weight = call.vector(weight, "weight")
     bias = call.vector(bias, "bias")
-    eps = _layout.check_eps(eps)
-    call.check_out(out)
-    y, mean, var = be.forward(call, weight, bias, eps, out, call.plan.stats_dtype, None, 0.0,
-                              1.0)
-    return (y, *call.as_given(mean, var))
+    eps = _layout.check_eps(eps, training=True)
+    epilogue = call.epilogue(residual, activation)
+    read = () if residual is None else (be.array(residual, "residual"),)
+    target, deliver = call.output(out, like_x=read, vectors=(weight, bias))
+    y, mean, var = be.forward(call, weight, bias, eps, target, call.plan.stats_dtype, None, 0.0,
+                              1.0, epilogue)
+    return (deliver(y), *call.as_given(mean, var))
+
+
+def gradients(call, dy, mean, var, weight, eps, count, batch_stats, out, gate3=None,
+              residual_grad=False, reduce_sums=None):
+    """The backward of a forward with batch (``batch_stats``) or given statistics:
+    ``(dx, (sum_dy, sum_dy_xmu), dresidual)`` from dy (shaped like x) through the ReLU's
+    ``gate3`` (a view of y or of a kept mask; None: no ReLU). ``dresidual`` (where
+    ``residual_grad``, else None) is the gated dy, written by the reduction pass; the dx
+    pass then reads it in place of dy and the gate. ``reduce_sums``: what a synchronized
+    layer does to the per-channel sums in between (None: nothing)."""
+    be = call.be
+    dy3 = call.like_x(dy, "dy")
+    sums = be.backward_sums(call, dy3, mean, gate3, residual_grad)
+    dresidual = None
+    if residual_grad:
+        *sums, dresidual = sums
+        if np.dtype(be.array(dy, "dy").dtype) == call.plan.dtype:
+            dy3, gate3 = be.view(call, be.array(dresidual, "dresidual")), None
+    if reduce_sums is not None:
+        sums = reduce_sums(*sums)
+    dx = be.grad_input(call, dy3, mean, var, weight, eps, *sums, count, batch_stats, out, gate3)
+    return dx, tuple(sums), dresidual
 
 
 def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=None,
-                        virtual_batch_size=None):
-    """Gradients of the training-mode forward: ``(dx, dweight, dbias)``.
+                        y=None, activation=None, residual_grad=False, virtual_batch_size=None):
+    """Gradients of the training-mode forward: ``(dx, dweight, dbias)``, and the residual's
+    gradient ``dresidual`` last where ``residual_grad``.
 
     ``mean``/``var`` are the batch statistics ``batch_norm_forward`` returned
     (var biased; (groups, C) with the same ``virtual_batch_size``); dweight/dbias
-    are None when weight is None.
+    are None when weight is None. Behind
+    ``activation="relu"`` the gradient flows where the forward's output ``y`` is
+    positive, as in PyTorch; ``dresidual`` is that masked dy.
     """
-    be = _dispatch.backend(dy=dy, x=x, mean=mean, var=var, weight=weight, out=out)
-    call = Call(be, x, axis, virtual_batch_size=virtual_batch_size)
+    be = _dispatch.backend(dy=dy, x=x, mean=mean, var=var, weight=weight, out=out, y=y)
+    call = Call(be, required(x, "x"), axis, virtual_batch_size=virtual_batch_size)
     mean = call.statistics(mean, "mean")
     var = call.statistics(var, "var")
     weight = call.vector(weight, "weight")
     eps = _layout.check_eps(eps)
-    dy3 = call.like_x(dy, "dy")
-    call.check_out(out)
-    sums = be.backward_sums(call, dy3, mean)
-    dx = be.grad_input(call, dy3, mean, var, weight, eps, *sums, call.plan.group_count, True,
-                       out)
-    if weight is None:
-        return dx, None, None
-    return (dx, *be.param_grads(call.like, weight, var, eps, *sums))
+    required(dy, "dy")
+    gate3, read = gate(call, y, activation)
+    target, deliver = call.output(out, like_x=(be.array(dy, "dy"), *read),
+                                  vectors=(mean, var, weight))
+    dx, sums, dresidual = gradients(call, dy, mean, var, weight, eps, call.plan.group_count,
+                                    True, target, gate3, bool(residual_grad))
+    dx = deliver(dx)
+    grads = (None, None) if weight is None else be.param_grads(call.like, weight, var, eps,
+                                                               *sums)
+    return (dx, *grads, dresidual) if residual_grad else (dx, *grads)
+
+
+def gate(call, y, activation):
+    """(the ReLU's gate: a view of the forward's output ``y``, or None; the arrays read) for
+    a backward's ``y=``/``activation=`` (validated)."""
+    if _layout.check_activation(activation) is None:
+        if y is not None:
+            raise ValueError("y is only read behind activation='relu'; got activation=None")
+        return None, ()
+    if y is None:
+        raise ValueError("activation='relu' needs y, the forward's output (the gradient "
+                         "flows where y > 0)")
+    return call.like_x(y, "y"), (call.be.array(y, "y"),)
 
 
 # ---- batch renormalization (Ioffe 2017) -------------------------------------------------------
 
 
 def renorm_forward(call, mean, var, running_mean, running_var, weight, bias, rmax, dmax, eps,
-                   out=None):
+                   out=None, epilogue=PLAIN):
     """Batch renorm's ``(y, r, d)`` from the batch statistics (float64 mean, biased var) and the
-    running buffers before their update: one per-channel stage, one affine pass."""
+    running buffers before their update: one per-channel stage, one affine pass (and the
+    ``epilogue``)."""
     be = call.be
     r, d, scale, shift = be.renorm_coefficients(call.plan.dtype, mean, var, running_mean,
                                                 running_var, weight, bias, rmax, dmax, eps)
-    return be.affine(call, scale, shift, out), r, d
-
-
-def renorm_gradients(call, dy3, mean, var, r, d, weight, eps, sums, count, out=None, like=None):
-    """Batch renorm's ``(dx, dweight, dbias)`` from the backward sums: batch norm's dx with the
-    effective weight ``weight * r`` (r, d are constants for the gradient; no extra pass).
-    Parameter gradients are allocated like ``like`` (default: x as given)."""
-    be = call.be
-    weight_eff, dweight, dbias = be.renorm_grads(call.like if like is None else like, weight,
-                                                 var, r, d, eps, *sums)
-    dx = be.grad_input(call, dy3, mean, var, weight_eff, eps, *sums, count, True, out)
-    return dx, dweight, dbias
+    return be.affine(call, scale, shift, out, epilogue), r, d
 
 
 def batch_renorm_forward(x, running_mean, running_var, weight=None, bias=None, *, rmax=3.0,
@@ -227,45 +342,49 @@ def batch_renorm_forward(x, running_mean, running_var, weight=None, bias=None, *
     """
     be = _dispatch.backend(x=x, running_mean=running_mean, running_var=running_var,
                            weight=weight, bias=bias, out=out)
-    call = Call(be, x, axis)
+    call = Call(be, required(x, "x"), axis)
     running_mean = call.running_buffer(required(running_mean, "running_mean"), "running_mean")
     running_var = call.running_buffer(required(running_var, "running_var"), "running_var")
     weight = call.vector(weight, "weight")
     bias = call.vector(bias, "bias")
     rmax, dmax = _layout.check_renorm_limits(rmax, dmax)
     momentum = _layout.check_momentum(momentum)
-    eps = _layout.check_eps(eps)
-    call.check_out(out)
+    eps = _layout.check_eps(eps, training=True)
+    target, deliver = call.output(out, vectors=(weight, bias))
+    data = [call.x] + ([] if out is None else [be.array(out, "out")])
+    for buffer, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        if any(be.overlap(buffer, a) for a in data):
+            raise ValueError(f"{name} shares memory with x or out: it is written in place")
+    weight, bias = (private(be, p, (running_mean, running_var)) for p in (weight, bias))
     require_values(call)
     count = call.plan.count
     mean, var = be.batch_moments(call, variance=True)
     y, r, d = renorm_forward(call, mean, var, running_mean, running_var, weight, bias, rmax,
-                             dmax, eps, out)
-    be.ema(running_mean, running_var, mean, var, momentum, count / (count - 1))
-    return (y, *(be.cast(call.like, v, call.plan.stats_dtype) for v in (mean, var, r, d)))
+                             dmax, eps, target)
+    if count > 1:  # PyTorch's rule: an empty batch updates nothing
+        be.ema(running_mean, running_var, mean, var, momentum, count / (count - 1))
+    return (deliver(y), *(be.cast(call.like, v, call.plan.stats_dtype) for v in (mean, var, r, d)))
 
 
 def batch_renorm_backward(dy, x, mean, var, r, d, weight=None, eps=1e-5, *, axis=1, out=None):
     """Gradients of ``batch_renorm_forward``: ``(dx, dweight, dbias)``, r and d held constant
-    (mean/var/r/d as the forward returned them); dweight/dbias are None when weight is None."""
+    (mean/var/r/d as the forward returned them); dweight/dbias are None when weight is None.
+    dx is batch norm's with the weight ``weight * r`` (no extra pass)."""
     be = _dispatch.backend(dy=dy, x=x, mean=mean, var=var, r=r, d=d, weight=weight, out=out)
-    call = Call(be, x, axis)
+    call = Call(be, required(x, "x"), axis)
     mean, var, r, d = (call.vector(required(v, name), name)
                        for v, name in ((mean, "mean"), (var, "var"), (r, "r"), (d, "d")))
     weight = call.vector(weight, "weight")
     eps = _layout.check_eps(eps)
-    dy3 = call.like_x(dy, "dy")
-    call.check_out(out)
-    sums = be.backward_sums(call, dy3, mean)
-    return renorm_gradients(call, dy3, mean, var, r, d, weight, eps, sums, call.plan.count, out)
-
-
-def _check_count(count, unbiased):
-    count = int(count)
-    if count < (2 if unbiased else 1):
-        raise ValueError(f"count must be >= {2 if unbiased else 1} "
-                         f"({'unbiased' if unbiased else 'biased'} update), got {count}")
-    return count
+    required(dy, "dy")
+    target, deliver = call.output(out, like_x=(be.array(dy, "dy"),),
+                                  vectors=(mean, var, r, d, weight))
+    dx, sums, _ = gradients(call, dy, mean, var, be.renorm_weight(weight, r), eps,
+                            call.plan.count, True, target)
+    dx = deliver(dx)
+    if weight is None:
+        return dx, None, None
+    return (dx, *be.renorm_grads(call.like, weight, var, r, d, eps, *sums))
 
 
 def ema_update(running_mean, running_var, mean, var, count, momentum=0.1, *, unbiased=True):
@@ -283,18 +402,20 @@ def ema_update(running_mean, running_var, mean, var, count, momentum=0.1, *, unb
     """
     be = _dispatch.backend(running_mean=running_mean, running_var=running_var, mean=mean,
                            var=var)
-    running_mean = running_buffer(be, running_mean, "running_mean", None)
+    running_mean = running_buffer(be, required(running_mean, "running_mean"), "running_mean",
+                                  None)
     nchan = running_mean.shape[0]
-    running_var = running_buffer(be, running_var, "running_var", nchan)
+    running_var = running_buffer(be, required(running_var, "running_var"), "running_var", nchan)
     momentum = _layout.check_momentum(momentum)
     if np.ndim(count) == 0:
         mean = vector(be, required(mean, "mean"), "mean", nchan)
         var = vector(be, required(var, "var"), "var", nchan)
-        count = _check_count(count, unbiased)
+        count = _layout.check_count(count, 2 if unbiased else 1)
+        mean, var = (private(be, v, (running_mean, running_var)) for v in (mean, var))
         be.ema(running_mean, running_var, mean, var, momentum,
                count / (count - 1) if unbiased else 1.0)
         return
-    counts = [_check_count(n, unbiased) for n in count]
+    counts = [_layout.check_count(n, 2) for n in count]
     if not unbiased or not counts or len(set(counts[:-1])) > 1 or counts[-1] > counts[0]:
         raise ValueError("count of virtual batches' statistics: one count per group, equal but "
                          f"the last (no larger), with unbiased=True; got {count!r}, "
@@ -370,9 +491,9 @@ def check_convention(convention):
 
 def _fold_args(be, running_mean, running_var, weight, bias, eps):
     """Validated inference statistics and parameters, and the number of channels."""
-    running_var = vector(be, running_var, "running_var", None)
-    nchan = running_var.shape[0]
-    running_mean = vector(be, running_mean, "running_mean", nchan)
+    running_mean = vector(be, required(running_mean, "running_mean"), "running_mean", None)
+    nchan = running_mean.shape[0]
+    running_var = vector(be, required(running_var, "running_var"), "running_var", nchan)
     weight = vector(be, weight, "weight", nchan)
     bias = vector(be, bias, "bias", nchan)
     return running_mean, running_var, weight, bias, _layout.check_eps(eps), nchan
@@ -399,7 +520,7 @@ def fold_into(w, b, running_mean, running_var, weight=None, bias=None, eps=1e-5)
     """
     be = _dispatch.backend(w=w, b=b, running_mean=running_mean, running_var=running_var,
                            weight=weight, bias=bias)
-    wa = be.array(w, "w")
+    wa = be.array(required(w, "w"), "w")
     _layout.check_float_dtype(wa.dtype, "w")
     running_mean, running_var, weight, bias, eps, nchan = _fold_args(
         be, running_mean, running_var, weight, bias, eps)

@@ -2,17 +2,22 @@
 
     nbbn info                 versions, threads, compilation cache, CUDA
     nbbn bench                side-by-side timings: nbbn / NumPy / PyTorch / bandwidth floor
+                              (and JAX, TensorFlow where installed: nbbn[peers])
     nbbn bench --full         every shape, dtype and layout of the benchmark suite
     nbbn bench --json r.json --plot r.png
 """
 import argparse
 import json
+import math
 import sys
 import time
+
+from ._args import output_file, physical_memory, positive_float, positive_int
 
 #: ``nbbn bench`` with no arguments: float32, the shapes that tell the story.
 DEFAULT_SHAPES = ((64, 64, 56, 56), (256, 256, 14, 14), (4096, 1024), (32, 64))
 QUICK_SHAPES = ((32, 64), (8, 16, 8, 8))
+BENCH_ARRAYS = 4  # arrays of a case's shape alive at once, at most (x, dy, two outputs)
 
 
 def _shape(text):
@@ -22,6 +27,12 @@ def _shape(text):
         raise argparse.ArgumentTypeError(f"not a shape: {text!r} (write e.g. 64x64x56x56)") from None
     if len(shape) < 2 or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"a shape needs >= 2 positive sizes: {text!r}")
+    # A case holds a few arrays of the shape (x, dy, outputs; float64 at most).
+    need, memory = BENCH_ARRAYS * 8 * math.prod(shape), physical_memory()
+    if memory is not None and need > memory:
+        raise argparse.ArgumentTypeError(
+            f"shape {text} needs about {need / 2**30:.1f} GiB, more than this machine's "
+            f"{memory / 2**30:.1f} GiB")
     return shape
 
 
@@ -56,14 +67,18 @@ def build_parser():
     bench.add_argument("--full", action="store_true",
                        help="the whole suite: every shape, float32 and float64, both layouts")
     bench.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (a smoke test)")
-    bench.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 7; 3 with --quick)")
-    bench.add_argument("--budget", type=float, default=1.0,
+    bench.add_argument("--rounds", type=positive_int, default=None,
+                       help="round-robin rounds (default 7; 3 with --quick)")
+    bench.add_argument("--budget", type=positive_float, default=1.0,
                        help="seconds per case after which rounds stop early (at least 3 rounds; default 1)")
-    bench.add_argument("--threads", type=int, default=None,
+    bench.add_argument("--threads", type=positive_int, default=None,
                        help="threads for nbbn, the floor and PyTorch alike (default: all cores)")
-    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    bench.add_argument("--plot", metavar="FILE", help="also write a PNG bar chart (needs matplotlib: nbbn[plot])")
+    bench.add_argument("--json", metavar="FILE", type=output_file,
+                       help="also write the results as JSON")
+    bench.add_argument("--plot", metavar="FILE", type=output_file,
+                       help="also write a PNG bar chart (needs matplotlib: nbbn[plot])")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(usage_error=bench.error)  # for the checks that need the registry
 
     # `nbbn demo ARGS` is handed to nbbn.demo.main whole (see main); listed here for --help.
     sub.add_parser("demo", add_help=False,
@@ -106,28 +121,7 @@ def cmd_info(args):
 
 # --- nbbn bench --------------------------------------------------------------------
 
-class Progress:
-    """A one-line progress bar on stderr (only where stderr is a terminal)."""
-
-    def __init__(self, enabled=True, stream=sys.stderr):
-        self.stream = stream
-        self.enabled = enabled and hasattr(stream, "isatty") and stream.isatty()
-        self.start = time.perf_counter()
-
-    def __call__(self, done, total, label):
-        if not self.enabled:
-            return
-        width = 28
-        fill = int(width * done / total) if total else width
-        elapsed = time.perf_counter() - self.start
-        bar = "#" * fill + "." * (width - fill)
-        self.stream.write(f"\r[{bar}] {done}/{total} {elapsed:5.1f}s  {label[:48]:<48}")
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
-def _select(args):
+def _select(args, usage_error):
     from ._bench import registry
     if args.full:
         shapes, dtypes = registry.SHAPES, registry.DTYPES
@@ -139,11 +133,11 @@ def _select(args):
     dtypes = args.dtypes or dtypes
     bad = [d for d in dtypes if d not in ("float32", "float64")]
     if bad:
-        raise SystemExit(f"nbbn bench: unsupported dtype(s) {bad}: use float32, float64")
+        usage_error(f"unsupported dtype(s) {bad}: use float32, float64")
     names = args.ops or list(registry.OPS)
     unknown = [n for n in names if n not in registry.OPS]
     if unknown:
-        raise SystemExit(f"nbbn bench: unknown op(s) {unknown}; known: {', '.join(registry.OPS)}")
+        usage_error(f"unknown op(s) {unknown}; known: {', '.join(registry.OPS)}")
     ops, skipped = [], []
     for name in names:
         why = registry.OPS[name].available()
@@ -153,13 +147,19 @@ def _select(args):
 
 
 def cmd_bench(args):
-    from ._bench import registry, report, runner
+    from tqdm import tqdm
+
+    from ._bench import peers, registry, report, runner
     from ._info import collect
-    cases, skipped = _select(args)
+    cases, skipped = _select(args, args.usage_error)
     for s in skipped:
         print(f"skipped: {s}", file=sys.stderr)
     if not registry.torch_available():
         print("note: PyTorch not installed; its column stays empty", file=sys.stderr)
+    missing = [p for p in ("jax", "tf") if p not in peers.available()]
+    if missing:
+        print(f"note: {' and '.join(missing)} not installed (pip install 'nbbn[peers]' "
+              "to compare with JAX and TensorFlow)", file=sys.stderr)
     if not cases:
         print("nothing to run", file=sys.stderr)
         return 1
@@ -178,14 +178,19 @@ def cmd_bench(args):
     rounds = args.rounds or (3 if args.quick else 7)
     budget = min(args.budget, 0.2) if args.quick else args.budget
     start = time.perf_counter()
-    results = runner.run_cases(cases, rounds=rounds, budget_s=budget,
-                               progress=Progress(enabled=not args.no_progress))
+    # disable=None: a bar only where stderr is a terminal.
+    with tqdm(total=len(cases), unit="case", file=sys.stderr, dynamic_ncols=True,
+              disable=True if args.no_progress else None) as bar:
+        results = runner.run_cases(cases, rounds=rounds, budget_s=budget, progress=bar)
     elapsed = time.perf_counter() - start
     info = collect(probe=True)
     t = info["threads"]
-    print(f"nbbn {info['versions']['nbbn']} | numpy {info['versions']['numpy']} | "
-          f"torch {info['versions']['torch'] or '-'} | {t.get('cpu')} | numba threads "
-          f"{t['num_threads']} ({t['threading_layer']}) | median ms, interleaved, {rounds} rounds max")
+    info["versions"].update(peers.versions())
+    v = info["versions"]
+    print(f"nbbn {v['nbbn']} | numpy {v['numpy']} | torch {v['torch'] or '-'} | "
+          f"jax {v['jax'] or '-'} | tensorflow {v['tensorflow'] or '-'} | {t.get('cpu')} | "
+          f"numba threads {t['num_threads']} ({t['threading_layer']}) | median ms, "
+          f"interleaved, {rounds} rounds max")
     print(report.table(results))
     print(f"({len(results)} cases in {elapsed:.1f} s)")
     if args.json:

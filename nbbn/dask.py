@@ -1,4 +1,4 @@
-"""Lazy one-pass statistics of Dask arrays: ``moments``, ``mean_var``, ``var``, ``std``.
+"""Lazy one-pass statistics of Dask arrays: ``moments``, ``mean``, ``mean_var``, ``var``, ``std``.
 
 Each block is reduced by nbbn's kernels (``nbbn.moments``: one pass, float64
 accumulation) to a per-block Welford state ``(count, mean, m2)``; the states
@@ -16,10 +16,9 @@ import dask.array as da
 import numpy as np
 
 from . import _layout
-from . import stats as _stats
-from .stats import Moments
+from ._moments import Moments, array_moments
 
-__all__ = ["mean_var", "moments", "std", "var"]
+__all__ = ["mean", "mean_var", "moments", "std", "var"]
 
 STATE = np.dtype([("count", np.float64), ("mean", np.float64), ("m2", np.float64)])
 
@@ -32,7 +31,7 @@ def _state(count, mean, m2):
 
 def _chunk(block, axis, keepdims):
     """One block's Welford state over ``axis`` (dims kept), from nbbn's kernels."""
-    m = _stats.moments(block, axis=axis, keepdims=True)
+    m = array_moments(block, axis=axis, keepdims=True)
     return _state(m.count, m.mean, m.m2)
 
 
@@ -50,10 +49,6 @@ def _merge(states, axis, keepdims):
     empty = total == 0
     out = _state(total, np.where(empty, np.nan, merged_mean), np.where(empty, np.nan, merged_m2))
     return out if keepdims else out.squeeze(axis=axis)
-
-
-def _real_numeric(a):
-    return a.dtype.kind in _layout.KERNEL_KINDS and a.dtype.itemsize <= 8
 
 
 def _reduce(a, axis, keepdims, split_every):
@@ -91,12 +86,6 @@ def _check_dof(count, ddof):
         warnings.warn("Degrees of freedom <= 0 for slice", RuntimeWarning, stacklevel=3)
 
 
-def _result_dtype(a, dtype):
-    if dtype is not None:
-        return np.dtype(dtype)
-    return a.dtype.newbyteorder("=") if a.dtype.kind == "f" else np.dtype(np.float64)
-
-
 def moments(a, axis=None, keepdims=False, *, split_every=None):
     """Lazy ``Moments(count, mean, m2)`` of a Dask array along ``axis``.
 
@@ -105,7 +94,7 @@ def moments(a, axis=None, keepdims=False, *, split_every=None):
     ``Moments`` as usual (``Moments.merge`` works on Dask arrays too).
     """
     a = _as_dask(a)
-    if not _real_numeric(a):
+    if not _layout.kernels_read(a.dtype):
         raise TypeError(f"moments needs real numeric input, got dtype {a.dtype}")
     state, _, count = _reduce(a, axis, keepdims, split_every)
     if count is None:
@@ -113,36 +102,49 @@ def moments(a, axis=None, keepdims=False, *, split_every=None):
     return Moments(count, _field(state, "mean", np.float64), _field(state, "m2", np.float64))
 
 
-def mean_var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=None,
+def mean_var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=np._NoValue,
              split_every=None):
     """Lazy ``(mean, var)`` along ``axis`` from one pass over ``a``; as ``nbbn.mean_var``."""
     a = _as_dask(a)
-    ddof = _stats._ddof(ddof, correction)
-    if not _real_numeric(a) or (dtype is not None and np.dtype(dtype).kind != "f"):
+    ddof = _layout.ddof(ddof, correction)
+    if not _layout.kernels_read(a.dtype) or (dtype is not None and np.dtype(dtype).kind != "f"):
         return (da.mean(a, axis=axis, dtype=dtype, keepdims=keepdims),
                 da.var(a, axis=axis, dtype=dtype, ddof=ddof, keepdims=keepdims))
-    rdtype = _result_dtype(a, dtype)
+    rdtype = _layout.result_dtype(a.dtype, dtype)
     state, _, count = _reduce(a, axis, keepdims, split_every)
     _check_dof(count, ddof)
     return _field(state, "mean", rdtype), _var_blocks(state, ddof, rdtype, root=False)
 
 
+def mean(a, axis=None, dtype=None, keepdims=False, *, split_every=None):
+    """Lazy mean along ``axis``; as ``nbbn.mean``."""
+    a = _as_dask(a)
+    if not _layout.kernels_read(a.dtype) or (dtype is not None and np.dtype(dtype).kind != "f"):
+        return da.mean(a, axis=axis, dtype=dtype, keepdims=keepdims)
+    state, _, count = _reduce(a, axis, keepdims, split_every)
+    if count == 0:
+        warnings.warn("Mean of empty slice", RuntimeWarning, stacklevel=2)
+    return _field(state, "mean", _layout.result_dtype(a.dtype, dtype))
+
+
 def _var_or_std(a, axis, dtype, ddof, keepdims, correction, split_every, root):
     a = _as_dask(a)
-    ddof = _stats._ddof(ddof, correction)
-    if not _real_numeric(a) or (dtype is not None and np.dtype(dtype).kind != "f"):
+    ddof = _layout.ddof(ddof, correction)
+    if not _layout.kernels_read(a.dtype) or (dtype is not None and np.dtype(dtype).kind != "f"):
         fn = da.std if root else da.var
         return fn(a, axis=axis, dtype=dtype, ddof=ddof, keepdims=keepdims)
     state, _, count = _reduce(a, axis, keepdims, split_every)
     _check_dof(count, ddof)
-    return _var_blocks(state, ddof, _result_dtype(a, dtype), root)
+    return _var_blocks(state, ddof, _layout.result_dtype(a.dtype, dtype), root)
 
 
-def var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=None, split_every=None):
+def var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=np._NoValue,
+        split_every=None):
     """Lazy variance along ``axis``; as ``nbbn.var`` (one pass per block, float64 merge)."""
     return _var_or_std(a, axis, dtype, ddof, keepdims, correction, split_every, root=False)
 
 
-def std(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=None, split_every=None):
+def std(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=np._NoValue,
+        split_every=None):
     """Lazy standard deviation along ``axis``; as ``nbbn.std``."""
     return _var_or_std(a, axis, dtype, ddof, keepdims, correction, split_every, root=True)

@@ -21,7 +21,7 @@ Variants (``--norms``):
   internal covariate shift injected on purpose. Scale ~ U(1/(1+a), 1+a),
   shift ~ U(-a, a), with a = ``--noise``.
 
-Needs the ``nbbn[demo]`` extra (scikit-learn, tqdm, matplotlib).
+Needs the ``nbbn[demo]`` extra (scikit-learn, matplotlib).
 """
 import argparse
 import contextlib
@@ -31,7 +31,9 @@ import time
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from tqdm import tqdm
 
+from ._args import float_range, int_at_least, output_file, positive_float, positive_int
 from .layer import BatchNorm
 
 NORMS = ("plain", "bn", "bn-after-relu", "noisy-bn")
@@ -279,34 +281,6 @@ def train(model, norm, lr, data, *, steps=300, batch=64, seed=0, noise=1.0, targ
                 seconds=time.perf_counter() - t0)
 
 
-class _Progress:
-    """tqdm's bar where installed, else a line per configuration on stderr."""
-
-    def __init__(self, total, enabled):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
-            except ImportError:
-                pass
-        self.enabled = enabled
-
-    def describe(self, text):
-        if self.bar is not None:
-            self.bar.set_description(text)
-        elif self.enabled:
-            print(text, file=sys.stderr, flush=True)
-
-    def update(self, n):
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 LRS = (0.02, 0.1, 0.5, 2.0, 5.0)
 
 
@@ -337,17 +311,14 @@ def run(models=MODELS, norms=NORMS, lrs=LRS, *, steps=300, batch=64, seed=0,
     """Every (model, norm, lr) configuration; returns the list of :func:`train` results."""
     data = load_data(seed)
     configs = [(m, n, lr) for m in models for lr in lrs for n in norms]
-    bar = _Progress(steps * len(configs), progress)
     results = []
-    try:
-        with limit_threads(threads):
-            for m, n, lr in configs:
-                bar.describe(f"{m} {n} lr={lr:g}")
-                results.append(train(m, n, lr, data, steps=steps, batch=batch, seed=seed,
-                                     noise=noise, target=target, eval_every=eval_every,
-                                     progress=bar))
-    finally:
-        bar.close()
+    with tqdm(total=steps * len(configs), unit="step", file=sys.stderr, dynamic_ncols=True,
+              disable=not progress) as bar, limit_threads(threads):
+        for m, n, lr in configs:
+            bar.set_description(f"{m} {n} lr={lr:g}")
+            results.append(train(m, n, lr, data, steps=steps, batch=batch, seed=seed,
+                                 noise=noise, target=target, eval_every=eval_every,
+                                 progress=bar))
     return results
 
 
@@ -460,7 +431,7 @@ def plot(results, path):
 
 
 def _floats(text):
-    return tuple(float(v) for v in text.split(","))
+    return tuple(positive_float(v) for v in text.split(","))
 
 
 def _names(choices):
@@ -486,18 +457,22 @@ def parser(prog="nbbn demo"):
     p.add_argument("--lrs", type=_floats, default=LRS,
                    help="comma-separated SGD learning rates (default "
                         f"{','.join(f'{v:g}' for v in LRS)})")
-    p.add_argument("--steps", type=int, default=300, help="SGD steps per run (default 300)")
-    p.add_argument("--batch", type=int, default=64, help="mini-batch size (default 64)")
-    p.add_argument("--target", type=float, default=0.95,
+    p.add_argument("--steps", type=positive_int, default=300,
+                   help="SGD steps per run (default 300)")
+    p.add_argument("--batch", type=int_at_least(2), default=64,
+                   help="mini-batch size (default 64; batch norm needs >= 2)")
+    p.add_argument("--target", type=float_range(0, 1), default=0.95,
                    help="test accuracy whose first crossing is reported (default 0.95)")
-    p.add_argument("--noise", type=float, default=1.0,
+    p.add_argument("--noise", type=float_range(0, float("inf")), default=1.0,
                    help="noisy-bn level a: scale ~ U(1/(1+a), 1+a), shift ~ U(-a, a) per channel "
                         "and step (default 1)")
-    p.add_argument("--eval-every", type=int, default=10, help="steps between test evaluations")
+    p.add_argument("--eval-every", type=positive_int, default=10,
+                   help="steps between test evaluations")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="threads for nbbn's kernels and BLAS (default 1: the arrays are tiny)")
-    p.add_argument("--plot", metavar="FILE", help="write the loss curves to this PNG")
+    p.add_argument("--plot", metavar="FILE", type=output_file,
+                   help="write the loss curves to this PNG")
     p.add_argument("--long", action="store_true", help="also print one table row per run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

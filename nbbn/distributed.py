@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _dispatch
 from .layer import BatchNorm, BatchRenorm
-from .stats import Moments
+from ._moments import Moments
 
 __all__ = ["SyncBatchNorm", "SyncBatchRenorm", "TorchComm", "allreduce_moments"]
 

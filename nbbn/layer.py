@@ -1,25 +1,29 @@
 """``BatchNorm`` and ``BatchRenorm``: layers for custom trainers, state-dict compatible with
 PyTorch."""
 import contextlib
+import threading
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _dispatch, _layout
-from .batchnorm import (Call, PooledStatistics, check_convention, normalize, renorm_forward,
-                        renorm_gradients, require_values)
+from .batchnorm import (Call, PooledStatistics, check_convention, gradients, normalize,
+                        renorm_forward, require_values, required)
 
 _COUNTER = "num_batches_tracked"
 
 
 class _Saved(NamedTuple):
-    """What ``backward`` needs from the last ``forward`` (statistics as normalized with)."""
+    """What ``backward`` needs from the last ``forward`` (statistics as normalized with; the
+    ReLU's gate y > 0 as a uint8 array, or None; whether a residual was added)."""
 
     call: object
     mean: object
     var: object
     count: int
     batch_stats: bool
+    mask: object
+    residual: bool
     renorm: Any = None  # batch renorm's (r, d), constants for the gradient
 
 
@@ -31,7 +35,17 @@ class BatchNorm:
     statistics in evaluation mode; ``momentum=None`` is the cumulative moving
     average (factor ``1 / num_batches_tracked``). ``backward(dy)`` returns dx
     and sets ``grad_weight``/``grad_bias`` (overwritten by each call, not
-    accumulated).
+    accumulated). ``activation="relu"`` and ``forward(x, residual)`` compute
+    ``relu(BN(x) + residual)`` in the same pass; ``backward`` then also sets
+    ``grad_residual`` (None where no residual was given).
+
+    ``forward`` keeps its own copy of what ``backward`` needs (x's values, written
+    by the normalizing pass as it reads x; the statistics; the ReLU's mask), so
+    changing x or y in place in between changes nothing. Threads:
+    what ``forward`` keeps is per thread (each thread's ``backward`` pairs with
+    that thread's last ``forward``), and the running-buffer and gradient updates
+    are serialized, none lost; ``grad_weight``/``grad_bias`` are those of the
+    last ``backward`` of any thread.
 
     ``virtual_batch_size`` (ghost batch norm): in training, axis 0 is split into
     groups of that many consecutive samples, each normalized with its own
@@ -43,21 +57,21 @@ class BatchNorm:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *, axis=1, dtype=np.float32, device="cpu",
-                 virtual_batch_size=None):
+                 activation=None, virtual_batch_size=None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         dtype = np.dtype(dtype)
-        if dtype.kind != "f":
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        _layout.check_float_dtype(dtype, "dtype")
         self.num_features = int(num_features)
         self.eps = _layout.check_eps(eps)
         self.momentum = None if momentum is None else _layout.check_momentum(momentum)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = axis
+        self.activation = _layout.check_activation(activation)
         self.dtype = dtype
         self.virtual_batch_size = (None if virtual_batch_size is None else
                                    _layout.check_virtual_batch_size(virtual_batch_size))
@@ -72,8 +86,9 @@ class BatchNorm:
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.training = True
-        self.grad_weight = self.grad_bias = None
-        self._saved = None
+        self.grad_weight = self.grad_bias = self.grad_residual = None
+        self._local = threading.local()  # per thread: what backward needs (``_Saved``)
+        self._lock = threading.Lock()    # serializes updates of buffers and gradients
         self.device = device
         if device == "cuda":  # parameters and running buffers live on the GPU
             be = _dispatch.device()
@@ -82,11 +97,22 @@ class BatchNorm:
                     setattr(self, name, be.from_host(getattr(self, name)))
 
     def __repr__(self):
-        vbs = "" if self.virtual_batch_size is None else \
-            f", virtual_batch_size={self.virtual_batch_size}"
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis}{vbs})")
+                f"axis={self.axis}" + self._options() + ")")
+
+    def _options(self):
+        """The keyword arguments ``__repr__`` shows where they are not the defaults."""
+        return (("" if self.activation is None else f", activation={self.activation!r}")
+                + ("" if self.virtual_batch_size is None
+                   else f", virtual_batch_size={self.virtual_batch_size}"))
+
+    def __getstate__(self):  # what one thread's backward needs, and the lock, stay here
+        return {k: v for k, v in vars(self).items() if k not in ("_local", "_lock")}
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        self._local, self._lock = threading.local(), threading.Lock()
 
     def train(self, mode=True):
         self.training = bool(mode)
@@ -102,25 +128,35 @@ class BatchNorm:
         """The host's or the device's backend, by where the call's and the layer's arrays are."""
         return _dispatch.backend(**arrays, weight=self.weight, running_mean=self.running_mean)
 
-    def forward(self, x):
-        be = self._backend(x=x)
+    def forward(self, x, residual=None):
+        be = self._backend(x=x, residual=residual)
         batch_stats = self._uses_batch_stats()
-        call = Call(be, x, self.axis,
+        call = Call(be, required(x, "x"), self.axis,
                     virtual_batch_size=self.virtual_batch_size if batch_stats else None)
         if call.plan.nchan != self.num_features:
             raise ValueError(f"x has {call.plan.nchan} channels on axis {self.axis}, expected "
                              f"{self.num_features}")
         if batch_stats:
+            _layout.check_eps(self.eps, training=True)
             count, mean, var = self._batch_stats(be, call)
             require_values(call, count)
         else:  # copies: backward must see the statistics this forward used
             count = call.plan.count
             mean = be.to_float64(self.running_mean)
             var = be.to_float64(self.running_var)
-        y, renorm = self._normalize(call, mean, var)
+        epilogue = call.epilogue(residual, self.activation)
+        earlier = getattr(self._local, "saved", None)
+        kept, copy = call.private(earlier and earlier.call)
+        mask = None
+        if epilogue.relu and call.plan.size:
+            mask = earlier.mask if earlier is not None and earlier.mask is not None \
+                and earlier.call.plan is call.plan else be.kept(call, np.uint8)
+        y, renorm = self._normalize(call, mean, var, epilogue._replace(copy=copy, mask=mask))
         if batch_stats and self.training and self.track_running_stats:
-            self._update_running(be, call, count, mean, var)
-        self._saved = _Saved(call, mean, var, count, batch_stats, renorm)
+            with self._lock:
+                self._update_running(be, call, count, mean, var)
+        self._local.saved = _Saved(kept, mean, var, count, batch_stats, mask,
+                                   residual is not None, renorm)
         return y
 
     __call__ = forward
@@ -129,6 +165,10 @@ class BatchNorm:
         """After a training forward: fold the batch statistics into the running buffers (or,
         inside ``precise_statistics``, into the exact statistics, the buffers untouched)."""
         plan = call.plan
+        if count <= 1:  # PyTorch: an empty batch moves the counter, not the buffers
+            if self._pooled is None:
+                self.num_batches_tracked += 1
+            return
         if self._pooled is not None:
             self._pooled.add(mean, var, count, plan.last_count if plan.groups > 1 else count)
             return
@@ -167,32 +207,39 @@ class BatchNorm:
         finally:
             self._pooled = None
 
+    def _normalize(self, call, mean, var, epilogue):
+        """y from the statistics this forward normalizes with, and batch renorm's (r, d) (None:
+        plain batch norm)."""
+        return normalize(call, mean, var, self.weight, self.bias, self.eps,
+                         epilogue=epilogue), None
+
     def backward(self, dy):
-        """dx for the last ``forward``; sets ``grad_weight`` and ``grad_bias``."""
-        saved = self._saved
+        """dx for this thread's last ``forward``; sets ``grad_weight``, ``grad_bias`` and
+        ``grad_residual``."""
+        saved = getattr(self._local, "saved", None)
         if saved is None:
             raise RuntimeError("backward called before forward")
         be = self._backend(dy=dy, x=saved.call.like)
         call, mean, var = saved.call, saved.mean, saved.var
-        dy3 = call.like_x(dy, "dy")
-        sums = self._reduce_sums(be, *be.backward_sums(call, dy3, mean), saved.batch_stats)
-        if saved.renorm is not None:
-            dx, self.grad_weight, self.grad_bias = renorm_gradients(
-                call, dy3, mean, var, *saved.renorm, self.weight, self.eps, sums, saved.count,
-                like=self.weight)
-            return dx
-        dx = be.grad_input(call, dy3, mean, var, self.weight, self.eps, *sums, saved.count,
-                           saved.batch_stats, None)
-        self.grad_weight = self.grad_bias = None
-        if self.weight is not None:
-            self.grad_weight, self.grad_bias = be.param_grads(self.weight, self.weight, var,
-                                                              self.eps, *sums)
+        gate3 = None if saved.mask is None else be.view(call, saved.mask)
+        weight = self.weight
+        if saved.renorm is not None:  # batch renorm's dx: batch norm's with weight * r
+            weight = be.renorm_weight(self.weight, saved.renorm[0])
+        dx, sums, dresidual = gradients(
+            call, required(dy, "dy"), mean, var, weight, self.eps, saved.count,
+            saved.batch_stats, None, gate3, saved.residual,
+            lambda sum_dy, sum_dy_xmu: self._reduce_sums(be, sum_dy, sum_dy_xmu,
+                                                         saved.batch_stats))
+        grads = (None, None)
+        if self.weight is not None and saved.renorm is None:
+            grads = be.param_grads(self.weight, self.weight, var, self.eps, *sums)
+        elif self.weight is not None:
+            grads = be.renorm_grads(self.weight, self.weight, var, *saved.renorm, self.eps,
+                                    *sums)
+        with self._lock:
+            self.grad_weight, self.grad_bias = grads
+            self.grad_residual = dresidual
         return dx
-
-    def _normalize(self, call, mean, var):
-        """y from the statistics this forward normalizes with, and batch renorm's (r, d) (None:
-        plain batch norm)."""
-        return normalize(call, mean, var, self.weight, self.bias, self.eps), None
 
     # ---- hooks a subclass may extend (nbbn.distributed.SyncBatchNorm) ------------------------
     # A synchronized subclass all-reduces in them: forward gets the batch statistics from
@@ -234,16 +281,29 @@ class BatchNorm:
             raise KeyError(f"Error(s) in loading state_dict for BatchNorm: missing keys "
                            f"{missing}, unexpected keys {unexpected}")
         staged = [name for name in names if name in state_dict]
-        for name in staged:
-            shape, want = tuple(np.shape(state_dict[name])), tuple(getattr(self, name).shape)
+        be = self._backend()
+        values = {}
+        for name in staged:  # every value checked before anything is assigned
+            value = state_dict[name]
+            if name == _COUNTER or not _layout.is_device(value):
+                try:
+                    value = np.asarray(value)
+                except Exception as exc:
+                    raise TypeError(f"{name} must be array-like, got {type(value).__name__}") \
+                        from exc
+            shape, want = tuple(value.shape), tuple(getattr(self, name).shape)
             if shape != want:
                 raise ValueError(f"{name} must have shape {want}, got {shape}")
-        be = self._backend()
-        for name in staged:
+            kind = np.dtype(value.dtype).kind
+            if kind not in ("iu" if name == _COUNTER else "biuf"):
+                raise TypeError(f"{name} must be {'an integer' if name == _COUNTER else 'a real'}"
+                                f" array, got dtype {value.dtype}")
+            values[name] = value
+        for name, value in values.items():
             if name == _COUNTER:  # a host counter on either side
-                np.copyto(self.num_batches_tracked, state_dict[name], casting="unsafe")
+                np.copyto(self.num_batches_tracked, value, casting="unsafe")
             else:
-                be.assign(getattr(self, name), state_dict[name])
+                be.assign(getattr(self, name), value)
 
 
 class BatchRenorm(BatchNorm):
@@ -260,9 +320,9 @@ class BatchRenorm(BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.01, affine=True, *, rmax=3.0,
-                 dmax=5.0, axis=1, dtype=np.float32, device="cpu"):
+                 dmax=5.0, axis=1, dtype=np.float32, device="cpu", activation=None):
         super().__init__(num_features, eps, momentum, affine, True, axis=axis, dtype=dtype,
-                         device=device)
+                         device=device, activation=activation)
         self.rmax, self.dmax = rmax, dmax
 
     @property
@@ -284,11 +344,12 @@ class BatchRenorm(BatchNorm):
     def __repr__(self):
         return (f"BatchRenorm({self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, rmax={self.rmax}, "
-                f"dmax={self.dmax}, axis={self.axis})")
+                f"dmax={self.dmax}, axis={self.axis}" + self._options() + ")")
 
-    def _normalize(self, call, mean, var):
+    def _normalize(self, call, mean, var, epilogue):
         if not self.training:
-            return super()._normalize(call, mean, var)
+            return super()._normalize(call, mean, var, epilogue)
         y, r, d = renorm_forward(call, mean, var, self.running_mean, self.running_var,
-                                 self.weight, self.bias, self.rmax, self.dmax, self.eps)
+                                 self.weight, self.bias, self.rmax, self.dmax, self.eps,
+                                 epilogue=epilogue)
         return y, (r, d)

@@ -95,6 +95,30 @@ def _group_counts(x, virtual_batch_size):
 # ---- the autograd Function -----------------------------------------------------------------
 
 
+def _differentiable_grads(x, weight, mean, var, eps, use_batch_stats, dy):
+    """(dx, dweight, dbias) written with PyTorch operations, so that autograd can
+    differentiate them again (double backward: gradient penalties, MAML). With batch
+    statistics, mean and var are recomputed from ``x``: they depend on it."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if use_batch_stats:
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = mean.view(shape), var.view(shape)
+    invstd = torch.rsqrt(var + eps)
+    x_hat = (x - mean) * invstd
+    g = dy if weight is None else dy * weight.view(shape)
+    if use_batch_stats:
+        dx = invstd * (g - g.mean(dims, keepdim=True)
+                       - x_hat * (g * x_hat).mean(dims, keepdim=True))
+    else:
+        dx = g * invstd
+    if weight is None:
+        return dx, None, None
+    return dx, (dy * x_hat).sum(dims), dy.sum(dims)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Batch norm over dim 1 of ``x`` with nbbn's kernels; returns ``y``.
 
@@ -103,7 +127,10 @@ class BatchNormFunction(torch.autograd.Function):
     statistics (per virtual batch where ``virtual_batch_size`` is not None) and, where
     running buffers are given, updates them in place (``nbbn.ema_update``, unbiased
     variance, factor ``momentum``); otherwise it normalizes with the running
-    buffers. Differentiable in ``x``, ``weight`` and ``bias`` (once).
+    buffers. Differentiable in ``x``, ``weight`` and ``bias``: the backward is
+    nbbn's kernels, or, where autograd records it (``create_graph=True``), the same
+    formulas in PyTorch operations, differentiable again. Forward-mode AD raises
+    NotImplementedError (``batch_norm`` does for ``torch.func`` transforms, vmap included).
     """
 
     @staticmethod
@@ -132,10 +159,14 @@ class BatchNormFunction(torch.autograd.Function):
         return _tensor(ya, x)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, mean, var = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+            dx, dw, db = _differentiable_grads(x, weight, mean, var, ctx.eps,
+                                               ctx.use_batch_stats, dy)
+            return (dx if need_x else None, dw if need_w else None, db if need_b else None,
+                    None, None, None, None, None)
         dya, xa, wa = _arr(dy), _arr(x), _arr(weight)
         dx = dw = db = None
         if ctx.use_batch_stats:
@@ -188,17 +219,47 @@ class BatchRenormFunction(torch.autograd.Function):
         return (*(_tensor(g, x) if need else None
                   for g, need in zip(grads, ctx.needs_input_grad[:3])), *(None,) * 6)
 
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "nbbn.torch batch norm does not support forward-mode AD (torch.func.jvp, "
+            "torch.autograd.forward_ad); use torch.nn.functional.batch_norm there")
+
+
+
+def _check_arguments(x, running_mean, running_var, weight, bias):
+    """PyTorch's argument rules, each error naming its argument (before anything changes)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither "
+                         "be None")
+    channels = x.shape[1] if x.dim() > 1 else None
+    for name, p in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
+        if channels is not None and p.numel() != channels:
+            raise ValueError(f"{name} should contain {channels} elements, not {p.numel()}")
+
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, virtual_batch_size=None):
     """Drop-in for ``torch.nn.functional.batch_norm`` computing with nbbn's kernels;
     ``virtual_batch_size`` (training): ghost batch norm."""
+    _check_arguments(x, running_mean, running_var, weight, bias)
+    if getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
+        raise NotImplementedError(
+            "nbbn.torch batch norm does not support torch.func transforms (vmap, grad, jacrev, "
+            "...); use torch.nn.functional.batch_norm there")
     if training:
         _check_batch_size(x, virtual_batch_size)
-    if not _supported(x):
+    if not _supported(x) or x.dim() < 2:
         if virtual_batch_size is not None and training:
             raise TypeError(f"nbbn.torch: virtual batches need a float16/32/64 CPU or CUDA "
-                            f"tensor, got {x.dtype} on {x.device}")
+                            f"tensor of 2 or more dimensions, got {x.dtype} on {x.device}")
         return nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training,
                                         momentum, eps)
     if not training and (running_mean is None or running_var is None):

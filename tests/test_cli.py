@@ -80,7 +80,10 @@ def _as_numpy(v, case):
         if case.layout == "NHWC" and v.ndim == len(case.shape):
             v = v.permute(0, *range(2, v.ndim), 1)
         v = v.contiguous().numpy()
-    return np.asarray(v, np.float64)
+    v = np.asarray(v, np.float64)  # JAX and TensorFlow arrays too
+    if v.size == case.size and v.ndim > len(case.shape):  # TensorFlow's [N, 1, 1, C]
+        v = v.reshape(case.stored_shape)
+    return v
 
 
 RESULT_PARTS = {"mean_var": 2, "forward": 1, "inference": 1, "backward": 3, "layer_step": 1,
@@ -90,14 +93,13 @@ RESULT_PARTS = {"mean_var": 2, "forward": 1, "inference": 1, "backward": 3, "lay
 @pytest.mark.parametrize("case", [c for c in registry.cases(shapes=registry.SMALL_SHAPES)
                                   if c.op in RESULT_PARTS], ids=lambda c: c.label)
 def test_registry_contenders_compute_the_same(case):
-    """The benchmarked calls compute the same thing (what is timed is a fair comparison)."""
+    """The benchmarked calls compute the same thing (what is timed is a fair comparison),
+    PyTorch, JAX and TensorFlow included where installed."""
     op = registry.OPS[case.op]
     if op.available():
         pytest.skip(op.available())
     got = {}
-    for who, factory in op.contenders.items():
-        if who == "torch" and not registry.torch_available():
-            continue
+    for who, factory in registry.factories(case).items():
         out = factory(registry.prepare(case))()
         parts = out if isinstance(out, (tuple, list)) else (out,)
         got[who] = [_as_numpy(p, case) for p in parts[: RESULT_PARTS[case.op]]]
@@ -105,3 +107,26 @@ def test_registry_contenders_compute_the_same(case):
     for who, parts in got.items():
         for ref, part in zip(got["numpy"], parts):
             np.testing.assert_allclose(part, ref, rtol=tol, atol=tol, err_msg=f"{who} {case.label}")
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "--rounds", "-1"], ["bench", "--rounds", "0"], ["bench", "--threads", "-3"],
+    ["bench", "--budget", "0"], ["bench", "--json", "/no/such/folder/r.json"],
+    ["bench", "--plot", "/no/such/folder/r.png"], ["bench", "--shapes", "100000x100000x1000"],
+    ["bench", "--ops", "nope"], ["demo", "--batch", "0"], ["demo", "--batch", "1"],
+    ["demo", "--eval-every", "0"], ["demo", "--steps", "0"], ["demo", "--target", "2"],
+    ["demo", "--lrs", "0.1,-1"], ["demo", "--threads", "0"], ["demo", "--plot", "/no/such/p.png"],
+], ids=" ".join)
+def test_bad_arguments_are_usage_errors_before_any_work(argv, monkeypatch, capsys):
+    from nbbn._bench import runner
+    from nbbn import demo
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(runner, "run_cases", no_work)
+    monkeypatch.setattr(demo, "run", no_work)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def test_small_launches_split_channels_over_blocks():
     """The shapes below take the multi-block, block-tree and grid-merge paths."""
     from nbbn._cuda.launch import columns_config, rows_config
     cfg = rows_config(3, 2, 5)
-    assert cfg.parts > 1 and cfg.block[0] * cfg.block[1] > 1
+    assert cfg.parts > 1 and cfg.block[0] > 1
     cfg = columns_config(9, 2)
     assert cfg.parts > 1 and cfg.block[0] < cfg.block[0] * cfg.block[1]
     assert rows_config(1, 1, 11).parts > 1
@@ -339,16 +339,16 @@ def test_dispatch_recognizes_device_arrays():
 
 def test_results_in_the_inputs_library():
     """CuPy in -> CuPy out, torch in -> torch out (allocation and views by the library)."""
-    from nbbn._cuda.arrays import Family, library
+    from nbbn._cuda.arrays import Family, library, queue_of
     assert library(FakeCAI(module="cupy._core.core")) == "cupy"
     assert library(FakeCAI(module="torch")) == "torch"
     assert library(dev(np.ones(2))) == "numba"
     torch = pytest.importorskip("torch")
-    family = Family(torch.ones(2))  # a CPU tensor stands in for a CUDA one here
+    family = Family(torch.ones(2), None)  # a CPU tensor stands in for a CUDA one here
     buf = family.empty((2, 3, 4), np.float16)
     assert isinstance(buf, torch.Tensor) and buf.dtype == torch.float16
     assert tuple(family.permute(buf, (2, 0, 1)).shape) == (4, 2, 3)
-    numba_family = Family(dev(np.ones(2)))
+    numba_family = Family(dev(np.ones(2)), queue_of(dev(np.ones(2))))
     buf = numba_family.empty((2, 3), np.float32)
     assert hasattr(buf, "__cuda_ndarray__")
     assert tuple(numba_family.permute(buf, (1, 0)).shape) == (3, 2)
@@ -412,3 +412,135 @@ def test_device_calls_from_several_threads(threaded_cuda, rng):
     with ThreadPoolExecutor(4) as pool:
         for got, want in pool.map(work, cases):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+# ---- streams, workspace, launches ---------------------------------------------------------------
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every kernel launch as (kernel name, stream, queue)."""
+    from nbbn._cuda import arrays
+    seen = []
+    launch = arrays.Queue.launch
+
+    def spy(queue, kernel, config, *args):
+        seen.append((kernel.__name__, queue.stream, queue))
+        return launch(queue, kernel, config, *args)
+
+    monkeypatch.setattr(arrays.Queue, "launch", spy)
+    return seen
+
+
+def public_calls(x, dy, w, b):
+    """Every public device function on x (dy, w, b alike), and layer steps (the layer's own
+    buffers on x's stream)."""
+    nbbn.mean_var(x, axis=tuple(i for i in range(x.ndim) if i != 1))
+    nbbn.var(x, axis=1)
+    y, mean, var = nbbn.batch_norm_forward(x, w, b)
+    nbbn.batch_norm_backward(dy, x, mean, var, w)
+    nbbn.batch_norm(x, None, None, w, b, training=True)
+    nbbn.fold(mean, var, w, b)
+    layer = nbbn.BatchNorm(x.shape[1], dtype=x.dtype, device="cuda")
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(layer, name).stream = x.stream
+    layer.backward(layer(x))
+    layer.eval()
+    layer.backward(layer(x))
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 5), (6, 2)], ids=str)
+def test_every_launch_runs_on_the_inputs_stream(shape, launches, rng):
+    """Arrays associated with a stream: every kernel of every call goes to that stream."""
+    stream = cuda.stream()
+    x, w, b, dy = make(shape, 1, np.float32, rng)
+    on = [dev(a) for a in (x, dy, w, b)]
+    for a in on:
+        a.stream = stream  # what cuda.to_device(a, stream=stream) gives on a GPU
+    public_calls(*on)
+    assert launches and {id(s) for _, s, _ in launches} == {id(stream)}
+
+
+def test_launched_kernels_have_static_signatures(launches, rng):
+    """The static table (tests/cuda_static.py, checked in test_cuda_ptx.py) lists every kernel
+    the public functions launch."""
+    from numba import types
+
+    from tests import cuda_static
+    listed = {name for _, name, _ in cuda_static.specializations(types)}
+    for shape, axis in (((3, 2, 5), 1), ((6, 2), 1)):
+        x, w, b, dy = make(shape, axis, np.float32, rng)
+        public_calls(*(dev(a) for a in (x, dy, w, b)))
+    nbbn.var(dev(rng.standard_normal((3, 4)))[:, ::-1], axis=0)  # a device copy
+    launched = {name for name, _, _ in launches}
+    assert launched - listed == set()
+    assert {"moments_rows", "moments_columns", "sums_rows", "dx_columns"} <= launched
+
+
+def test_no_device_allocation_per_call_but_the_results(monkeypatch, rng):
+    """After a first call, a call allocates its results and nothing else (temporaries come
+    from the cached workspace), and the last-block tickets are left at zero."""
+    from nbbn._cuda import arrays
+    x, w, b, dy = (dev(a) for a in make((3, 2, 5), 1, np.float32, rng))
+    calls = {"forward": (lambda: nbbn.batch_norm_forward(x, w, b), 3),
+             "backward": (lambda: nbbn.batch_norm_backward(dy, x, w, w, w), 3),
+             "mean_var": (lambda: nbbn.mean_var(x, axis=(0, 2)), 2),
+             "eval": (lambda: nbbn.batch_norm(x, w, w, w, b), 1)}
+    allocate = cuda.device_array
+    count = []
+    monkeypatch.setattr(cuda, "device_array", lambda *a, **k: count.append(a) or allocate(*a, **k))
+    for name, (call, results) in calls.items():
+        call()
+        count.clear()
+        call()
+        assert len(count) == results, name
+    queue = arrays.queue_of(x)
+    assert not host(queue.tickets(2)).any()
+
+
+def test_views_of_foreign_arrays_do_not_synchronize(monkeypatch):
+    """torch/CuPy arrays are viewed with their interface's stream and no synchronization;
+    torch tensors that require grad are viewed detached; views are cached."""
+    from nbbn._cuda import arrays
+    made = []
+
+    def view(desc, owner=None, sync=True):
+        made.append((desc["stream"], sync, owner))
+        return object()
+
+    monkeypatch.setattr(arrays, "SIMULATOR", False)
+    monkeypatch.setattr(cuda, "from_cuda_array_interface", view, raising=False)
+    monkeypatch.setattr(arrays, "_views", {})
+
+    class Tensor(FakeCAI):
+        requires_grad = True
+
+        @property
+        def __cuda_array_interface__(self):
+            if self.requires_grad:
+                raise RuntimeError("Can't get __cuda_array_interface__ on Variable that "
+                                   "requires grad")
+            return {**super().__cuda_array_interface__, "stream": 7}
+
+        def detach(self):
+            t = Tensor(module="torch")
+            t.requires_grad = False
+            return t
+
+    first = arrays.to_numba(Tensor(module="torch"))
+    assert arrays.to_numba(Tensor(module="torch")) is first
+    assert made == [(7, False, None)]
+
+
+def test_layers_keep_their_copied_inputs(rng):
+    """Inputs the kernels cannot view (copied once) stay valid from a layer's forward to its
+    backward while other calls run in between."""
+    layers = [nbbn.BatchNorm(2, device="cuda") for _ in range(2)]
+    refs = [nbbn.BatchNorm(2) for _ in range(2)]
+    xs = [rng.standard_normal((3, 2, 2, 4)).astype(np.float32)[:, :, :, :3] for _ in range(2)]
+    ys = [layer(dev(np.ascontiguousarray(x.base))[:, :, :, :3]) for layer, x in zip(layers, xs)]
+    ys0 = [ref(x) for ref, x in zip(refs, xs)]
+    for y, y0 in zip(ys, ys0):
+        close(y, y0, np.float32)
+    for layer, ref, y0 in zip(layers, refs, ys0):
+        close(layer.backward(dev(y0)), ref.backward(y0), np.float32)

@@ -1,124 +1,136 @@
-"""Every CUDA kernel compiles to PTX for sm_90 with the simulator off (no GPU needed).
+"""Every CUDA kernel specialization compiled for sm_90 and assembled with nvJitLink (the linker
+numba-cuda uses at run time), with the simulator off and no GPU: registers, spills, shared
+memory and occupancy (``tests/cuda_static.py`` makes the table).
 
-The simulator runs kernels as Python and type-checks nothing; ``compile_ptx``
-types and lowers them as a real GPU would, both the warp-shuffle path that
-real GPUs take and the shared-memory path the simulator takes, for every input
-dtype. Needs NVRTC/libNVVM (``pip install "nbbn[cuda]"``); skipped, saying so,
-where they are missing.
+The simulator runs kernels as Python and type-checks nothing; ``compile_ptx`` types and
+lowers them as a real GPU would, both the warp-shuffle path that real GPUs take and the
+shared-memory path the simulator takes, for every input dtype and index width. Needs
+NVRTC/libNVVM and nvJitLink (``pip install "nbbn[cuda]"``); skipped, saying so, where
+they are missing.
 """
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("numba.cuda")
 
-SCRIPT = textwrap.dedent('''
-    import sys
-    from numba import cuda, types as t
-    import numba.cuda.dispatcher
+from tests import cuda_static
 
-    class Sm90:  # device functions ask the current device for its compute capability
-        compute_capability = (9, 0)
-
-    numba.cuda.dispatcher.get_current_device = Sm90
-    from nbbn._cuda import launch
-    launch.USE_SHUFFLE = sys.argv[1] == "shuffle"
-    from nbbn._cuda import arrays, backward, ema, merge, moments, normalize, renorm
-
-    def arr(dtype, ndim):
-        return t.Array(dtype, ndim, "A")
-
-    f8 = t.float64
-    compiled = set()
-
-    shuffles = []
-
-    def compile(module, name, *sig):
-        ptx, _ = cuda.compile_ptx(getattr(module, name).py_func, sig, cc=(9, 0))
-        compiled.add((module.__name__, name))
-        shuffles.append("shfl.sync" in ptx)
-
-    for x, acc in ((t.float16, t.float32), (t.float32, f8), (t.float64, f8), (t.int64, f8),
-                   (t.boolean, f8)):
-        compile(moments, "moments_rows", arr(x, 3), acc, t.int64, t.int64, arr(f8, 3))
-        compile(moments, "moments_columns", arr(x, 2), acc, t.int64, arr(f8, 3))
-        if x not in (t.int64, t.boolean):
-            compile(normalize, "affine_rows", arr(x, 3), arr(acc, 1), arr(acc, 1), acc,
-                    t.int64, arr(x, 3))
-            compile(normalize, "affine_columns", arr(x, 2), arr(acc, 1), arr(acc, 1), acc,
-                    t.int64, arr(x, 2))
-            compile(backward, "sums_rows", arr(x, 3), arr(x, 3), arr(f8, 1), acc, t.int64,
-                    t.int64, arr(f8, 3))
-            compile(backward, "sums_columns", arr(x, 2), arr(x, 2), arr(f8, 1), acc, t.int64,
-                    arr(f8, 3))
-            compile(backward, "dx_rows", arr(x, 3), arr(x, 3), arr(x, 1), arr(acc, 2), acc,
-                    t.int64, arr(x, 3))
-            compile(backward, "dx_columns", arr(x, 2), arr(x, 2), arr(x, 1), arr(acc, 2), acc,
-                    t.int64, arr(x, 2))
-            compile(arrays, "copy_strided", arr(x, 1), t.int64, t.UniTuple(t.int64, 3),
-                    arr(x, 1), t.int64, t.UniTuple(t.int64, 3), t.UniTuple(t.int64, 3))
-    for out, p, acc in ((t.float32, t.float16, t.float32), (t.float64, t.float32, f8),
-                        (t.float64, t.float64, f8)):
-        compile(moments, "finalize_moments", arr(f8, 3), f8, t.int64, arr(out, 1),
-                arr(out, 1))
-        compile(moments, "finalize_forward", arr(f8, 3), arr(p, 1), arr(p, 1), f8, f8, f8,
-                t.int64, arr(out, 1), arr(out, 1), arr(acc, 1), arr(acc, 1), arr(p, 1),
-                arr(p, 1))
-        compile(normalize, "scale_shift", arr(p, 1), arr(p, 1), arr(p, 1), arr(p, 1),
-                t.int64, f8, arr(acc, 1), arr(acc, 1))
-        compile(backward, "dx_coefficients", arr(f8, 1), arr(f8, 1), f8, f8, t.int64,
-                arr(out, 1), arr(p, 1), t.int64, f8, arr(acc, 2))
-        compile(backward, "param_grads", arr(f8, 1), arr(f8, 1), arr(out, 1), f8, arr(p, 1),
-                arr(p, 1))
-        compile(ema, "ema", arr(p, 1), arr(p, 1), arr(out, 1), arr(out, 1), f8, f8)
-        compile(renorm, "renorm_coefficients", arr(f8, 1), arr(f8, 1), arr(p, 1), arr(p, 1),
-                arr(p, 1), arr(p, 1), t.int64, f8, f8, f8, arr(f8, 1), arr(f8, 1), arr(acc, 1),
-                arr(acc, 1))
-        compile(renorm, "renorm_grads", arr(f8, 1), arr(f8, 1), arr(out, 1), arr(out, 1),
-                arr(out, 1), arr(p, 1), t.int64, f8, arr(f8, 1), arr(p, 1), arr(p, 1))
-        compile(merge, "merge_batches", arr(f8, 2), arr(out, 1), arr(out, 1), f8, f8)
-        compile(arrays, "fill_kernel", arr(p, 1), f8)
-    compile(backward, "finalize_sums", arr(f8, 3), arr(f8, 1), arr(f8, 1))
-    every = {(m.__name__, k) for m in (arrays, backward, ema, merge, moments, normalize, renorm)
-             for k in m.KERNELS}
-    missing = every - compiled
-    assert not missing, f"kernels without a PTX check: {sorted(missing)}"
-    assert any(shuffles) == launch.USE_SHUFFLE, "warp shuffles where not wanted, or missing"
-    print("compiled", len(compiled), "kernels")
-''')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _ptx_toolchain_missing():
-    """A reason to skip where NVRTC/libNVVM cannot be loaded, else None."""
+def _toolchain_missing():
+    """A reason to skip where PTX cannot be compiled or assembled here, else None."""
     probe = textwrap.dedent('''
         from numba import cuda
+        from cuda.core import Linker, LinkerOptions, ObjectCode
         def k(a):
             a[0] = 1.0
-        cuda.compile_ptx(k, "void(float64[:])", cc=(9, 0))
+        ptx, _ = cuda.compile_ptx(k, "void(float64[:])", cc=(9, 0))
+        Linker(ObjectCode.from_ptx(ptx.encode(), name="k"),
+               options=LinkerOptions(arch="sm_90")).link("cubin")
     ''')
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
                        timeout=300)
     if r.returncode:
-        return ("cannot compile PTX here (NVRTC/libNVVM missing? pip install 'nbbn[cuda]'; "
-                "or point CUDA_HOME at a CUDA toolkit): " + r.stderr.strip().splitlines()[-1])
+        return ("cannot compile and assemble PTX here (NVRTC/libNVVM/nvJitLink missing? "
+                "pip install 'nbbn[cuda]'): " + r.stderr.strip().splitlines()[-1])
     return None
 
 
 @pytest.fixture(scope="module")
 def toolchain():
-    reason = _ptx_toolchain_missing()
+    reason = _toolchain_missing()
     if reason:
         pytest.skip(reason)
 
 
-@pytest.mark.parametrize("path", ["shuffle", "shared"])
-def test_every_kernel_compiles_to_ptx(path, toolchain):
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
-    r = subprocess.run([sys.executable, "-c", SCRIPT, path], capture_output=True, text=True,
-                       env=env, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+def _table(path):
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cuda_static.py"), path],
+                       capture_output=True, text=True, env=env, timeout=1200, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-5000:]
-    assert "compiled" in r.stdout
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def test_occupancy_model():
+    """sm_90: 64K registers, 2048 threads, 228 KB shared memory per multiprocessor."""
+    assert cuda_static.occupancy(64, 0, 256) == 4
+    assert cuda_static.occupancy(65, 0, 256) == 3
+    assert cuda_static.occupancy(32, 0, 256) == 8
+    assert cuda_static.occupancy(32, 100 * 1024, 256) == 2
+
+
+@pytest.mark.parametrize("path", ["shuffle", "shared"])
+def test_every_specialization_assembles_without_spills_at_the_planned_occupancy(path,
+                                                                               toolchain):
+    from nbbn._cuda import backward, ema, launch, moments, normalize, strided
+    table = _table(path)
+    every = {(m.__name__.rsplit(".", 1)[1], k) for m in (backward, ema, moments, normalize,
+                                                         strided) for k in m.KERNELS}
+    compiled = {(row["module"], row["kernel"]) for row in table}
+    assert every <= compiled, f"kernels without a static check: {sorted(every - compiled)}"
+    for row in table:
+        where = f"{row['kernel']} {row['sig']}"
+        assert row["spill_bytes"] == 0 and row["stack"] == 0, f"spills: {where}"
+        planned = launch.BLOCKS_PER_SM if row["kernel"] in cuda_static.REDUCTIONS else 2
+        assert row["blocks_per_sm"] >= planned, \
+            f"{row['regs']} registers, {row['smem']} B shared: {row['blocks_per_sm']} " \
+            f"blocks/SM < {planned} planned: {where}"
+    shuffles = any(row["shuffle"] for row in table)
+    assert shuffles == (path == "shuffle"), "warp shuffles where not wanted, or missing"
+
+
+CACHE_SCRIPT = textwrap.dedent('''
+    import sys
+    from numba import types as t
+    import numba.cuda.codegen as codegen
+    import numba.cuda.dispatcher as dispatcher
+
+    class Sm90:  # no GPU: the current device and context, as far as the cache asks
+        compute_capability = (9, 0)
+        id = 0
+
+    class Context:
+        device = Sm90()
+
+    dispatcher.get_current_device = Sm90
+    codegen.devices.get_context = lambda devnum=None: Context()
+    # Assemble (nvJitLink) instead of loading the module onto a device.
+    dispatcher._Kernel.bind = lambda self: self._codelibrary.get_cubin(cc=(9, 0))
+    sys.path.insert(0, sys.argv[1])
+    import cuda_static
+    from nbbn._cuda import moments
+    sig = next(s for _, name, s in cuda_static.specializations(t) if name == "moments_rows")
+    moments.moments_rows.compile(sig)
+    stats = moments.moments_rows.stats
+    print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+''')
+
+
+def test_kernels_are_cached_on_disk(tmp_path, toolchain):
+    """A second process loads the compiled kernel from NUMBA_CACHE_DIR instead of compiling."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "NUMBA_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": ROOT}
+    runs = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, os.path.join(ROOT, "tests")],
+                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-5000:]
+        runs.append(r.stdout.split())
+    assert runs == [["0", "1"], ["1", "0"]]  # (hits, misses): compiled, then loaded
+
+
+def test_every_kernel_and_device_function_asks_for_the_disk_cache():
+    import ast
+    for path in (Path(ROOT) / "nbbn" / "_cuda").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "cuda.jit":
+                keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                assert keywords.get("cache") == "True", f"{path.name}: {ast.unparse(node)}"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import nbbn
-from nbbn._cpu import _jit, moments
+from nbbn._cpu import _jit, moments, pool
 from tests import concurrency
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,6 +229,7 @@ def test_batch_norm_peak_memory_is_the_output(axis, capsys):
     for name, call in [("forward", lambda: nbbn.batch_norm_forward(x, w, b, axis=axis)),
                        ("backward", lambda: nbbn.batch_norm_backward(x, x, mean, var, w,
                                                                      axis=axis))]:
+        pool.POOL.clear()  # a fresh output, not the previous call's block
         tracemalloc.start()
         try:
             result = call()
@@ -268,3 +269,39 @@ def test_more_than_2_31_elements():
     np.testing.assert_allclose(nbbn.mean(b, axis=0), want_mean, rtol=1e-9)
     np.testing.assert_allclose(nbbn.var(b, axis=0, ddof=1),
                                want_mean * (1 - want_mean) * rows / (rows - 1), rtol=1e-9)
+
+
+def test_fork_while_another_thread_compiles():
+    """The child of a fork() made while a thread holds Numba's compiler lock (compiling)
+    compiles and runs nbbn's kernels instead of waiting for that lock forever."""
+    out = run_code("""
+        import os, threading, time
+        import numpy as np
+        from numba.core.compiler_lock import global_compiler_lock
+        import nbbn
+
+        held = threading.Event()
+
+        def compiling():  # as a compile holds it: a while, in another thread
+            with global_compiler_lock:
+                held.set()
+                time.sleep(1.0)
+
+        threading.Thread(target=compiling).start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            ok = nbbn.var(np.arange(12, dtype=np.int16).reshape(3, 4), axis=0).shape == (4,)
+            os._exit(0 if ok else 1)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                print("child exit", os.waitstatus_to_exitcode(status))
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            print("child hung")
+    """)
+    assert out.stdout.split() == ["child", "exit", "0"], (out.stdout, out.stderr[-2000:])

@@ -1,1 +1,5 @@
 """Benchmark machinery shared by ``bench/`` (pytest-benchmark) and ``nbbn bench``."""
+
+# Batch-norm parameters every contender is timed with.
+EPS = 1e-5
+MOMENTUM = 0.1

@@ -18,8 +18,7 @@ import numpy as np
 
 import nbbn
 
-EPS = 1e-5
-MOMENTUM = 0.1
+from . import EPS, MOMENTUM
 
 #: Shapes as [b, c, h, w] (4-D) or [n, c] (2-D); NHWC cases store [b, h, w, c].
 LARGE_SHAPES = ((64, 64, 56, 56), (256, 256, 14, 14), (32, 3, 224, 224), (4096, 1024))
@@ -517,22 +516,24 @@ OPS = _ops(
        requires=("batch_norm_backward",)),
 )
 
-CONTENDERS = ("nbbn", "nbbn_out", "numpy", "torch")
+def factories(case):
+    """{contender: factory(inputs) -> zero-arg callable} of a case: the op's own, less
+    PyTorch where it is not installed, and the installed peers' (``peers``)."""
+    from . import peers
+    out = {name: factory for name, factory in OPS[case.op].contenders.items()
+           if name != "torch" or torch_available()}
+    out.update(peers.contenders(case.op, case))
+    return out
 
 
 def thunks(case, inputs=None):
-    """{contender: zero-arg callable} for a case; "floor" included where the op has one.
-
-    torch is left out when it is not installed.
-    """
+    """{contender: zero-arg callable} for a case; "floor" included where the op has one."""
     from .floor import floor_runner
     op = OPS[case.op]
     inputs = prepare(case) if inputs is None else inputs
     out = {}
     if op.floor:
         out["floor"] = floor_runner(op.floor, inputs["x"])
-    for name, factory in op.contenders.items():
-        if name == "torch" and not torch_available():
-            continue
+    for name, factory in factories(case).items():
         out[name] = factory(inputs)
     return out

@@ -1,6 +1,9 @@
 """Presenting benchmark results: the side-by-side table and the PNG chart."""
 
-CONTENDER_ORDER = ("floor", "nbbn", "nbbn_out", "numpy", "torch")
+CONTENDER_ORDER = ("floor", "nbbn", "nbbn_out", "numpy", "torch", "jax", "tf")
+# Columns shown whatever the results hold; the peers' only where they ran.
+ALWAYS = ("floor", "nbbn", "nbbn_out", "numpy", "torch")
+LABELS = {"nbbn_out": "out="}
 
 
 def _ms(v):
@@ -15,15 +18,17 @@ def _x(v):
 
 def table(results):
     """A plain-text table: one line per case, times in ms, speed-ups and floor multiple."""
-    header = ["op", "shape", "layout", "dtype", "floor ms", "nbbn ms", "out= ms", "numpy ms",
-              "torch ms", "vs numpy", "vs torch", "x floor", "out= x floor"]
+    shown = [c for c in CONTENDER_ORDER if c in ALWAYS or any(c in r["ms"] for r in results)]
+    others = [c for c in shown if c not in ("floor", "nbbn", "nbbn_out")]
+    header = (["op", "shape", "layout", "dtype"] + [f"{LABELS.get(c, c)} ms" for c in shown]
+              + [f"vs {c}" for c in others] + ["x floor", "out= x floor"])
     rows = []
     for r in results:
         ms = r["ms"]
         rows.append([
             r["op"], "x".join(map(str, r["shape"])), r["layout"], r["dtype"],
-            *(_ms(ms.get(k)) for k in CONTENDER_ORDER),
-            _x(r.get("vs_numpy")), _x(r.get("vs_torch")), _x(r.get("x_floor")),
+            *(_ms(ms.get(k)) for k in shown),
+            *(_x(r.get(f"vs_{c}")) for c in others), _x(r.get("x_floor")),
             _x(r.get("x_floor_out")),
         ])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
@@ -35,11 +40,14 @@ def table(results):
 
     out = [line(header), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in rows]
-    out.append("vs numpy / vs torch: their time / nbbn's (above 1: nbbn faster). "
+    out.append("vs X: X's time / nbbn's (above 1: nbbn faster). "
                "x floor: nbbn's time / the bandwidth floor's (plain Numba read/copy kernels "
                "over the same bytes, writing into preallocated arrays; 1 is the memory-speed "
                "limit). out=: nbbn writing into a preallocated output, as the floor does; the "
-               "gap to 'nbbn ms' is the cost of paging in a fresh output array.")
+               "gap to 'nbbn ms' is the cost of a fresh output array.")
+    if "jax" in shown or "tf" in shown:
+        out.append("jax: jitted Flax-style batch norm (XLA); tf: TensorFlow's moments and fused "
+                   "batch norm (oneDNN), NHWC and 2-D float32 only.")
     return "\n".join(out)
 
 
@@ -61,12 +69,13 @@ def plot(results, path, title="nbbn benchmark"):
     present = [c for c in CONTENDER_ORDER if any(c in r["ms"] for r in results)]
     width = 0.8 / max(1, len(present))
     colors = {"floor": "0.6", "nbbn": "tab:green", "nbbn_out": "tab:olive", "numpy": "tab:blue",
-              "torch": "tab:orange"}
+              "torch": "tab:orange", "jax": "tab:purple", "tf": "tab:red"}
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(results) + 2), 5.0))
     for k, name in enumerate(present):
         xs = [i + (k - (len(present) - 1) / 2) * width for i in range(len(results))]
         ys = [r["ms"].get(name, float("nan")) for r in results]
-        label = {"floor": "bandwidth floor", "nbbn_out": "nbbn, out="}.get(name, name)
+        label = {"floor": "bandwidth floor", "nbbn_out": "nbbn, out=", "jax": "JAX (XLA)",
+                 "tf": "TensorFlow (oneDNN)"}.get(name, name)
         ax.bar(xs, ys, width, label=label, color=colors.get(name))
     ax.set_yscale("log")
     ax.set_ylabel("milliseconds per call (median, lower is better)")

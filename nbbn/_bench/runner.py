@@ -9,6 +9,10 @@ import time
 
 #: A sample is at least this long: small calls are repeated within one sample.
 MIN_SAMPLE_S = 2e-3
+#: Idle time before each sample, so that no contender's worker threads (OpenMP's,
+#: XLA's and TensorFlow's pools spin a while after their work) still hold the cores
+#: when the next one starts.
+PAUSE_S = 5e-3
 
 
 def calibrate(fn, min_sample):
@@ -48,6 +52,7 @@ def interleaved(thunks, rounds=7, budget_s=None, min_sample=MIN_SAMPLE_S, stat=s
             for i in range(len(names)):
                 name = names[(r + i) % len(names)]
                 fn, number = thunks[name], numbers[name]
+                time.sleep(PAUSE_S)
                 t0 = time.perf_counter()
                 for _ in range(number):
                     fn()
@@ -60,12 +65,16 @@ def interleaved(thunks, rounds=7, budget_s=None, min_sample=MIN_SAMPLE_S, stat=s
     return {n: stat(s) for n, s in samples.items()}
 
 
+#: Contenders nbbn's speed-up is reported against (``vs_<name>``).
+OTHERS = ("numpy", "torch", "jax", "tf")
+
+
 def ratios(times):
     """Speed-ups of nbbn over the others, and multiples of the floor, from median times."""
     nb = times.get("nbbn")
     out = {}
     if nb:
-        for other in ("numpy", "torch"):
+        for other in OTHERS:
             if other in times:
                 out[f"vs_{other}"] = times[other] / nb
         if "floor" in times:
@@ -76,13 +85,16 @@ def ratios(times):
 
 
 def set_threads(n):
-    """Give nbbn (and the floor, through Numba) and PyTorch the same number of threads."""
+    """Give nbbn (and the floor, through Numba), PyTorch and the peers the same number of
+    threads."""
     import numba
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    from . import peers
     from .registry import _torch
     torch = _torch()
     if torch is not None:
         torch.set_num_threads(n)
+    peers.set_threads(n)
 
 
 def busy_fraction(interval=0.25):
@@ -107,16 +119,19 @@ def busy_fraction(interval=0.25):
 
 
 def run_cases(cases, rounds=7, budget_s=None, progress=None):
-    """Measure each case interleaved; a list of result dicts (see ``result``)."""
+    """Measure each case interleaved; a list of result dicts (see ``result``).
+
+    ``progress``: a progress bar (tqdm's ``set_postfix_str`` and ``update``), or None.
+    """
     from . import registry
     results = []
-    for i, case in enumerate(cases):
+    for case in cases:
         if progress is not None:
-            progress(i, len(cases), case.label)
+            progress.set_postfix_str(case.label)
         times = interleaved(registry.thunks(case), rounds=rounds, budget_s=budget_s)
         results.append(result(case, times))
-    if progress is not None:
-        progress(len(cases), len(cases), "done")
+        if progress is not None:
+            progress.update()
     return results
 
 

@@ -1,21 +1,34 @@
 """How the CPU kernels cut an (outer, C, inner) view into work.
 
 Rows (inner > 1): items are BLOCK-sized pieces of the rows x[o, c, :].
-Columns (inner == 1, channels-last): items are runs of rows x[r, :], read in
-memory order and vectorized across channels. With few channels a row is too
-short to vectorize, so contiguous rows are regrouped: (R, C) is viewed as
-(R // k, k*C) — k copies of each channel side by side — plus R % k leftover
-rows; each family folds the k copies back into C channels.
+
+Columns (inner == 1, channels-last): each thread takes a contiguous share of
+the rows x[r, :] and walks it as a few sequential streams in lockstep
+(``stream_split``): rows r, r + step, r + 2*step, ... are handled in one sweep
+across the channels. Each stream reads memory in order, which the hardware
+prefetchers need (interleaving rows of one stream, or walking a tile of
+columns down the rows, costs 1.5-4x here), and the streams of one sweep share
+the per-channel loads: coefficients, and a reduction's float64 partial sums,
+which add the streams' values in registers before touching memory.
+
+With few channels a row is too short to vectorize, so contiguous rows are
+regrouped: (R, C) is viewed as (R // k, k*C) — k copies of each channel side by
+side — plus R % k leftover rows; each family folds the k copies back into C
+channels.
 
 Virtual batches (ghost batch norm) split the outer rows into groups of
-``group_rows`` consecutive rows (0: one group, all rows), each with its own
-statistics and coefficients, which are then per (group, channel): vectors of
-groups * C values, index g * C + c. A kernel finds a row's group by one
-division per row (or per row item); a tile of a reduction never straddles two
-groups; a regrouped row holds rows of one group only (k divides group_rows);
-channels-last kernels walk a thread's rows in runs of one group
-(``group_segment``).
+``group_rows`` consecutive rows (all rows: one group), each with its own
+statistics and coefficients: per-channel vectors become (groups, C) arrays. Row
+items find their group by one division per item. Channels-last kernels walk a
+thread's rows in runs of one group (``run_stop``), each run as lockstep streams
+with the group's coefficients. A reduction keeps the state of each thread's
+first run apart (``heads``: the only run a group may share with other threads)
+and writes the others straight into the group's state, which no other thread
+touches; the heads are merged in afterwards (``head_groups``). A regrouped row
+holds rows of one group only: k must divide group_rows.
 """
+import math
+
 import numpy as np
 
 from ._jit import helper
@@ -24,54 +37,53 @@ from ._jit import helper
 BLOCK = 4096
 # Channels-last rows shorter than this are regrouped (see above).
 MIN_ROW_WIDTH = 256
+# Regrouped rows are a multiple of this many elements (whole vectors, no scalar remainder).
+ROW_QUANTUM = 16
+# Lockstep streams per thread (see the module docstring), as (rows of fewer than
+# WIDE_ROW channels, rows of WIDE_ROW or more). More streams share more of the
+# per-channel loads but slow the prefetchers down; the loads only matter where
+# the per-channel vectors no longer stay in L1 beside the data. Measured (51-67 MB
+# float32, 1 and 2 threads): the reduction's 4 streams cost 5-25% on rows of 256-512
+# channels and save 20-40% on 1024-4096; dx's 2 streams (6 arrays' streams) cost
+# 10-15% on rows of 256 and save 20-30% on 1024; affine's 2 gain on both.
+WIDE_ROW = 1024
+AFFINE_STREAMS = 2
+GRAD_STREAMS = (1, 2)
+SUMS_STREAMS = (2, 4)
 
 
-def widen(*arrays, group_rows=0):
-    """``(k, wide, rest)`` for same-shaped 2-D (R, C) arrays (see the module docstring).
+def widen(*arrays, group_rows=None):
+    """``(k, wide, rest)`` for same-shaped 2-D (R, C) arrays (see the module docstring);
+    None entries (a kernel's absent optional arrays) stay None.
 
     ``k == 1`` means no regrouping: ``wide`` are the arrays themselves.
     Otherwise ``wide`` are (R // k, k*C) views and ``rest`` the leftover
     (R % k, C) rows, or None when there are none. With virtual batches of
-    ``group_rows`` rows, only where k divides it (then a group is group_rows // k
+    ``group_rows`` rows, only where k divides it (a group is then group_rows // k
     wide rows, and the leftover rows are the last group's).
     """
     n_rows, nchan = arrays[0].shape
+    given = [a for a in arrays if a is not None]
     k = -(-MIN_ROW_WIDTH // max(nchan, 1))
-    contiguous_rows = all(a.strides[0] == nchan * a.strides[1] for a in arrays)
+    if k > 1:  # round k up so that k*C is a whole number of quanta
+        step = ROW_QUANTUM // math.gcd(nchan, ROW_QUANTUM)
+        k = -(-k // step) * step
+    contiguous_rows = all(a.strides[0] == nchan * a.strides[1] for a in given)
     # Small inputs: the regrouping costs more than it saves.
-    if k == 1 or n_rows * nchan < 16 * MIN_ROW_WIDTH or not contiguous_rows or group_rows % k:
+    if (k == 1 or n_rows * nchan < 16 * MIN_ROW_WIDTH or not contiguous_rows
+            or (group_rows is not None and group_rows % k)):
         return 1, arrays, None
     cut = n_rows - n_rows % k
     # Rows that follow each other in memory merge: these reshapes are views.
-    wide = tuple(a[:cut].reshape(cut // k, k * nchan) for a in arrays)
-    rest = tuple(a[cut:] for a in arrays) if cut < n_rows else None
+    wide = tuple(None if a is None else a[:cut].reshape(cut // k, k * nchan) for a in arrays)
+    rest = tuple(None if a is None else a[cut:] for a in arrays) if cut < n_rows else None
     return k, wide, rest
 
 
-def tiled(a, k, nchan=None):
-    """Per-channel coefficients for k regrouped copies of each channel (see ``widen``); per
-    (group, channel) ones of ``nchan`` channels are tiled within each group."""
-    if k == 1:
-        return a
-    return np.tile(a, k) if nchan is None else np.tile(a.reshape(-1, nchan), (1, k)).ravel()
-
-
-@helper
-def group_size(group_rows, n_rows):
-    """Rows per group: ``group_rows``, or all rows (at least 1) where it is 0 (one group)."""
-    return group_rows if group_rows > 0 else max(n_rows, 1)
-
-
-@helper
-def group_segment(r, end, rows, nchan):
-    """Rows r:stop of one group, the first run of rows r:end: ``(s, stop)``, s the group's
-    first (group, channel) index (groups of ``rows`` rows)."""
-    return r // rows * nchan, min(end, (r // rows + 1) * rows)
-
-
-def group_count(group_rows, n_rows):
-    """Groups of ``group_rows`` rows (0: one) in n_rows rows."""
-    return -(-n_rows // group_rows) if group_rows > 0 else 1
+def tiled(a, k):
+    """Per-channel coefficients, (groups, C), for k regrouped copies of each channel (see
+    ``widen``): (groups, k*C)."""
+    return a if k == 1 else np.tile(a, (1, k))
 
 
 @helper
@@ -81,3 +93,29 @@ def row_block(item, nchan, blocks_per_row, n_inner):
     o, c = divmod(row, nchan)
     start = blk * BLOCK
     return o, c, start, min(n_inner, start + BLOCK)
+
+
+@helper
+def stream_step(first, stop, n_streams):
+    """Rows first:stop as n_streams streams: sweep ``r`` in ``range(first, first + step)``
+    covers rows r, r + step, ..., r + (n_streams - 1) * step; rows ``first + n_streams *
+    step`` to ``stop`` are left over, one stream each. Returns ``step``."""
+    return (stop - first) // n_streams
+
+
+@helper
+def run_stop(r, stop, group_rows):
+    """Where the run of units (rows or row items) from r ends: at the end of r's group
+    (``group_rows`` units each) or at ``stop``."""
+    return min(stop, (r // group_rows + 1) * group_rows)
+
+
+@helper
+def head_groups(n_units, group_rows, nthreads):
+    """The group of each thread's first run (``heads``), -1 for threads without work,
+    when thread t takes units ``t * n_units // nthreads`` on."""
+    first = np.empty(nthreads, np.int64)
+    for t in range(nthreads):
+        start = t * n_units // nthreads
+        first[t] = start // group_rows if start < (t + 1) * n_units // nthreads else -1
+    return first

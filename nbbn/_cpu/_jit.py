@@ -12,6 +12,7 @@ split the work into the same ``nthreads`` parts, so the swap never changes a
 result, not even in the last bit.
 """
 import hashlib
+import inspect
 import os
 import pathlib
 import pickle
@@ -20,7 +21,12 @@ import types
 import warnings
 
 import numba
+from llvmlite import ir
 from numba.core.caching import FunctionCache, IndexDataCacheFile
+from numba.core.compiler_lock import global_compiler_lock
+from numba.extending import intrinsic, overload
+
+from .. import _math
 
 # reassoc/contract let reductions vectorize; nnan/ninf would break NaN/Inf
 # propagation and arcp would make x/n inexact (a constant channel's mean must
@@ -200,8 +206,23 @@ def launch_mode():
     return "concurrent" if _concurrent_launches() else "exclusive"
 
 
+# fork() while another thread compiles: the child would inherit Numba's compiler lock held
+# by a thread it does not have, and wait for it forever at its first compile. So fork()
+# waits for the compilation in progress, holding the lock across it, and both sides
+# release it after.
+
+
+def _before_fork():
+    global_compiler_lock.acquire()
+
+
+def _after_fork_in_parent():
+    global_compiler_lock.release()
+
+
 def _after_fork_in_child():
     global _serial_only, _lock, _launch_lock
+    global_compiler_lock.release()  # held by this thread, the forking one
     # A lock held by another parent thread at fork() is never released here.
     _lock = threading.Lock()
     _launch_lock = threading.Lock()
@@ -210,7 +231,8 @@ def _after_fork_in_child():
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 class Kernel:
@@ -255,11 +277,35 @@ def helper(py_func):
     return numba.njit(inline="always", fastmath=FASTMATH, cache=False)(py_func)
 
 
-def strict_helper(py_func):
-    """A helper compiled without fastmath and not inlined at Numba's level (which would
-    hand its operations the caller's flags): for merge formulas whose overflow and
-    inf/nan cases reassociation breaks."""
-    return numba.njit(fastmath=False, cache=False)(py_func)
+@intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    sig = numba.float64(numba.float64, numba.float64, numba.float64)
+
+    def codegen(context, builder, signature, args):
+        f64 = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [f64], ir.FunctionType(f64, [f64] * 3))
+        return builder.call(fma, args)
+
+    return sig, codegen
+
+
+def _compile_shared_math():
+    """Make ``_math``'s functions callable from CPU kernels, as they are written.
+
+    Each compiles as its own strict function (no fastmath: see the module
+    docstring of ``_math``) wherever a kernel calls it; ``_math.fma`` compiles
+    as the fused multiply-add instruction.
+    """
+    overload(_math.fma, target="cpu")(lambda a, b, c: lambda a, b, c: _fma_instruction(a, b, c))
+    for func in vars(_math).values():
+        if inspect.isfunction(func) and func.__module__ == _math.__name__ and func is not _math.fma:
+            def implementation(*args, _func=func):
+                return _func
+            implementation.__signature__ = inspect.signature(func)  # Numba checks it
+            overload(func, target="cpu", jit_options={"fastmath": False})(implementation)
+
+
+_compile_shared_math()
 
 
 # Below this many elements a kernel runs serially: waking the thread pool

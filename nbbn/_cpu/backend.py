@@ -1,12 +1,15 @@
 """The host backend: the stages of ``nbbn._backend`` over NumPy arrays and the CPU kernels."""
 import numpy as np
 
+from .._layout import is_bfloat16
 from .backward import backward_sums as _sums, grad_input as _grad_input
+from .elements import as_dtype, kernel_array, work_dtype
 from .ema import ema as _ema_kernel
 from .merge import merge_batches as _merge_kernel
 from .moments import channel_moments
 from .normalize import affine as _affine_kernel
 from .renorm import renorm_factors as _renorm_factors
+from . import pool
 
 
 # ---- arrays ----------------------------------------------------------------------------------
@@ -19,8 +22,6 @@ def array(a, name):
         arr = np.asarray(a)
     except Exception as exc:
         raise TypeError(f"{name} must be array-like, got {type(a).__name__}") from exc
-    if arr.dtype == object or arr.dtype.kind in "SUV":
-        raise TypeError(f"{name} must be a numeric array-like, got {type(a).__name__}")
     return arr
 
 
@@ -32,13 +33,24 @@ def check_writable(a, name):
         raise ValueError(f"{name} is read-only")
 
 
-def _kernel_input(a):
-    """A native-byte-order array of a dtype the kernels read (widening float16)."""
-    if a.dtype.kind == "f" and a.dtype.itemsize == 2:  # float16, either byte order
+def overlap(a, b):
+    if not a.size or not b.size or not np.may_share_memory(a, b):
+        return None
+    if (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides
+            and a.dtype.itemsize == b.dtype.itemsize):
+        return "same"
+    try:
+        return "partial" if np.shares_memory(a, b, max_work=10_000) else None
+    except np.exceptions.TooHardError:
+        return "partial"
+
+
+def _moments_input(a):
+    """An array the moments kernels read: 16-bit floats widened to float32 (a copy)."""
+    if a.dtype.itemsize == 2 and (a.dtype.kind == "f" or a.dtype.kind == "V"):
         return a.astype(np.float32)
-    if not a.dtype.isnative:
-        return a.astype(a.dtype.newbyteorder("="))
-    return a
+    return kernel_array(a)
 
 
 def _view3(a, layout, shape3=None):
@@ -54,11 +66,11 @@ def _view3(a, layout, shape3=None):
 
 
 def view(call, a):
-    return _view3(_kernel_input(a), call.plan.layout)
+    return _view3(kernel_array(a), call.plan.layout)
 
 
 def fallback(op, a, **kwargs):
-    return getattr(np, op)(a, **kwargs)
+    return op(a, **kwargs)
 
 
 # ---- statistics ------------------------------------------------------------------------------
@@ -76,10 +88,45 @@ def _finish(values, shape, dtype, out):
     """Reshape to the result's shape, cast to its dtype, honour ``out=``."""
     values = values.reshape(shape)
     if out is not None:
-        np.copyto(out, values, casting="unsafe")
+        np.copyto(out, as_dtype(values, out.dtype), casting="unsafe")
         return out
-    values = values.astype(dtype, copy=False)
+    values = as_dtype(values, dtype)
     return values[()] if values.ndim == 0 else values
+
+
+# A NumPy operation that raises each floating-point flag, as the step of NumPy's reduction
+# that would raise it: replayed, it goes through np.errstate (ignore, warn, raise, call).
+_ONE, _ZERO, _INF = np.ones(1), np.zeros(1), np.full(1, np.inf)
+_FLAG_STEPS = {
+    "mean of inf and -inf": lambda: np.add.reduce(np.array([np.inf, -np.inf])),
+    "inf - mean": lambda: np.subtract(_INF, _INF),
+    "0 / 0": lambda: np.divide(_ZERO, _ZERO),
+    "m2 / 0": lambda: np.divide(_ONE, _ZERO),
+}
+
+
+def _numpy_flags(a, red, kinds, ddof, mean, m2):
+    """The floating-point flags NumPy's mean/var would raise for these results, in its order:
+    an empty slice (0 / 0), a nan made from infinities in a slice that holds no nan (their
+    sum, or inf - mean), and var's division by count - ddof <= 0."""
+    if not red.nchan or not {"mean", "var", "std"} & set(kinds):
+        return []
+    steps = []
+    if red.count == 0:
+        return ["0 / 0"]
+    second = "var" in kinds or "std" in kinds
+    made_nan = np.isnan(mean) | (np.isnan(m2) if second else False)
+    if a.dtype.kind == "f" and made_nan.any():
+        # min propagates nan (and no inf makes one): one pass, no input-sized temporary
+        had_nan = np.isnan(np.minimum.reduce(a, axis=red.axes)).reshape(-1)
+        if (made_nan & ~had_nan).any():
+            steps.append("inf - mean" if second else "mean of inf and -inf")
+    if second and red.count - ddof <= 0:
+        if (m2 == 0).any():
+            steps.append("0 / 0")
+        if (m2 > 0).any():
+            steps.append("m2 / 0")
+    return steps
 
 
 def statistics(like, a, red, kinds, ddof, dtype, out):
@@ -87,8 +134,10 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
         mean = np.full(red.nchan, np.nan)  # NumPy's mean of nothing
         m2 = np.zeros(red.nchan)  # a sum over nothing
     else:
-        mean, m2 = channel_moments(_view3(_flip_reduced(_kernel_input(a), red.axes),
-                                          red.layout))
+        mean, m2, _ = channel_moments(_view3(_flip_reduced(_moments_input(a), red.axes),
+                                             red.layout))
+    for step in _numpy_flags(a, red, kinds, ddof, mean, m2):
+        _FLAG_STEPS[step]()
     results = []
     for kind in kinds:
         if kind == "mean":
@@ -117,17 +166,20 @@ def _counts(plan, count):
     return counts.ravel()
 
 
+def _group_rows(plan):
+    """The kernels' ``group_rows``: outer rows per virtual batch, None for one group."""
+    return plan.group_rows if plan.groups > 1 else None
+
+
 def batch_moments(call, variance=False):
     plan = call.plan
     if plan.count == 0 or plan.nchan == 0:
-        return np.full(plan.groups * plan.nchan, np.nan), np.full(plan.groups * plan.nchan, np.nan)
-    mean, m2 = channel_moments(call.x3, _group_rows(plan))
+        return (np.full(plan.groups * plan.nchan, np.nan),) * 2
+    x3 = call.x3
+    if x3.dtype.itemsize == 2:  # 16-bit floats: the moments kernels read float32 (a copy)
+        x3 = _view3(_moments_input(call.x), plan.layout)
+    mean, m2, _ = channel_moments(x3, _group_rows(plan))
     return mean, m2 / _counts(plan, plan.group_count) if variance else m2
-
-
-def _group_rows(plan):
-    """The kernels' ``group_rows``: outer rows per virtual batch, 0 for one group."""
-    return plan.group_rows if plan.groups > 1 else 0
 
 
 def _as64(p, default, n):
@@ -149,38 +201,61 @@ def coefficients(dtype, mean, var, weight, bias, eps):
     return scale, shift
 
 
-def _output(call, out):
-    """(3-D view to write, finish): finish() returns the result array (``out`` if given).
-    float16 results are computed in float32 and cast once at the end."""
+def _output(call, out, dtype=None):
+    """(the kernels' writable 3-D view, finish): finish() returns the result, ``out`` if
+    given, else a new array of ``dtype`` (x's by default) laid out in the layout's order."""
     plan = call.plan
-    work = np.dtype(np.float32) if plan.dtype == np.float16 else plan.dtype
     layout = plan.layout
-    if out is not None and out.dtype == work:
+    if out is not None:
         s3 = layout.strides3(out.strides)
         if s3 is not None:
-            return np.lib.stride_tricks.as_strided(out, layout.shape3, s3), lambda: out
-    buf = np.empty([plan.shape[i] for i in layout.order], work)
+            direct = np.lib.stride_tricks.as_strided(out, layout.shape3, s3)
+            return kernel_array(direct), lambda: out
+    buf = pool.empty([plan.shape[i] for i in layout.order], plan.dtype if dtype is None else dtype)
     array = buf.transpose(layout.inverse)
 
     def finish():
         if out is None:
-            return array.astype(plan.dtype, copy=False)
-        np.copyto(out, array, casting="unsafe")
+            return array
+        np.copyto(out, array)
         return out
 
-    return buf.reshape(layout.shape3), finish
+    return kernel_array(buf.reshape(layout.shape3)), finish
 
 
-def affine(call, scale, shift, out):
+def _written(call, a):
+    """The kernels' writable 3-D view of an array from ``kept`` (None stays None)."""
+    return None if a is None else _output(call, a)[0]
+
+
+def _working(call, *vectors):
+    """Per-channel (per group and channel) vectors in the working dtype of x's elementwise
+    kernels."""
+    work = work_dtype(call.plan.dtype)
+    return tuple(np.asarray(v, work) for v in vectors)
+
+
+def kept(call, dtype):
+    plan = call.plan
+    dtype = plan.dtype if dtype is None else np.dtype(dtype)
+    return np.empty([plan.shape[i] for i in plan.layout.order], dtype).transpose(
+        plan.layout.inverse)
+
+
+def affine(call, scale, shift, out, epilogue):
     view3, finish = _output(call, out)
     if call.plan.size:
-        _affine_kernel(call.x3, scale, shift, view3, _group_rows(call.plan))
+        _affine_kernel(call.x3, *_working(call, scale, shift), view3, epilogue.residual,
+                       True if epilogue.relu else None, _written(call, epilogue.copy),
+                       _written(call, epilogue.mask), _group_rows(call.plan))
     return finish()
 
 
-def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_factor):
+def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_factor,
+            epilogue):
     mean, var = batch_moments(call, variance=True)
-    y = affine(call, *coefficients(call.plan.dtype, mean, var, weight, bias, eps), out)
+    y = affine(call, *coefficients(call.plan.dtype, mean, var, weight, bias, eps), out,
+               epilogue)
     if running is not None:
         ema(*running, mean, var, momentum, var_factor)
     if stats_dtype is None:
@@ -189,26 +264,30 @@ def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_fa
 
 
 def ema(running_mean, running_var, mean, var, momentum, var_factor):
-    if running_mean.dtype == np.float16 or running_var.dtype == np.float16:
-        # The kernels read float32/float64 only; float16 buffers are tiny anyway.
+    if any(b.dtype.itemsize == 2 or not b.dtype.isnative for b in (running_mean, running_var)):
+        # The kernel reads native float32/float64 only; the buffers are tiny anyway.
         new_mean = (1 - momentum) * running_mean.astype(np.float64) + momentum * mean
         new_var = (1 - momentum) * running_var.astype(np.float64) + momentum * var_factor * var
-        np.copyto(running_mean, new_mean, casting="unsafe")
-        np.copyto(running_var, new_var, casting="unsafe")
+        np.copyto(running_mean, as_dtype(new_mean, running_mean.dtype))
+        np.copyto(running_var, as_dtype(new_var, running_var.dtype))
     else:
         _ema_kernel(running_mean, running_var, np.asarray(mean, np.float64),
                     np.asarray(var, np.float64), momentum, var_factor, parallel=False)
 
 
-def backward_sums(call, dy3, mean):
+def backward_sums(call, dy3, mean, gate3, dresidual):
     plan = call.plan
+    target, finish = _output(call, None) if dresidual else (None, None)
     if plan.size == 0:
-        return np.zeros(plan.groups * plan.nchan), np.zeros(plan.groups * plan.nchan)
-    return _sums(dy3, call.x3, np.asarray(mean, np.float64), _group_rows(plan))
+        sums = np.zeros(plan.groups * plan.nchan), np.zeros(plan.groups * plan.nchan)
+    else:
+        sums = _sums(dy3, call.x3, np.asarray(mean, np.float64), gate3, target,
+                     _group_rows(plan))
+    return sums if finish is None else (*sums, finish())
 
 
 def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, batch_stats,
-               out):
+               out, gate3):
     view3, finish = _output(call, out)
     if call.plan.size == 0:
         return finish()
@@ -222,7 +301,7 @@ def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, bat
         k = -g * sum_dy / count
     else:
         h = k = np.zeros(n)
-    _grad_input(dy3, call.x3, np.asarray(mean, np.float64), g, h, k, view3,
+    _grad_input(dy3, call.x3, *_working(call, mean, g, h, k), view3, gate3,
                 _group_rows(call.plan))
     return finish()
 
@@ -234,15 +313,15 @@ def _channel_sum(v, nchan):
 
 def param_grads(like, weight, var, eps, sum_dy, sum_dy_xmu):
     nchan = weight.shape[0]
-    return (_channel_sum(sum_dy_xmu * _invstd(var, eps), nchan).astype(weight.dtype),
-            _channel_sum(sum_dy, nchan).astype(weight.dtype))
+    return (as_dtype(_channel_sum(sum_dy_xmu * _invstd(var, eps), nchan), weight.dtype),
+            as_dtype(_channel_sum(sum_dy, nchan), weight.dtype))
 
 
 def folded(w, b, scale, shift, b_dtype):
     w = np.asarray(w)
-    w_folded = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    b_folded = shift if b is None else b * scale + shift
-    return w_folded.astype(w.dtype), b_folded.astype(b_dtype)
+    w_folded = w.astype(np.float64) * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    b_folded = shift if b is None else b.astype(np.float64) * scale + shift
+    return as_dtype(w_folded, w.dtype), as_dtype(b_folded, b_dtype)
 
 
 # ---- small batches ---------------------------------------------------------------------------
@@ -258,13 +337,14 @@ def renorm_coefficients(dtype, mean, var, running_mean, running_var, weight, bia
     return (r, d, *coefficients(dtype, mean, var, w * r, _as64(bias, 0.0, n) + w * d, eps))
 
 
+def renorm_weight(weight, r):
+    return _as64(weight, 1.0, len(r)) * np.asarray(r, np.float64)
+
+
 def renorm_grads(like, weight, var, r, d, eps, sum_dy, sum_dy_xmu):
-    r, d = np.asarray(r, np.float64), np.asarray(d, np.float64)
-    weight_eff = _as64(weight, 1.0, len(r)) * r
-    if weight is None:
-        return weight_eff, None, None
-    dweight = r * sum_dy_xmu * _invstd(var, eps) + d * sum_dy
-    return weight_eff, dweight.astype(weight.dtype), sum_dy.astype(weight.dtype)
+    dweight = (np.asarray(r, np.float64) * sum_dy_xmu * _invstd(var, eps)
+               + np.asarray(d, np.float64) * sum_dy)
+    return as_dtype(dweight, weight.dtype), as_dtype(sum_dy, weight.dtype)
 
 
 def merge_batches(state, mean, var, count, last_count):
@@ -276,7 +356,7 @@ def merge_batches(state, mean, var, count, last_count):
 
 
 def cast(like, v, dtype):
-    return np.array(v, dtype)
+    return as_dtype(v, dtype)
 
 
 def to_float64(v):
@@ -295,4 +375,7 @@ from_host = copy
 
 
 def assign(a, value):
-    np.copyto(a, np.asarray(value), casting="unsafe")
+    value = np.asarray(value)
+    if is_bfloat16(a.dtype) and value.dtype != a.dtype:
+        value = as_dtype(value, a.dtype)
+    np.copyto(a, value, casting="unsafe")

@@ -2,10 +2,7 @@
 import numpy as np
 
 from .. import _math
-from ._jit import helper, kernel
-from .moments import chan_merge
-
-pooled_variance = helper(_math.pooled_variance)
+from ._jit import kernel
 
 
 @kernel
@@ -21,7 +18,7 @@ def merge_batches(state, mean, var, count, last_count):
         for g in range(groups):
             n_b = np.float64(count if g < groups - 1 else last_count)
             j = g * nchan + c
-            n, m, m2 = chan_merge(n, m, m2, n_b, mean[j], var[j] * n_b)
-            vbar = pooled_variance(vbar, n, n_b, var[j])
+            n, m, m2 = _math.chan_merge(n, m, m2, n_b, mean[j], var[j] * n_b)
+            vbar = _math.pooled_variance(vbar, n, n_b, var[j])
         state[0, c], state[1, c], state[2, c], state[4, c] = n, m, m2, vbar
         state[3, c] = m2 / (n - 1)

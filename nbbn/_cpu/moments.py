@@ -1,45 +1,82 @@
 """Per-channel (count, mean, m2) of a strided (outer, C, inner) view, one pass.
 
-One pass over memory, float64 accumulation, stable, vectorized:
+Accurate on every input, at memory speed:
 
-* Each thread walks a contiguous share of the work in memory order, keeping a
-  running (count, mean, m2) per channel in its own row of a state buffer; the
-  per-thread states are merged serially at the end (Chan et al.). Nothing is
-  shared between threads inside the parallel loop.
-* A block of data is summed once, shifted by the thread's running mean of its
-  channel (or, for a channel's first block, by the block's own mean):
-  ``s1 = sum(x - k)``, ``s2 = sum((x - k)**2)``. With k the running mean,
-  folding the block in is exact algebra (Chan's merge with the shift as the
-  old mean): ``mean += s1 / n``, ``m2 += s2 - s1**2 / n``. The cancellation in
-  ``s2 - s1**2 / n`` is bounded by ``(block mean - k)**2 / block variance``,
-  small because k tracks the channel's mean; the inner loop is a subtract and
-  two accumulations, which vectorizes (PyTorch found Welford's per-element
-  division 60% slower; a per-block two-pass costs half as many passes over the
-  cached block again).
-* A block holding inf or nan takes a slow exact path with NumPy's semantics.
+* Shift. Each thread sums its share of a channel shifted by one value ``k``
+  of that channel's data: ``s1 = sum(x - k)``, ``s2 = sum((x - k)**2)``.
+  ``x - k`` is exact where it matters (data far from zero: Sterbenz), and
+  ``m2 = s2 - s1**2 / n`` loses only the bits of ``s2 / m2 = 1 + (mean - k)**2
+  / variance``. k is the one of a few values sampled across the data that is
+  nearest to their mean, or 0 for data around zero (``central``), so that ratio
+  is near 1; where it is more than a few bits after all (an unlucky sample),
+  the thread sums its share again shifted by the mean.
+* Sums. Chunks of about CHUNK values (of a row, or 512 rows of a column) are
+  summed by vectorized float64 loops, and the chunks' sums added into
+  double-doubles (TwoSum), so rounding happens only inside chunks. The mean,
+  ``k + s1 / n`` to double-double accuracy (an FMA remainder), comes out
+  correctly rounded; exact sums (integer data) and constant data are exact.
+* Merge. The threads' (count, double-double mean, m2) merge with Chan et al.'s
+  formula in double-double (``_math.chan_merge_dd``); so do the regrouped
+  copies of a channel (``fold_columns``) and ``Moments``.
+* What must be exact is compiled without fastmath (``_math``'s functions:
+  ``_jit._compile_shared_math``), the hot loops with it.
+* Inf, nan and overflow are not the kernels' business: they let non-finite
+  values propagate, and ``channel_moments`` gives such channels NumPy's
+  inf/nan results or, where the data is finite and only a sum or a square
+  overflowed, computes the channel again scaled by a power of two (exact).
+
+Channels-last (columns) reductions read memory in a few long sequential
+streams: each thread takes a contiguous range of rows and walks STREAMS equal
+parts of it side by side, so the per-column sums are loaded and stored once per
+STREAMS rows, and the hardware prefetchers see long streams. Measured on one
+thread, 51 MB: adjacent rows read in lockstep (short streams, restarted every
+sweep) were 2-4x slower; sums held in registers over a tile of columns, each
+tile swept down the rows, 2-6x slower (every row read in pieces, out of order).
+
+Virtual batches: the state is per (group, channel), (groups, FIELDS, C); a
+thread walks its share in runs of one group, each run summed as a thread's
+share is otherwise (its own shifts, sampled from the run), its state kept apart
+for the thread's first run and written into the group's otherwise (``_blocks``).
 """
+import math
+
 import numpy as np
 from numba import prange
 
 from .. import _math
-from ._blocks import BLOCK, group_count, group_size, widen
-from ._jit import helper, kernel, strict_helper, thread_plan
+from ._blocks import BLOCK, head_groups, row_block, run_stop, widen
+from ._jit import helper, kernel, thread_plan
 
-# Rows per tile of the vertical (channels-last) reduction.
-COLUMN_TILE_ROWS = 256
-# Channels per tile of the vertical reduction: three float64 accumulators of
-# this width stay in L1.
-COLUMN_TILE_CHANNELS = 1024
-
-
-# Chan et al.'s merge, shared with the CUDA kernels; reassociation would turn
-# mean_a + (mean_b - mean_a) * w into forms that overflow near the float64 limit.
-chan_merge = strict_helper(_math.chan_merge)
+# A shift k with (s1**2 / n) / s2 above this (more than 4 bits cancelled in m2)
+# is replaced by the mean and the sums taken again.
+CANCELLATION = 1.0 - 1.0 / 16
+# Elements summed by one loop. Partial sums must stay short: one long sequential sum of
+# squares of data on a coarse grid (1.7e9 + N(0, 1)) rounds with a bias (squares' low
+# bits are not uniform), 4e-14 relative over 4096 values. Vectorized (contiguous), a
+# loop keeps 16-32 partial sums (shorter loops: 8% slower on one thread, float32); a
+# strided block's loop is sequential.
+CHUNK = 1024
+STRIDED_CHUNK = 128
+# Values sampled per channel to choose its shift (see ``central``).
+SAMPLES = 8
+# Rows summed side by side in a channels-last sweep (see the module docstring).
+STREAMS = 8
+# Sweeps per channels-last block: 8 streams x 64 rows = 512 rows per plain sum.
+COLUMN_BLOCK_SWEEPS = 64
+# Channels per kernel call: each thread keeps about 100 bytes of sums and state per
+# channel, which for many channels of little data each (the last axis of a large
+# array reduced) would rival the data itself.
+CHANNEL_TILE = 4096
+# Rows of a (FIELDS, C) channel state: count, mean (double-double), m2.
+COUNT, MEAN, MEAN_LOW, M2 = range(4)
+FIELDS = 4
+# Rows of a (4, C) array of double-double sums.
+S1_HI, S1_LO, S2_HI, S2_LO = range(4)
 
 
 @helper
-def shifted_sums(row, k):
-    """(sum(row - k), sum((row - k)**2)) in float64: one vectorized pass."""
+def chunk_sums(row, k):
+    """(sum(row - k), sum((row - k)**2)) in float64: one vectorized loop."""
     s1 = 0.0
     s2 = 0.0
     for i in range(row.shape[0]):
@@ -50,292 +87,382 @@ def shifted_sums(row, k):
 
 
 @helper
-def block_mean(row):
-    total = 0.0
-    for i in range(row.shape[0]):
-        total += np.float64(row[i])
-    return total / row.shape[0]
+def shifted_sums(row, k):
+    """``chunk_sums`` of a block, CHUNK (or, strided, STRIDED_CHUNK) elements at a time."""
+    step = CHUNK if row.strides[0] == row.itemsize else STRIDED_CHUNK
+    if row.shape[0] <= step:
+        return chunk_sums(row, k)
+    s1 = 0.0
+    s2 = 0.0
+    for start in range(0, row.shape[0], step):
+        c1, c2 = chunk_sums(row[start:start + step], k)
+        s1 += c1
+        s2 += c2
+    return s1, s2
 
 
 @helper
-def running_mean(row):
-    """Mean of a block whose plain float64 sum overflows: a running mean (no sum to
-    overflow; a division per element, but only on this slow path). inf/nan data keep
-    the plain sum's mean, as NumPy. (Scaling the sum by a power of two would not
-    survive fastmath, which may factor the scale out of the sum again.)"""
+def central(samples):
+    """A shift for data sampled by ``samples``: 0 where the data straddles zero
+    (its samples' mean within their mean absolute deviation of it), else the
+    sample nearest to that mean (a value of the data: constant data is shifted
+    by its value, exactly). The mean comes from ``k + s1 / n`` and its error
+    from s1's, which is relative to ``|mean - k|``: near zero, 0 is the nearest
+    shift that is exact (the mean as accurate as a plain sum); m2's cancellation,
+    ``(mean - k)**2 / variance``, stays below about 1 either way."""
     mean = 0.0
-    for i in range(row.shape[0]):
-        v = np.float64(row[i])
-        if not np.isfinite(v):
-            return block_mean(row)
-        mean += (v - mean) / (i + 1)
-    return mean
+    for v in samples:
+        mean += v
+    mean /= samples.shape[0]
+    spread = 0.0
+    best = samples[0]
+    for v in samples:
+        spread += abs(v - mean)
+        if abs(v - mean) < abs(best - mean):
+            best = v
+    return 0.0 if abs(mean) * samples.shape[0] <= spread else best
 
 
 @helper
-def exact_moments(row):
-    """(mean, m2) of a 1-D block in two passes, NumPy's inf/nan semantics (slow path)."""
-    n = row.shape[0]
-    mean = block_mean(row)
-    if not np.isfinite(mean):
-        mean = running_mean(row)
-    sq = 0.0
-    for i in range(n):
-        d = np.float64(row[i]) - mean
-        sq += d * d
-    return mean, sq
+def accumulate(sums, c, s1, s2):
+    """Add a block's sums of channel c into the double-double sums."""
+    sums[S1_HI, c], sums[S1_LO, c] = _math.accumulate(sums[S1_HI, c], sums[S1_LO, c], s1)
+    sums[S2_HI, c], sums[S2_LO, c] = _math.accumulate(sums[S2_HI, c], sums[S2_LO, c], s2)
 
 
 @helper
-def fold_block(n_a, mean_a, m2_a, row):
-    """A channel's running (n, mean, m2) with the 1-D block ``row`` folded in."""
-    n_b = np.float64(row.shape[0])
-    if n_a == 0 or np.isfinite(mean_a):
-        # Shift by the running mean (or, first, by the block's own mean: one
-        # extra in-cache pass per channel and thread buys full accuracy).
-        k = mean_a if n_a > 0 else block_mean(row)
-        s1, s2 = shifted_sums(row, k)
-        if np.isfinite(s2) and np.isfinite(k):
-            n = n_a + n_b
-            return n, k + s1 / n, m2_a + (s2 - s1 * s1 / n)
-    # inf or nan in the block or the channel: exact, as NumPy.
-    mean_b, m2_b = exact_moments(row)
-    return chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
+def thread_state(counts, k, sums, state):
+    """Fill the (FIELDS, C) state from a thread's shifted sums; True where a shift
+    cancelled too much (see CANCELLATION) and the sums must be taken again."""
+    again = False
+    for c in range(k.shape[0]):
+        n = counts[c]
+        state[COUNT, c] = n
+        if n > 0:
+            state[MEAN, c], state[MEAN_LOW, c], state[M2, c] = _math.shifted_moments(
+                n, k[c], sums[S1_HI, c], sums[S1_LO, c], sums[S2_HI, c], sums[S2_LO, c])
+            s1 = sums[S1_HI, c]
+            again |= s1 * (s1 / n) > CANCELLATION * sums[S2_HI, c]
+    return again
 
 
 @helper
-def merge_threads(state):
-    """Merge per-thread (T, 3, C) states into (mean[C], m2[C])."""
-    nthreads, _, nchan = state.shape
-    mean = np.empty(nchan)
-    m2 = np.empty(nchan)
+def checked(state):
+    """(state, whether all its means and m2 are finite): the kernels' result."""
+    for c in range(state.shape[1]):
+        if not (np.isfinite(state[MEAN, c]) and np.isfinite(state[M2, c])):
+            return state, False
+    return state, True
+
+
+@helper
+def merge_states(states):
+    """Merge (P, FIELDS, C) states into one (FIELDS, C) state, in place: pairwise, so
+    that each m2 passes through about log2(P) roundings, not P (86 regrouped copies of
+    a channel)."""
+    step = 1
+    while step < states.shape[0]:
+        for t in range(0, states.shape[0] - step, 2 * step):
+            for c in range(states.shape[2]):
+                (states[t, COUNT, c], states[t, MEAN, c], states[t, MEAN_LOW, c],
+                 states[t, M2, c]) = _math.chan_merge_dd(
+                    states[t, COUNT, c], states[t, MEAN, c], states[t, MEAN_LOW, c],
+                    states[t, M2, c], states[t + step, COUNT, c], states[t + step, MEAN, c],
+                    states[t + step, MEAN_LOW, c], states[t + step, M2, c])
+        step *= 2
+    return checked(states[0])
+
+
+@helper
+def merge_heads(states, heads, first_groups):
+    """(states, finite): the (groups, FIELDS, C) states with each thread's first run's state
+    (``heads``, (P, FIELDS, C)) merged into its group's (see ``_blocks``), pairwise."""
+    scratch = np.empty((heads.shape[0] + 1, FIELDS, heads.shape[2]))
+    t = 0
+    while t < heads.shape[0]:
+        g = first_groups[t]
+        end = t + 1
+        while end < heads.shape[0] and first_groups[end] == g:
+            end += 1
+        if g >= 0:
+            scratch[0] = states[g]
+            scratch[1:end - t + 1] = heads[t:end]
+            states[g] = merge_states(scratch[:end - t + 1])[0]
+        t = end
+    finite = True
+    for g in range(states.shape[0]):
+        finite &= checked(states[g])[1]
+    return states, finite
+
+
+@helper
+def rows_shift(x, c, first, last, samples):
+    """Channel c's shift for work items first:last, from values sampled in blocks
+    spread over the items (a channel's data may drift: its first value may lie
+    far from its mean); see ``central``."""
+    n_outer, nchan, n_inner = x.shape
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    m = samples.shape[0]
+    for s in range(m):
+        o, _, start, stop = row_block(first + (2 * s + 1) * (last - first) // (2 * m), nchan,
+                                      blocks_per_row, n_inner)
+        samples[s] = x[o, c, start + (2 * s + 1) * (stop - start) // (2 * m)]
+    return central(samples)
+
+
+@helper
+def rows_pass(x, first, last, k, new_shift, counts, sums, pending, samples):
+    """Shifted sums of work items first:last (row blocks, see ``row_block``), walked in
+    memory order; with ``new_shift``, a channel's shift k is chosen where the channel is
+    first met. Short rows' sums gather in ``pending`` (plain sums, count) until they
+    cover CHUNK values, then go into the double-double sums."""
+    n_outer, nchan, n_inner = x.shape
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    counts[:] = 0.0
+    sums[:] = 0.0
+    pending[:] = 0.0
+    if first == last:
+        return
+    o, c, start, stop = row_block(first, nchan, blocks_per_row, n_inner)
+    for _ in range(first, last):
+        if new_shift and counts[c] == 0:
+            k[c] = rows_shift(x, c, first, last, samples)
+        s1, s2 = shifted_sums(x[o, c, start:stop], k[c])
+        counts[c] += stop - start
+        pending[0, c] += s1
+        pending[1, c] += s2
+        pending[2, c] += stop - start
+        if pending[2, c] >= CHUNK:
+            accumulate(sums, c, pending[0, c], pending[1, c])
+            pending[0, c] = 0.0
+            pending[1, c] = 0.0
+            pending[2, c] = 0.0
+        start = stop
+        if start == n_inner:
+            start = 0
+            c += 1
+            if c == nchan:
+                c = 0
+                o += 1
+        stop = min(n_inner, start + BLOCK)
     for c in range(nchan):
-        n_a, mean_a, m2_a = 0.0, 0.0, 0.0
-        for t in range(nthreads):
-            n_a, mean_a, m2_a = chan_merge(
-                n_a, mean_a, m2_a, state[t, 0, c], state[t, 1, c], state[t, 2, c]
-            )
-        mean[c] = mean_a
-        m2[c] = m2_a
-    return mean, m2
+        accumulate(sums, c, pending[0, c], pending[1, c])
 
 
 @kernel
-def moments_rows(x, nthreads, group_rows=0):
-    """Moments over axes 0 and 2 of x[outer, C, inner]; rows x[o, c, :] in blocks.
+def moments_rows(x, group_rows, nthreads):
+    """(states, finite) over axes 0 and 2 of x[outer, C, inner] per group of ``group_rows``
+    outer rows: (groups, FIELDS, C) (see ``merge_heads``).
 
     Work items are (row, block) pairs in memory order; thread t takes the
-    t-th contiguous share and walks it with one division per row (its group).
-    Per (group, channel) with virtual batches of ``group_rows`` outer rows.
+    t-th contiguous share, in runs of one group.
     """
     n_outer, nchan, n_inner = x.shape
-    rows = group_size(group_rows, n_outer)
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
-    state = np.zeros((nthreads, 3, (n_outer + rows - 1) // rows * nchan))
+    group_items = group_rows * nchan * blocks_per_row
+    states = np.zeros(((n_outer + group_rows - 1) // group_rows, FIELDS, nchan))
+    heads = np.zeros((nthreads, FIELDS, nchan))
     for t in prange(nthreads):
-        lo = t * n_items // nthreads
-        hi = (t + 1) * n_items // nthreads
-        row, blk = divmod(lo, blocks_per_row)
-        o, c = divmod(row, nchan)
-        s = o // rows * nchan + c  # the state of the row's (group, channel)
-        n_a, mean_a, m2_a = state[t, 0, s], state[t, 1, s], state[t, 2, s]
-        for _ in range(lo, hi):
-            start = blk * BLOCK
-            n_a, mean_a, m2_a = fold_block(n_a, mean_a, m2_a, x[o, c, start:min(n_inner, start + BLOCK)])
-            blk += 1
-            if blk == blocks_per_row:
-                blk = 0
-                state[t, 0, s], state[t, 1, s], state[t, 2, s] = n_a, mean_a, m2_a
-                c += 1
-                if c == nchan:
-                    c = 0
-                    o += 1
-                s = o // rows * nchan + c
-                if o < n_outer:
-                    n_a, mean_a, m2_a = state[t, 0, s], state[t, 1, s], state[t, 2, s]
-        if blk != 0:
-            state[t, 0, s], state[t, 1, s], state[t, 2, s] = n_a, mean_a, m2_a
-    return merge_threads(state)
+        first, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
+        work = np.empty((9, nchan))  # one allocation: shifts, counts, sums, pending sums
+        k, counts, sums, pending = work[0], work[1], work[2:6], work[6:]
+        samples = np.empty(SAMPLES)
+        a = first
+        while a < last:
+            b = run_stop(a, last, group_items)
+            state = heads[t] if a == first else states[a // group_items]
+            for attempt in range(2):  # a second pass only where the shift was too far
+                rows_pass(x, a, b, k, attempt == 0, counts, sums, pending, samples)
+                if not thread_state(counts, k, sums, state):
+                    break
+                k[:] = state[MEAN]
+            a = b
+    return merge_heads(states, heads, head_groups(n_items, group_items, nthreads))
 
 
 @helper
-def shifted_rows(x, r0, r1, c0, shift, s1, s2):
-    """Accumulate sum(x - shift) and sum((x - shift)**2) of rows r0:r1 per column.
-
-    Eight rows per sweep: the per-column accumulators live in memory, so each
-    is loaded and stored once per eight elements, and the eight nearby row
-    streams keep the prefetchers busy (measured, one thread, 51 MB float32
-    input: 9.7 G elements/s with eight rows, 6.7 with four, 8.0 with sixteen,
-    against 13 for a plain read).
-    """
-    width = shift.shape[0]
-    r = r0
-    while r + 8 <= r1:
-        # Row slices first: indexing them with j >= 0 needs no negative-index
-        # fix-up, which would otherwise turn the loads into gathers.
-        a0 = x[r, c0:c0 + width]
-        a1 = x[r + 1, c0:c0 + width]
-        a2 = x[r + 2, c0:c0 + width]
-        a3 = x[r + 3, c0:c0 + width]
-        a4 = x[r + 4, c0:c0 + width]
-        a5 = x[r + 5, c0:c0 + width]
-        a6 = x[r + 6, c0:c0 + width]
-        a7 = x[r + 7, c0:c0 + width]
-        for j in range(width):
-            k = shift[j]
-            d0 = np.float64(a0[j]) - k
-            d1 = np.float64(a1[j]) - k
-            d2 = np.float64(a2[j]) - k
-            d3 = np.float64(a3[j]) - k
-            d4 = np.float64(a4[j]) - k
-            d5 = np.float64(a5[j]) - k
-            d6 = np.float64(a6[j]) - k
-            d7 = np.float64(a7[j]) - k
-            s1[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
-            s2[j] += (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
-                      + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
-        r += 8
-    while r < r1:
-        a0 = x[r, c0:c0 + width]
-        for j in range(width):
-            d = np.float64(a0[j]) - shift[j]
-            s1[j] += d
-            s2[j] += d * d
-        r += 1
+def sweep(x, r, spacing, k, s1, s2):
+    """Add the shifted sums of rows r, r + spacing, ..., r + 7 * spacing (one per
+    stream) into per-column s1, s2. Row slices first: indexing them with j >= 0
+    needs no negative-index fix-up, which would turn the loads into gathers."""
+    a0 = x[r]
+    a1 = x[r + spacing]
+    a2 = x[r + 2 * spacing]
+    a3 = x[r + 3 * spacing]
+    a4 = x[r + 4 * spacing]
+    a5 = x[r + 5 * spacing]
+    a6 = x[r + 6 * spacing]
+    a7 = x[r + 7 * spacing]
+    for j in range(k.shape[0]):
+        kj = k[j]
+        d0 = np.float64(a0[j]) - kj
+        d1 = np.float64(a1[j]) - kj
+        d2 = np.float64(a2[j]) - kj
+        d3 = np.float64(a3[j]) - kj
+        d4 = np.float64(a4[j]) - kj
+        d5 = np.float64(a5[j]) - kj
+        d6 = np.float64(a6[j]) - kj
+        d7 = np.float64(a7[j]) - kj
+        s1[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+        s2[j] += (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+                  + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
 
 
 @helper
-def column_means(x, r0, r1, c0, out):
-    """out[j] = mean of x[r0:r1, c0 + j], accumulated row by row (vectorized across j)."""
-    width = out.shape[0]
-    out[:] = 0.0
-    for r in range(r0, r1):
-        a = x[r, c0:c0 + width]
-        for j in range(width):
-            out[j] += np.float64(a[j])
-    for j in range(width):
-        out[j] /= r1 - r0
+def add_row(a, k, s1, s2):
+    for j in range(k.shape[0]):
+        d = np.float64(a[j]) - k[j]
+        s1[j] += d
+        s2[j] += d * d
+
+
+@helper
+def columns_pass(x, r0, r1, k, sums, s1, s2):
+    """Shifted sums of rows r0:r1 per column: STREAMS parts side by side in blocks
+    of COLUMN_BLOCK_SWEEPS sweeps, then the rows left over."""
+    sums[:] = 0.0
+    part = (r1 - r0) // STREAMS
+    for q0 in range(0, part, COLUMN_BLOCK_SWEEPS):
+        s1[:] = 0.0
+        s2[:] = 0.0
+        for q in range(q0, min(part, q0 + COLUMN_BLOCK_SWEEPS)):
+            sweep(x, r0 + q, part, k, s1, s2)
+        for j in range(k.shape[0]):
+            accumulate(sums, j, s1[j], s2[j])
+    s1[:] = 0.0
+    s2[:] = 0.0
+    for r in range(r0 + STREAMS * part, r1):
+        add_row(x[r], k, s1, s2)
+    for j in range(k.shape[0]):
+        accumulate(sums, j, s1[j], s2[j])
 
 
 @kernel
-def moments_columns(x, nthreads, group_rows=0):
-    """Moments over axis 0 of x[rows, C] (a vertical reduction, channels-last).
+def moments_columns(x, group_rows, nthreads):
+    """(states, finite) over axis 0 of x[rows, C] (a vertical reduction, channels-last) per
+    group of ``group_rows`` rows: (groups, FIELDS, C) (see ``merge_heads``).
 
-    Work items are tiles of (COLUMN_TILE_ROWS, <= COLUMN_TILE_CHANNELS
-    columns), row-major, in memory order. Each tile is one pass of sums shifted
-    per column by the thread's running mean (its first row for a column's first
-    tile), folded in as in ``fold_block``. Per (group, channel) with virtual
-    batches of ``group_rows`` rows: the tiles of a group end at its last row.
+    Thread t takes the t-th contiguous share of the rows, in runs of one group,
+    each shifted per column by a value sampled from rows spread over the run
+    (see ``central``).
     """
     n_rows, nchan = x.shape
-    rows = group_size(group_rows, n_rows)
-    groups = (n_rows + rows - 1) // rows
-    tile_c = min(nchan, COLUMN_TILE_CHANNELS)
-    ctiles = (nchan + tile_c - 1) // tile_c
-    group_tiles = (rows + COLUMN_TILE_ROWS - 1) // COLUMN_TILE_ROWS
-    n_items = groups * group_tiles * ctiles
-    state = np.zeros((nthreads, 3, groups * nchan))
+    states = np.zeros(((n_rows + group_rows - 1) // group_rows, FIELDS, nchan))
+    heads = np.zeros((nthreads, FIELDS, nchan))
     for t in prange(nthreads):
-        shift = np.empty(tile_c)
-        s1 = np.empty(tile_c)
-        s2 = np.empty(tile_c)
-        for item in range(t * n_items // nthreads, (t + 1) * n_items // nthreads):
-            rt, ct = divmod(item, ctiles)
-            g, rt = divmod(rt, group_tiles)
-            r0 = g * rows + rt * COLUMN_TILE_ROWS
-            r1 = min(n_rows, g * rows + rows, r0 + COLUMN_TILE_ROWS)
-            if r0 >= r1:  # past the end of a short last group
-                continue
-            c0 = ct * tile_c
-            s0 = g * nchan + c0  # the state of the tile's first (group, channel)
-            width = min(nchan, c0 + tile_c) - c0
-            if state[t, 0, s0] > 0:  # shift by the running means
-                for j in range(width):
-                    shift[j] = state[t, 1, s0 + j]
-            elif g > 0 and state[t, 0, s0 - nchan] > 0:
-                # a virtual batch's first tile: by the thread's means of the previous batch
-                for j in range(width):
-                    shift[j] = state[t, 1, s0 - nchan + j]
-            else:  # these columns' first tile: shift by its own means (one in-cache pass)
-                column_means(x, r0, r1, c0, shift[:width])
-            s1[:width] = 0.0
-            s2[:width] = 0.0
-            shifted_rows(x, r0, r1, c0, shift[:width], s1, s2)
-            n_b = np.float64(r1 - r0)
-            for j in range(width):
-                c = s0 + j
-                n_a = state[t, 0, c]
-                k = shift[j]
-                n = n_a + n_b
-                # k is the running mean (or, first, a near mean); where it lies far from the
-                # tile's values (s2 almost all s1**2 / n: cancellation), the exact path.
-                if np.isfinite(s2[j]) and np.isfinite(k) and s1[j] * s1[j] <= 0.99 * n * s2[j]:
-                    state[t, 0, c] = n
-                    state[t, 1, c] = k + s1[j] / n
-                    state[t, 2, c] = state[t, 2, c] + (s2[j] - s1[j] * s1[j] / n)
-                else:
-                    mean_b, m2_b = exact_moments(x[r0:r1, c0 + j])
-                    state[t, 0, c], state[t, 1, c], state[t, 2, c] = chan_merge(
-                        n_a, state[t, 1, c], state[t, 2, c], n_b, mean_b, m2_b)
-    return merge_threads(state)
+        first, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
+        work = np.empty((8, nchan))  # one allocation: shifts, counts, sums, block sums
+        k, counts, sums, s1, s2 = work[0], work[1], work[2:6], work[6], work[7]
+        samples = np.empty(SAMPLES)
+        r0 = first
+        while r0 < stop:
+            r1 = run_stop(r0, stop, group_rows)
+            state = heads[t] if r0 == first else states[r0 // group_rows]
+            counts[:] = r1 - r0
+            for j in range(nchan):  # from rows spread over r0:r1
+                for s in range(SAMPLES):
+                    samples[s] = x[r0 + s * (r1 - r0) // SAMPLES, j]
+                k[j] = central(samples)
+            for _ in range(2):  # a second pass only where the shift was too far
+                columns_pass(x, r0, r1, k, sums, s1, s2)
+                if not thread_state(counts, k, sums, state):
+                    break
+                k[:] = state[MEAN]
+            r0 = r1
+    return merge_heads(states, heads, head_groups(n_rows, group_rows, nthreads))
 
 
 @kernel
-def fold_columns(mean, m2, copies, n_rows, group_rows, groups, tail):
-    """Channel moments from regrouped columns: in group g, column (g * copies + k) * C + c
-    holds channel c.
+def fold_columns(wide, tail, groups):
+    """Channel states from regrouped columns: column j * C + c of ``wide`` holds channel c.
 
-    ``mean``/``m2`` are the moments of the columns of ``n_rows`` wide rows,
-    ``group_rows`` per group (0: one group); ``tail`` is the (rows, C) remainder
-    that did not fill a wide row (the last group's).
+    ``wide`` and ``tail`` are (groups', FIELDS, k * C) and (1, FIELDS, C) states: the
+    regrouped rows and the rows left over that did not fill a regrouped row (the last
+    group's, which may lie in the tail alone: groups' = groups - 1).
     """
-    nchan = tail.shape[1]
-    group_rows = group_size(group_rows, n_rows)
-    out_mean = np.empty(groups * nchan)
-    out_m2 = np.empty(groups * nchan)
-    n_tail = np.float64(tail.shape[0])
+    nchan = tail.shape[2]
+    copies = wide.shape[2] // nchan
+    out = np.empty((groups, FIELDS, nchan))
+    finite = True
+    states = np.empty((copies + 1, FIELDS, nchan))
     for g in range(groups):
-        n_group = np.float64(min(group_rows, n_rows - g * group_rows))
-        for c in range(nchan):
-            n_a, mean_a, m2_a = 0.0, 0.0, 0.0
-            for k in range(copies if n_group > 0 else 0):
-                j = (g * copies + k) * nchan + c
-                n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_group, mean[j], m2[j])
-            if n_tail > 0 and g == groups - 1:
-                mean_b, m2_b = exact_moments(tail[:, c])
-                n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_tail, mean_b, m2_b)
-            out_mean[g * nchan + c] = mean_a
-            out_m2[g * nchan + c] = m2_a
-    return out_mean, out_m2
+        states[:] = 0.0
+        if g == groups - 1:
+            states[0] = tail[0]
+        if g < wide.shape[0]:
+            for j in range(copies):
+                states[j + 1] = wide[g, :, j * nchan:(j + 1) * nchan]
+        merged, ok = merge_states(states)
+        out[g] = merged
+        finite &= ok
+    return out, finite
 
 
-def column_moments(x, group_rows=0):
-    """(mean, m2) in float64 over axis 0 of a 2-D (rows, C) view, per channel (per group
-    and channel with virtual batches of ``group_rows`` rows).
+def column_moments(x, group_rows=None):
+    """(states, finite): the (groups, FIELDS, C) states over axis 0 of a 2-D (rows, C)
+    view per group of ``group_rows`` rows (None: one group), and whether their means and
+    m2 are all finite.
 
     Few channels: contiguous rows are regrouped into wide rows (``_blocks.widen``)
     so that the vector loop runs across many columns; ``fold_columns`` merges the
     k copies of each channel and the leftover rows afterwards.
     """
-    n_rows, nchan = x.shape
+    n_rows = x.shape[0]
     k, (wide,), rest = widen(x, group_rows=group_rows)
+    rows = n_rows if group_rows is None else group_rows
     nthreads, parallel = thread_plan(x.size, wide.shape[0])
-    wide_rows = group_rows // k
-    mean, m2 = moments_columns(wide, nthreads, wide_rows, parallel=parallel)
+    states, finite = moments_columns(wide, max(rows // k, 1), nthreads, parallel=parallel)
     if k == 1:
-        return mean, m2
-    return fold_columns(mean, m2, k, wide.shape[0], wide_rows, group_count(group_rows, n_rows),
-                        x[:0] if rest is None else rest[0], parallel=False)
+        return states, finite
+    tail = (np.zeros((1, FIELDS, x.shape[1])) if rest is None
+            else moments_columns(rest[0], rest[0].shape[0], 1, parallel=False)[0])
+    return fold_columns(states, tail, (n_rows + rows - 1) // rows, parallel=False)
 
 
-def channel_moments(x, group_rows=0):
-    """(mean, m2) in float64 of a 3-D (outer, C, inner) view, per channel: count =
-    outer*inner; per (group, channel), g-major, with virtual batches of ``group_rows``
-    outer rows (0: one group)."""
+def channel_moments(x, group_rows=None):
+    """(mean, m2, mean_low) in float64 of a 3-D (outer, C, inner) view, (groups * C,) each,
+    group-major, per group of ``group_rows`` outer rows (None: one group, the count outer *
+    inner). ``mean + mean_low`` is the mean as a double-double (``mean`` correctly
+    rounded), for merges that must keep it exact (``Moments``)."""
     n_outer, nchan, n_inner = x.shape
+    rows = max(n_outer, 1) if group_rows is None else group_rows
+    groups = (n_outer + rows - 1) // rows
+    if nchan > CHANNEL_TILE:
+        out = np.empty((3, groups, nchan))
+        for c0 in range(0, nchan, CHANNEL_TILE):
+            tile = channel_moments(x[:, c0:c0 + CHANNEL_TILE], group_rows)
+            for f in range(3):
+                out[f, :, c0:c0 + CHANNEL_TILE] = tile[f].reshape(groups, -1)
+        return out[0].ravel(), out[1].ravel(), out[2].ravel()
     if n_inner == 1:
-        return column_moments(x[:, :, 0], group_rows)
-    items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
-    nthreads, parallel = thread_plan(x.size, items)
-    return moments_rows(x, nthreads, group_rows, parallel=parallel)
+        states, finite = column_moments(x[:, :, 0], group_rows)
+    else:
+        items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
+        nthreads, parallel = thread_plan(x.size, items)
+        states, finite = moments_rows(x, rows, nthreads, parallel=parallel)
+    mean, mean_low, m2 = (states[:, f].ravel() for f in (MEAN, MEAN_LOW, M2))
+    if not finite:
+        for j in np.flatnonzero(~(np.isfinite(mean) & np.isfinite(m2))):
+            g, c = divmod(j, nchan)
+            mean[j], m2[j], mean_low[j] = nonfinite_channel(x[g * rows:(g + 1) * rows, c, :])
+    return mean, m2, mean_low
+
+
+def nonfinite_channel(v):
+    """(mean, m2, mean_low) of a channel whose kernel results were not finite.
+
+    NumPy's rules where the data holds inf or nan; otherwise the data is finite
+    and only an intermediate sum or square overflowed: the channel again, scaled
+    by a power of two (exact) so that its largest value is near 2**450.
+    """
+    v = np.asarray(v, np.float64)
+    if np.isnan(v).any() or (np.isposinf(v).any() and np.isneginf(v).any()):
+        return np.nan, np.nan, 0.0
+    if np.isinf(v).any():
+        return (np.inf if np.isposinf(v).any() else -np.inf), np.nan, 0.0
+    shift = 450 - math.frexp(np.abs(v).max())[1]
+    mean, m2, mean_low = channel_moments(np.ldexp(v, shift)[:, None, :])
+    with np.errstate(over="ignore"):  # an m2 beyond float64 is inf, as NumPy's
+        return (np.ldexp(mean[0], -shift), np.ldexp(m2[0], -2 * shift),
+                np.ldexp(mean_low[0], -shift))

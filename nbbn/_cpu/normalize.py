@@ -1,20 +1,24 @@
-"""The elementwise pass of batch norm: y = x * scale[c] + shift[c], in float64.
+"""The elementwise pass of batch norm: y = act(x * scale[g, c] + shift[g, c] + residual),
+g the row's group (virtual batches; one group otherwise: see ``_blocks``).
 
-With virtual batches the coefficients are per (group, channel) (``_blocks``):
-scale[g * C + c], g the row's group.
+Computed in ``elements.work_dtype`` (the coefficients come in it). The epilogue's
+arrays are optional (None: absent, pruned at compile time): a residual added before
+the activation (``relu``: None or True), and what a layer keeps for its backward, x's
+values (``copy``) and the ReLU gate ``y > 0`` (``mask``, uint8), written in this pass
+while x is read anyway.
 """
-import numpy as np
 from numba import prange
 
-from ._jit import kernel, thread_plan
-from ._blocks import BLOCK, group_segment, group_size, row_block, tiled, widen
+from ._jit import helper, kernel, thread_plan
+from ._blocks import AFFINE_STREAMS, BLOCK, row_block, run_stop, stream_step, tiled, widen
+from .elements import epilogue, keep, part, store, wide
 
 
 @kernel
-def affine_rows(x, scale, shift, y, nthreads, group_rows):
-    """y[o, c, i] = x[o, c, i] * scale[c] + shift[c], rows split into BLOCK-sized items."""
+def affine_rows(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthreads):
+    """y[o, c, i] = act(x[o, c, i] * scale[g, c] + shift[g, c] + residual[o, c, i]), g =
+    o // group_rows, rows split into BLOCK-sized items."""
     n_outer, nchan, n_inner = x.shape
-    rows = group_size(group_rows, n_outer)
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
     for t in prange(nthreads):
@@ -22,47 +26,79 @@ def affine_rows(x, scale, shift, y, nthreads, group_rows):
             o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
             src = x[o, c, start:stop]
             dst = y[o, c, start:stop]
-            a = scale[o // rows * nchan + c]
-            b = shift[o // rows * nchan + c]
+            res = part(residual, o, c, start, stop)
+            kept = part(copy, o, c, start, stop)
+            gate = part(mask, o, c, start, stop)
+            a = scale[o // group_rows, c]
+            b = shift[o // group_rows, c]
             for i in range(src.shape[0]):
-                dst[i] = np.float64(src[i]) * a + b
+                v = epilogue(wide(src[i]) * a + b, res, i, relu)
+                store(dst, i, v)
+                keep(src, kept, gate, i, v, dst)
+
+
+@helper
+def affine_sweep(x, r, step, n_streams, scale, shift, y, residual, relu, copy, mask):
+    """The affine pass on rows r, r + step, ... (n_streams rows), one sweep."""
+    for c in range(scale.shape[0]):
+        a = scale[c]
+        b = shift[c]
+        for s in range(n_streams):
+            i = (r + s * step, c)
+            v = epilogue(wide(x[i]) * a + b, residual, i, relu)
+            store(y, i, v)
+            keep(x, copy, mask, i, v, y)
 
 
 @kernel
-def affine_columns(x, scale, shift, y, nthreads, group_rows):
-    """y[r, c] = x[r, c] * scale[c] + shift[c] for channels-last rows."""
-    n_rows, nchan = x.shape
-    rows = group_size(group_rows, n_rows)
+def affine_columns(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthreads):
+    """The affine pass over channels-last rows x[r, c]: thread t's share in runs of one
+    group, each as lockstep streams (``_blocks``)."""
+    n_rows = x.shape[0]
     for t in prange(nthreads):
-        r = t * n_rows // nthreads
-        end = (t + 1) * n_rows // nthreads
-        while r < end:
-            s, stop = group_segment(r, end, rows, nchan)
-            a = scale[s:s + nchan]
-            b = shift[s:s + nchan]
-            for i in range(r, stop):
-                src = x[i]
-                dst = y[i]
-                for c in range(nchan):
-                    dst[c] = np.float64(src[c]) * a[c] + b[c]
-            r = stop
+        r, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
+        while r < stop:
+            end = run_stop(r, stop, group_rows)
+            a = scale[r // group_rows]
+            b = shift[r // group_rows]
+            step = stream_step(r, end, AFFINE_STREAMS)
+            for q in range(r, r + step):
+                affine_sweep(x, q, step, AFFINE_STREAMS, a, b, y, residual, relu, copy, mask)
+            for q in range(r + AFFINE_STREAMS * step, end):
+                affine_sweep(x, q, 0, 1, a, b, y, residual, relu, copy, mask)
+            r = end
 
 
-def _affine_columns(x, scale, shift, y, group_rows):
+def _affine_columns(x, scale, shift, y, residual, relu, copy, mask, group_rows):
     nthreads, parallel = thread_plan(x.size, x.shape[0])
-    affine_columns(x, scale, shift, y, nthreads, group_rows, parallel=parallel)
+    affine_columns(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthreads,
+                   parallel=parallel)
 
 
-def affine(x, scale, shift, y, group_rows=0):
-    """y = x * scale + shift over 3-D (outer, C, inner) views; scale/shift float64, per
-    channel or per (group, channel) with virtual batches of ``group_rows`` outer rows."""
+def _plane(a):
+    return None if a is None else a[:, :, 0]
+
+
+def affine(x, scale, shift, y, residual=None, relu=None, copy=None, mask=None,
+           group_rows=None):
+    """The affine pass over 3-D (outer, C, inner) views; scale/shift per (group, channel),
+    groups * C values (group-major), in the working dtype, per group of ``group_rows``
+    outer rows (None: one group); residual/copy/mask: 3-D views or None, relu: None or
+    True."""
     n_outer, nchan, n_inner = x.shape
+    scale, shift = scale.reshape(-1, nchan), shift.reshape(-1, nchan)
+    grouped = group_rows is not None
+    group_rows = group_rows if grouped else max(n_outer, 1)
     if n_inner > 1:
         items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
         nthreads, parallel = thread_plan(x.size, items)
-        affine_rows(x, scale, shift, y, nthreads, group_rows, parallel=parallel)
+        affine_rows(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthreads,
+                    parallel=parallel)
         return
-    k, (xw, yw), rest = widen(x[:, :, 0], y[:, :, 0], group_rows=group_rows)
-    _affine_columns(xw, tiled(scale, k, nchan), tiled(shift, k, nchan), yw, group_rows // k)
-    if rest:  # the last group's
-        _affine_columns(rest[0], scale[-nchan:], shift[-nchan:], rest[1], 0)
+    k, (xw, yw, rw, cw, mw), rest = widen(*(_plane(a) for a in (x, y, residual, copy, mask)),
+                                          group_rows=group_rows if grouped else None)
+    _affine_columns(xw, tiled(scale, k), tiled(shift, k), yw, rw, relu, cw, mw,
+                    max(group_rows // k, 1))
+    if rest:
+        xr, yr, rr, cr, mr = rest
+        _affine_columns(xr, scale[-1:], shift[-1:], yr, rr, relu, cr, mr, xr.shape[0])

@@ -1,170 +1,232 @@
 """Batch-norm backward on the device: one fused reduction, then one elementwise pass.
 
-Reduction: per channel ``sum(dy)`` and ``sum(dy * (x - mean))``, per thread in
-the accumulation dtype over the same grid-stride walk as the statistics, per
-block in float64 (``launch.block_sum2``), per channel over the blocks'
-partials in ``finalize_sums``. Per channel, from the sums (which a
-synchronized layer adds up over ranks in between): dx's coefficients
-(``dx_coefficients``) and dweight/dbias (``param_grads``). Elementwise:
-``dx = g[c]*dy + h[c]*(x - mean[c]) + k[c]``, as the CPU path (h = k = 0 for
-running statistics). With virtual batches the sums, the mean and the
-coefficients are per (group, channel), as in ``moments`` and ``normalize``.
+Reduction: per channel ``sum(dy)`` and ``sum(dy * (x - mean))``, per thread in the
+accumulation dtype over the walk of the statistics (``accumulate_sums``), per block in
+float64 (``launch.block_sum2``), and over the channel's blocks in the last of them to
+finish, which writes the channel's sums. Per channel, from the sums (which a
+synchronized layer adds up over ranks in between): dx's coefficients, computed where
+each block of the elementwise pass starts a channel (``dx_coefficients``), and
+dweight/dbias (``param_grads``). Elementwise: ``dx = g[c]*dy + h[c]*(x - mean[c]) +
+k[c]``, as the CPU path (h = k = 0 for running statistics).
 """
 from numba import cuda, float64
 
-from .launch import block_sum2, columns_walk, rows_walk
-from .normalize import group_first_row, group_span, inv_sqrt
+from .launch import (advance, as_index, block_sum2, cast, column_start, column_walk, four,
+                     four_rows, last_block, load4, load_partial, moved, operand_walk,
+                     plane_walk)
+from .normalize import inv_sqrt
 
-# dx_coefficients flags
+# dx flags
 HAS_WEIGHT, BATCH_STATS = 1, 2
 
 
-@cuda.jit
-def sums_rows(dy, x, mean, zero, bx, group_rows, partial):
-    """x, dy [outer, C, inner]: the walk of ``moments.moments_rows``; partial[:, block, g*C + c]."""
-    n_outer, nchan, n_inner = x.shape
-    tid, o0, ostep, i0, istep = rows_walk(bx)
-    nthreads = cuda.blockDim.x * cuda.blockDim.y
-    b = cuda.blockIdx.x
-    for gc in range(cuda.blockIdx.y, partial.shape[2], cuda.gridDim.y):
-        grp = gc // nchan
-        c = gc - grp * nchan
-        m = zero + mean[gc]
-        s_dy = zero
-        s_dxm = zero
-        first, end = group_span(grp, group_rows, o0, n_outer)
-        for o in range(first, end, ostep):
-            for i in range(i0, n_inner, istep):
-                g = zero + dy[o, c, i]
-                s_dy += g
-                s_dxm += g * ((zero + x[o, c, i]) - m)
-        s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, 1)
-        if tid == 0:
-            partial[0, b, gc] = s_dy
-            partial[1, b, gc] = s_dxm
+@cuda.jit(device=True, cache=True)
+def accumulate_sums(s_dy, s_dxm, g, v, m, zero):
+    """The per-thread sums after one more (dy, x) pair."""
+    g = zero + g
+    return s_dy + g, s_dxm + g * ((zero + v) - m)
 
 
-@cuda.jit
-def sums_columns(dy, x, mean, zero, group_rows, partial):
-    """x, dy [rows, C], channels-last: the walk of ``moments.moments_columns``."""
-    n_rows, nchan = x.shape
-    tid, part, r0, rstep = columns_walk()
-    tx = cuda.threadIdx.x
-    ntx = cuda.blockDim.x
-    nthreads = ntx * cuda.blockDim.y
-    for c0 in range(cuda.blockIdx.x * ntx, nchan, cuda.gridDim.x * ntx):
-        c = c0 + tx
-        for grp in range(partial.shape[2] // nchan):
-            s_dy = zero
-            s_dxm = zero
-            if c < nchan:
-                m = zero + mean[grp * nchan + c]
-                first, end = group_span(grp, group_rows, r0, n_rows)
-                for r in range(first, end, rstep):
-                    g = zero + dy[r, c]
-                    s_dy += g
-                    s_dxm += g * ((zero + x[r, c]) - m)
-            s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, ntx)
-            if tid < ntx and c < nchan:
-                partial[0, part, grp * nchan + c] = s_dy
-                partial[1, part, grp * nchan + c] = s_dxm
+@cuda.jit(device=True, cache=True)
+def merged_sums(partial, c, first, stride, parts):
+    """Sums of partial[c, :, p] for p = first, first + stride, ... < parts."""
+    s_dy = 0.0
+    s_dxm = 0.0
+    for p in range(first, parts, stride):
+        s_dy += load_partial(partial, c, 0, p)
+        s_dxm += load_partial(partial, c, 1, p)
+    return s_dy, s_dxm
 
 
-@cuda.jit
-def finalize_sums(partial, sum_dy, sum_dy_xmu):
-    """Per channel: sum(dy) and sum(dy*(x-mean)) over the blocks' partials (float64)."""
+@cuda.jit(device=True, cache=True)
+def accumulate_sums4(s_dy, s_dxm, gs, vs, m, zero):
+    """The per-thread sums after four more (dy, x) pairs."""
+    g0, g1, g2, g3 = gs
+    v0, v1, v2, v3 = vs
+    s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, g0, v0, m, zero)
+    s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, g1, v1, m, zero)
+    s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, g2, v2, m, zero)
+    return accumulate_sums(s_dy, s_dxm, g3, v3, m, zero)
+
+
+@cuda.jit(device=True, cache=True)
+def write_sums(sum_dy, sum_dy_xmu, c, s_dy, s_dxm):
+    sum_dy[c] = s_dy
+    sum_dy_xmu[c] = s_dxm
+
+
+@cuda.jit(cache=True)
+def sums_rows(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_dy_xmu):
+    """x, dy [outer, C, inner], flat with element strides: the walk of
+    ``moments.moments_rows``; sum_dy[c] = sum(dy), sum_dy_xmu[c] = sum(dy * (x - mean))."""
+    n_outer, nchan, n_inner = shape
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
-    for c in range(cuda.blockIdx.x, partial.shape[2], cuda.gridDim.x):
+    parts = cuda.gridDim.y
+    c = cuda.blockIdx.x
+    walk = plane_walk(n_outer, n_inner)
+    q, _, i, step, _, step_i, plane, limit, _ = walk
+    off_dy, steps_dy = operand_walk(sdy, walk, c)
+    off_x, steps_x = operand_walk(sx, walk, c)
+    m = zero + mean[c]
+    s_dy = zero
+    s_dxm = zero
+    while q < limit:
+        g0, g1, g2, g3, off_dy, _ = four(off_dy, steps_dy, i, step_i, n_inner)
+        x0, x1, x2, x3, off_x, i = four(off_x, steps_x, i, step_i, n_inner)
+        s_dy, s_dxm = accumulate_sums4(s_dy, s_dxm, load4(dy, g0, g1, g2, g3),
+                                       load4(x, x0, x1, x2, x3), m, zero)
+        q = as_index(q + as_index(step * 4, step), step)
+    while q < plane:
+        s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, dy[off_dy], x[off_x], m, zero)
+        i, wrapped = advance(i, step_i, n_inner)
+        off_dy = moved(off_dy, steps_dy, wrapped)
+        off_x = moved(off_x, steps_x, wrapped)
+        q = as_index(q + step, step)
+    s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, 1)
+    if parts > 1:
+        if tid == 0:
+            write_sums(partial[c, 0], partial[c, 1], cuda.blockIdx.y, s_dy, s_dxm)
+        if not last_block(tickets, c, parts, tid):
+            return
+        s_dy, s_dxm = merged_sums(partial, c, tid, nthreads, parts)
+        s_dy, s_dxm = block_sum2(s_dy, s_dxm, tid, nthreads, 1)
+    if tid == 0:
+        write_sums(sum_dy, sum_dy_xmu, c, s_dy, s_dxm)
+
+
+@cuda.jit(cache=True)
+def sums_columns(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_dy_xmu):
+    """x, dy [rows, C], channels-last: the walk of ``moments.moments_columns``."""
+    n_rows, nchan = shape
+    ntx = cuda.blockDim.x
+    nthreads = ntx * cuda.blockDim.y
+    tid = cuda.threadIdx.y * ntx + cuda.threadIdx.x
+    parts = cuda.gridDim.y
+    c, r, rstep, limit = column_walk(n_rows)
+    s_dy = zero
+    s_dxm = zero
+    if c < nchan:
+        m = zero + mean[c]
+        off_dy, dy_step = column_start(sdy, r, c, rstep)
+        off_x, x_step = column_start(sx, r, c, rstep)
+        while r < limit:
+            g0, g1, g2, g3, off_dy = four_rows(off_dy, dy_step)
+            x0, x1, x2, x3, off_x = four_rows(off_x, x_step)
+            s_dy, s_dxm = accumulate_sums4(s_dy, s_dxm, load4(dy, g0, g1, g2, g3),
+                                           load4(x, x0, x1, x2, x3), m, zero)
+            r = as_index(r + as_index(rstep * 4, rstep), rstep)
+        while r < n_rows:
+            s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, dy[off_dy], x[off_x], m, zero)
+            off_dy = as_index(off_dy + dy_step, dy_step)
+            off_x = as_index(off_x + x_step, x_step)
+            r = as_index(r + rstep, rstep)
+    s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, ntx)
+    if parts > 1:
+        if tid < ntx and c < nchan:
+            write_sums(partial[c, 0], partial[c, 1], cuda.blockIdx.y, s_dy, s_dxm)
+        if not last_block(tickets, cuda.blockIdx.x, parts, tid):
+            return
         s_dy = 0.0
         s_dxm = 0.0
-        for p in range(tid, partial.shape[1], nthreads):
-            s_dy += partial[0, p, c]
-            s_dxm += partial[1, p, c]
-        s_dy, s_dxm = block_sum2(s_dy, s_dxm, tid, nthreads, 1)
-        if tid == 0:
-            sum_dy[c] = s_dy
-            sum_dy_xmu[c] = s_dxm
+        if c < nchan:
+            s_dy, s_dxm = merged_sums(partial, c, cuda.threadIdx.y, cuda.blockDim.y, parts)
+        s_dy, s_dxm = block_sum2(s_dy, s_dxm, tid, nthreads, ntx)
+    if tid < ntx and c < nchan:
+        write_sums(sum_dy, sum_dy_xmu, c, s_dy, s_dxm)
 
 
-@cuda.jit
-def dx_coefficients(sum_dy, sum_dy_xmu, count, last_count, last_group, var, weight, flags, eps,
-                    coef):
-    """dx's per-channel coefficients coef[:, c] = (g, h, k) (flags: HAS_WEIGHT|BATCH_STATS);
-    per (group, channel) with virtual batches: weight[c % C], ``count`` values per group,
-    ``last_count`` from index ``last_group`` on (the last group's)."""
+@cuda.jit(device=True, cache=True)
+def dx_coefficients(c, grad, zero):
+    """dx's coefficients (g, h, k) and mean of channel c in zero's dtype; ``grad`` = (mean,
+    var, weight, sum_dy, sum_dy_xmu, count, flags, eps) (flags: HAS_WEIGHT|BATCH_STATS)."""
+    mean, var, weight, sum_dy, sum_dy_xmu, count, flags, eps = grad
+    invstd = inv_sqrt(float64(var[c]) + eps)
+    g = invstd * (float64(weight[c]) if flags & HAS_WEIGHT else 1.0)
+    h = 0.0
+    k = 0.0
+    if flags & BATCH_STATS and count > 0:
+        # The mean and variance depend on x too: their gradients, folded per channel.
+        h = -g * invstd * invstd * sum_dy_xmu[c] / count
+        k = -g * sum_dy[c] / count
+    return cast(g, zero), cast(h, zero), cast(k, zero), zero + mean[c]
+
+
+@cuda.jit(cache=True)
+def param_grads(sum_dy, sum_dy_xmu, var, eps, dweight, dbias):
+    """dweight[c] = sum(dy*(x-mean))*invstd, dbias[c] = sum(dy)."""
     c = cuda.grid(1)
     if c < var.shape[0]:
-        invstd = inv_sqrt(float64(var[c]) + eps)
-        g = invstd * (float64(weight[c % weight.shape[0]]) if flags & HAS_WEIGHT else 1.0)
-        h = 0.0
-        k = 0.0
-        if c >= last_group:
-            count = last_count
-        if flags & BATCH_STATS and count > 0:
-            # The mean and variance depend on x too: their gradients, folded per channel.
-            h = -g * invstd * invstd * sum_dy_xmu[c] / count
-            k = -g * sum_dy[c] / count
-        coef[0, c] = g
-        coef[1, c] = h
-        coef[2, c] = k
+        dweight[c] = sum_dy_xmu[c] * inv_sqrt(float64(var[c]) + eps)
+        dbias[c] = sum_dy[c]
 
 
-@cuda.jit
-def param_grads(sum_dy, sum_dy_xmu, var, eps, dweight, dbias):
-    """dweight[c] = sum(dy*(x-mean))*invstd, dbias[c] = sum(dy), summed over the groups of
-    per-(group, channel) sums."""
-    c = cuda.grid(1)
-    nchan = dweight.shape[0]
-    if c < nchan:
-        dw = 0.0
-        db = 0.0
-        for s in range(c, var.shape[0], nchan):
-            dw += sum_dy_xmu[s] * inv_sqrt(float64(var[s]) + eps)
-            db += sum_dy[s]
-        dweight[c] = dw
-        dbias[c] = db
+@cuda.jit(device=True, cache=True)
+def put_dx4(dx, offsets, dys, xs, coefficients, zero):
+    """dx at four offsets from four (dy, x) pairs: g*dy + h*(x - mean) + k."""
+    g, h, k, m = coefficients
+    d0, d1, d2, d3 = offsets
+    a0, a1, a2, a3 = dys
+    v0, v1, v2, v3 = xs
+    dx[d0] = g * (zero + a0) + h * ((zero + v0) - m) + k
+    dx[d1] = g * (zero + a1) + h * ((zero + v1) - m) + k
+    dx[d2] = g * (zero + a2) + h * ((zero + v2) - m) + k
+    dx[d3] = g * (zero + a3) + h * ((zero + v3) - m) + k
 
 
-@cuda.jit
-def dx_rows(dy, x, mean, coef, zero, group_rows, dx):
+@cuda.jit(cache=True)
+def dx_rows(dy, sdy, x, sx, dx, sdx, shape, grad, zero):
     """dx[outer, C, inner], threads as ``normalize.affine_rows``."""
-    n_outer, nchan, n_inner = x.shape
-    i0 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    istep = cuda.gridDim.x * cuda.blockDim.x
-    r0 = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
-    rstep = cuda.gridDim.y * cuda.blockDim.y
-    for r in range(r0, n_outer * nchan, rstep):
-        o = r // nchan
-        c = r - o * nchan
-        s = o // group_rows * nchan + c
-        m = zero + mean[s]
-        g = coef[0, s]
-        h = coef[1, s]
-        k = coef[2, s]
-        for i in range(i0, n_inner, istep):
-            dx[o, c, i] = g * (zero + dy[o, c, i]) + h * ((zero + x[o, c, i]) - m) + k
+    n_outer, nchan, n_inner = shape
+    c = cuda.blockIdx.x
+    walk = plane_walk(n_outer, n_inner)
+    q, _, i, step, _, step_i, plane, limit, _ = walk
+    off_dy, steps_dy = operand_walk(sdy, walk, c)
+    off_x, steps_x = operand_walk(sx, walk, c)
+    off_dx, steps_dx = operand_walk(sdx, walk, c)
+    coefficients = dx_coefficients(c, grad, zero)
+    g, h, k, m = coefficients
+    while q < limit:
+        g0, g1, g2, g3, off_dy, _ = four(off_dy, steps_dy, i, step_i, n_inner)
+        x0, x1, x2, x3, off_x, _ = four(off_x, steps_x, i, step_i, n_inner)
+        d0, d1, d2, d3, off_dx, i = four(off_dx, steps_dx, i, step_i, n_inner)
+        put_dx4(dx, (d0, d1, d2, d3), load4(dy, g0, g1, g2, g3), load4(x, x0, x1, x2, x3),
+                coefficients, zero)
+        q = as_index(q + as_index(step * 4, step), step)
+    while q < plane:
+        dx[off_dx] = g * (zero + dy[off_dy]) + h * ((zero + x[off_x]) - m) + k
+        i, wrapped = advance(i, step_i, n_inner)
+        off_dy = moved(off_dy, steps_dy, wrapped)
+        off_x = moved(off_x, steps_x, wrapped)
+        off_dx = moved(off_dx, steps_dx, wrapped)
+        q = as_index(q + step, step)
 
 
-@cuda.jit
-def dx_columns(dy, x, mean, coef, zero, group_rows, dx):
+@cuda.jit(cache=True)
+def dx_columns(dy, sdy, x, sx, dx, sdx, shape, grad, zero):
     """dx[rows, C], channels-last, threads as ``normalize.affine_columns``."""
-    n_rows, nchan = x.shape
-    c0 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    cstep = cuda.gridDim.x * cuda.blockDim.x
-    r0 = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
-    rstep = cuda.gridDim.y * cuda.blockDim.y
-    for c in range(c0, nchan, cstep):
-        for grp in range(mean.shape[0] // nchan):
-            s = grp * nchan + c
-            m = zero + mean[s]
-            g = coef[0, s]
-            h = coef[1, s]
-            k = coef[2, s]
-            end = min(n_rows, (grp + 1) * group_rows)
-            for r in range(group_first_row(grp, group_rows, r0, rstep), end, rstep):
-                dx[r, c] = g * (zero + dy[r, c]) + h * ((zero + x[r, c]) - m) + k
+    n_rows, nchan = shape
+    c, r, rstep, limit = column_walk(n_rows)
+    if c >= nchan:
+        return
+    off_dy, dy_step = column_start(sdy, r, c, rstep)
+    off_x, x_step = column_start(sx, r, c, rstep)
+    off_dx, dx_step = column_start(sdx, r, c, rstep)
+    coefficients = dx_coefficients(c, grad, zero)
+    g, h, k, m = coefficients
+    while r < limit:
+        g0, g1, g2, g3, off_dy = four_rows(off_dy, dy_step)
+        x0, x1, x2, x3, off_x = four_rows(off_x, x_step)
+        d0, d1, d2, d3, off_dx = four_rows(off_dx, dx_step)
+        put_dx4(dx, (d0, d1, d2, d3), load4(dy, g0, g1, g2, g3), load4(x, x0, x1, x2, x3),
+                coefficients, zero)
+        r = as_index(r + as_index(rstep * 4, rstep), rstep)
+    while r < n_rows:
+        dx[off_dx] = g * (zero + dy[off_dy]) + h * ((zero + x[off_x]) - m) + k
+        off_dy = as_index(off_dy + dy_step, dy_step)
+        off_x = as_index(off_x + x_step, x_step)
+        off_dx = as_index(off_dx + dx_step, dx_step)
+        r = as_index(r + rstep, rstep)
 
 
-KERNELS = ("sums_rows", "sums_columns", "finalize_sums", "dx_coefficients", "param_grads",
-           "dx_rows", "dx_columns")
+KERNELS = ("sums_rows", "sums_columns", "param_grads", "dx_rows", "dx_columns")

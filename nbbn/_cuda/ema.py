@@ -2,7 +2,7 @@
 from numba import cuda, float64
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, cache=True)
 def ema_step(running_mean, running_var, c, mean, var, momentum, var_factor):
     """running = (1 - momentum) * running + momentum * batch for channel c (the CPU's ``ema``)."""
     keep = 1.0 - momentum
@@ -10,7 +10,7 @@ def ema_step(running_mean, running_var, c, mean, var, momentum, var_factor):
     running_var[c] = keep * float64(running_var[c]) + momentum * var_factor * var
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def ema(running_mean, running_var, mean, var, momentum, var_factor):
     c = cuda.grid(1)
     if c < running_mean.shape[0]:

@@ -1,39 +1,55 @@
-"""Per-channel (count, mean, m2) of a strided (outer, C, inner) view on the device.
+"""Per-channel (count, mean, m2) of a strided (outer, C, inner) view on the device, and the
+channel's results, in one launch.
 
-Each thread accumulates shifted sums ``sum(x - k)``, ``sum((x - k)**2)`` over a
-grid-stride loop, ``k`` being the first value it reads (a data point of the
-channel: stable, and no division in the loop, unlike a per-element Welford
-update); the sums become a (n, mean, m2) state, threads are merged per block
-(``launch.block_merge``: Chan's formula) into one partial state per block, and
-``finalize_*`` merges a channel's partials (the grid-level merge) and writes
-the results: statistics for ``nbbn.var`` & co, or the batch statistics, the
-normalization's scale/shift and the running-buffer update for the forward pass.
+Each thread accumulates shifted sums ``sum(x - k)``, ``sum((x - k)**2)`` over its walk
+(``accumulate``: the one place of the per-thread arithmetic), ``k`` being the first value
+it reads (a data point of the channel: stable, and no division in the loop) or 0 where
+that value is not finite (then the sums are plain sums: NumPy's inf/nan semantics with no
+second pass); the sums become a (n, mean, m2) state, the block's threads are merged
+(``launch.block_merge``: Chan's formula), and the channel's blocks meet in the last of
+them to finish (``launch.last_block``), which merges their partial states and writes the
+channel's results (``channel_result``): statistics for ``nbbn.var`` & co, or the batch
+statistics, the normalization's scale/shift and the running-buffer update for the
+forward pass.
 
 Accumulation: float32 for float16 input, float64 otherwise (as the CPU path);
 block and grid merges in float64.
-
-Virtual batches (ghost batch norm): the outer rows are cut into groups of
-``group_rows`` (all rows: one group), and the partial states are per (group,
-channel), index g * C + c: the rows kernel takes (group, channel) planes as it
-takes channels, the columns kernel walks each group's rows in turn.
 """
 import math
 
 from numba import cuda, float64
 
 from .ema import ema_step
-from .launch import block_merge, chan_merge, columns_walk, rows_walk
-from .normalize import affine_coefficients, group_span
+from .launch import (advance, as_index, block_merge, chan_merge, column_start, column_walk,
+                     four, four_rows, last_block, load4, load_partial, moved, operand_walk,
+                     plane_walk)
+from .normalize import affine_coefficients
 
-# finalize_moments modes
+# channel_result modes (the second statistic written)
 RAW_M2, VARIANCE, STD = 0, 1, 2
-# finalize_forward flags
-HAS_WEIGHT, HAS_BIAS, UPDATE_RUNNING = 1, 2, 4
+# channel_result flags
+COEFFICIENTS, HAS_WEIGHT, HAS_BIAS, UPDATE_RUNNING = 1, 2, 4, 8
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, cache=True)
+def shift_of(value, zero):
+    """The shift k of a thread's sums: its first value, or 0 where that is not finite."""
+    k = zero + value
+    if math.isfinite(k):
+        return k
+    return zero
+
+
+@cuda.jit(device=True, cache=True)
+def accumulate(s1, s2, value, k, zero):
+    """The per-thread sums after one more value."""
+    d = (zero + value) - k
+    return s1 + d, s2 + d * d
+
+
+@cuda.jit(device=True, cache=True)
 def shifted_state(n, k, s1, s2):
-    """(n, mean, m2) in float64 from n values' sums shifted by k (one of the values)."""
+    """(n, mean, m2) in float64 from n values' sums shifted by k."""
     if n == 0:
         return 0.0, 0.0, 0.0
     nf = float64(n)
@@ -45,103 +61,7 @@ def shifted_state(n, k, s1, s2):
     return nf, mean, m2
 
 
-@cuda.jit
-def moments_rows(x, zero, bx, group_rows, partial):
-    """x[outer, C, inner]: block (bx_i, by_i) of (group g, channel c) reads the group's rows
-    o = g*group_rows + by_i*TY + ty + k*by*TY, elements i = bx_i*TX + tx + m*bx*TX;
-    partial[:, block, g*C + c] = its (n, mean, m2)."""
-    n_outer, nchan, n_inner = x.shape
-    tid, o0, ostep, i0, istep = rows_walk(bx)
-    nthreads = cuda.blockDim.x * cuda.blockDim.y
-    b = cuda.blockIdx.x
-    for gc in range(cuda.blockIdx.y, partial.shape[2], cuda.gridDim.y):
-        g = gc // nchan
-        c = gc - g * nchan
-        first, end = group_span(g, group_rows, o0, n_outer)
-        count = 0
-        if first < end and i0 < n_inner:
-            count = ((end - first + ostep - 1) // ostep) * ((n_inner - i0 + istep - 1) // istep)
-        k = zero
-        s1 = zero
-        s2 = zero
-        if count > 0:
-            k = zero + x[first, c, i0]
-        for o in range(first, end, ostep):
-            for i in range(i0, n_inner, istep):
-                d = (zero + x[o, c, i]) - k
-                s1 += d
-                s2 += d * d
-        n, mean, m2 = shifted_state(count, k, s1, s2)
-        if n > 0 and not math.isfinite(mean):
-            # inf - inf poisons the shifted sums; NumPy's mean is the plain sum's.
-            total = zero
-            for o in range(first, end, ostep):
-                for i in range(i0, n_inner, istep):
-                    total += zero + x[o, c, i]
-            mean = float64(total) / n
-        n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, 1)
-        if tid == 0:
-            partial[0, b, gc] = n
-            partial[1, b, gc] = mean
-            partial[2, b, gc] = m2
-
-
-@cuda.jit
-def moments_columns(x, zero, group_rows, partial):
-    """x[rows, C], channels-last: thread tx of a block reads channel c (consecutive threads,
-    consecutive channels: coalesced), rows r = g*group_rows + by_i*TY + ty + k*by*TY of each
-    group g in turn."""
-    n_rows, nchan = x.shape
-    tid, part, r0, rstep = columns_walk()
-    tx = cuda.threadIdx.x
-    ntx = cuda.blockDim.x
-    nthreads = ntx * cuda.blockDim.y
-    for c0 in range(cuda.blockIdx.x * ntx, nchan, cuda.gridDim.x * ntx):
-        c = c0 + tx
-        for g in range(partial.shape[2] // nchan):
-            first, end = group_span(g, group_rows, r0, n_rows)
-            count = 0
-            if first < end and c < nchan:
-                count = (end - first + rstep - 1) // rstep
-            k = zero
-            s1 = zero
-            s2 = zero
-            if count > 0:
-                k = zero + x[first, c]
-                for r in range(first, end, rstep):
-                    d = (zero + x[r, c]) - k
-                    s1 += d
-                    s2 += d * d
-            n, mean, m2 = shifted_state(count, k, s1, s2)
-            if n > 0 and not math.isfinite(mean):
-                total = zero
-                for r in range(first, end, rstep):
-                    total += zero + x[r, c]
-                mean = float64(total) / n
-            n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, ntx)
-            if tid < ntx and c < nchan:
-                partial[0, part, g * nchan + c] = n
-                partial[1, part, g * nchan + c] = mean
-                partial[2, part, g * nchan + c] = m2
-
-
-@cuda.jit(device=True)
-def merge_partials(partial, c, tid, nthreads):
-    """The channel's (n, mean, m2) from its partial states, valid in thread 0."""
-    n = 0.0
-    mean = 0.0
-    m2 = 0.0
-    for p in range(tid, partial.shape[1], nthreads):
-        n, mean, m2 = chan_merge(n, mean, m2, partial[0, p, c], partial[1, p, c],
-                                 partial[2, p, c])
-    n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, 1)
-    if n == 0.0:
-        mean = math.nan
-        m2 = math.nan
-    return n, mean, m2
-
-
-@cuda.jit(device=True)
+@cuda.jit(device=True, cache=True)
 def divide_m2(m2, n, ddof):
     """m2 / (n - ddof), as NumPy: inf or nan where n - ddof <= 0."""
     dof = n - ddof
@@ -150,42 +70,149 @@ def divide_m2(m2, n, ddof):
     return m2 * math.inf
 
 
-@cuda.jit
-def finalize_moments(partial, ddof, mode, mean_out, var_out):
-    """Statistics: mean_out[c] and var_out[c] = m2 (RAW_M2), variance or std (ddof)."""
+@cuda.jit(device=True, cache=True)
+def channel_result(c, n, mean, m2, fin):
+    """Write channel c's results from its (n, mean, m2): ``fin`` = (ddof, mode, flags, eps,
+    momentum, var_factor, mean_out, second_out, scale, shift, weight, bias, running_mean,
+    running_var): mean_out[c]; second_out[c] = m2, variance or std (mode, ddof); with
+    COEFFICIENTS, y = x*scale[c] + shift[c]'s coefficients from the biased variance
+    (weight/bias per HAS_WEIGHT/HAS_BIAS); with UPDATE_RUNNING, the running buffers."""
+    (ddof, mode, flags, eps, momentum, var_factor, mean_out, second_out, scale, shift,
+     weight, bias, running_mean, running_var) = fin
+    if n == 0.0:
+        mean = math.nan
+        m2 = math.nan
+    mean_out[c] = mean
+    if mode == RAW_M2:
+        second_out[c] = m2
+    elif mode == VARIANCE:
+        second_out[c] = divide_m2(m2, n, ddof)
+    else:
+        second_out[c] = math.sqrt(divide_m2(m2, n, ddof))
+    if flags & COEFFICIENTS:
+        var = divide_m2(m2, n, 0.0)
+        w = float64(weight[c]) if flags & HAS_WEIGHT else 1.0
+        b = float64(bias[c]) if flags & HAS_BIAS else 0.0
+        a, d = affine_coefficients(mean, var, w, b, eps)
+        scale[c] = a
+        shift[c] = d
+        if flags & UPDATE_RUNNING:
+            ema_step(running_mean, running_var, c, mean, var, momentum, var_factor)
+
+
+@cuda.jit(device=True, cache=True)
+def merged_partials(partial, c, first, stride, parts):
+    """Chan's merge of partial[c, :, p] for p = first, first + stride, ... < parts."""
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for p in range(first, parts, stride):
+        n, mean, m2 = chan_merge(n, mean, m2, load_partial(partial, c, 0, p),
+                                 load_partial(partial, c, 1, p), load_partial(partial, c, 2, p))
+    return n, mean, m2
+
+
+@cuda.jit(device=True, cache=True)
+def accumulate4(s1, s2, values, k, zero):
+    """The per-thread sums after four more values."""
+    a, b, c, d = values
+    s1, s2 = accumulate(s1, s2, a, k, zero)
+    s1, s2 = accumulate(s1, s2, b, k, zero)
+    s1, s2 = accumulate(s1, s2, c, k, zero)
+    return accumulate(s1, s2, d, k, zero)
+
+
+@cuda.jit(cache=True)
+def moments_rows(x, sx, shape, zero, partial, tickets, fin):
+    """x[outer, C, inner] as a flat array with element strides sx (index type); grid
+    (channels, parts): block (c, b) walks its share of channel c's plane, the last block of
+    the channel writes its results (``channel_result``)."""
+    n_outer, nchan, n_inner = shape
     tid = cuda.threadIdx.x
-    for c in range(cuda.blockIdx.x, partial.shape[2], cuda.gridDim.x):
-        n, mean, m2 = merge_partials(partial, c, tid, cuda.blockDim.x)
+    nthreads = cuda.blockDim.x
+    parts = cuda.gridDim.y
+    c = cuda.blockIdx.x
+    walk = plane_walk(n_outer, n_inner)
+    q, _, i, step, _, step_i, plane, limit, _ = walk
+    off, steps = operand_walk(sx, walk, c)
+    count = as_index(0, step)
+    k = zero
+    s1 = zero
+    s2 = zero
+    if q < plane:
+        count = (plane - q + step - 1) // step
+        k = shift_of(x[off], zero)
+    while q < limit:
+        a, b, d, e, off, i = four(off, steps, i, step_i, n_inner)
+        s1, s2 = accumulate4(s1, s2, load4(x, a, b, d, e), k, zero)
+        q = as_index(q + as_index(step * 4, step), step)
+    while q < plane:
+        s1, s2 = accumulate(s1, s2, x[off], k, zero)
+        i, wrapped = advance(i, step_i, n_inner)
+        off = moved(off, steps, wrapped)
+        q = as_index(q + step, step)
+    n, mean, m2 = shifted_state(count, k, s1, s2)
+    n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, 1)
+    if parts > 1:
         if tid == 0:
-            mean_out[c] = mean
-            if mode == RAW_M2:
-                var_out[c] = m2
-            elif mode == VARIANCE:
-                var_out[c] = divide_m2(m2, n, ddof)
-            else:
-                var_out[c] = math.sqrt(divide_m2(m2, n, ddof))
+            write_partial(partial, c, cuda.blockIdx.y, n, mean, m2)
+        if not last_block(tickets, c, parts, tid):
+            return
+        n, mean, m2 = merged_partials(partial, c, tid, nthreads, parts)
+        n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, 1)
+    if tid == 0:
+        channel_result(c, n, mean, m2, fin)
 
 
-@cuda.jit
-def finalize_forward(partial, weight, bias, eps, momentum, var_factor, flags,
-                     mean_out, var_out, scale, shift, running_mean, running_var):
-    """Training forward, per channel: batch mean and biased var, y = x*scale + shift's
-    coefficients, and the running buffers' update (flags: HAS_WEIGHT|HAS_BIAS|UPDATE_RUNNING)."""
-    tid = cuda.threadIdx.x
-    for c in range(cuda.blockIdx.x, partial.shape[2], cuda.gridDim.x):
-        n, mean, m2 = merge_partials(partial, c, tid, cuda.blockDim.x)
-        if tid == 0:
-            var = m2 / n if n > 0.0 else math.nan
-            mean_out[c] = mean
-            var_out[c] = var
-            # per (group, channel) statistics: weight and bias of channel c % C
-            w = float64(weight[c % weight.shape[0]]) if flags & HAS_WEIGHT else 1.0
-            b = float64(bias[c % bias.shape[0]]) if flags & HAS_BIAS else 0.0
-            a, d = affine_coefficients(mean, var, w, b, eps)
-            scale[c] = a
-            shift[c] = d
-            if flags & UPDATE_RUNNING:
-                ema_step(running_mean, running_var, c, mean, var, momentum, var_factor)
+@cuda.jit(device=True, cache=True)
+def write_partial(partial, c, part, n, mean, m2):
+    partial[c, 0, part] = n
+    partial[c, 1, part] = mean
+    partial[c, 2, part] = m2
 
 
-KERNELS = ("moments_rows", "moments_columns", "finalize_moments", "finalize_forward")
+@cuda.jit(cache=True)
+def moments_columns(x, sx, shape, zero, partial, tickets, fin):
+    """x[rows, C], channels-last, flat with element strides sx = (row, channel): thread tx
+    of a block reads channel c (consecutive threads, consecutive channels: coalesced), rows
+    r = part*TY + ty + k*parts*TY; the last block of a channel tile writes its results."""
+    n_rows, nchan = shape
+    ntx = cuda.blockDim.x
+    nthreads = ntx * cuda.blockDim.y
+    tid = cuda.threadIdx.y * ntx + cuda.threadIdx.x
+    parts = cuda.gridDim.y
+    c, r, rstep, limit = column_walk(n_rows)
+    count = as_index(0, rstep)
+    k = zero
+    s1 = zero
+    s2 = zero
+    if c < nchan and r < n_rows:
+        count = (n_rows - r + rstep - 1) // rstep
+        off, row_step = column_start(sx, r, c, rstep)
+        k = shift_of(x[off], zero)
+        while r < limit:
+            a, b, d, e, off = four_rows(off, row_step)
+            s1, s2 = accumulate4(s1, s2, load4(x, a, b, d, e), k, zero)
+            r = as_index(r + as_index(rstep * 4, rstep), rstep)
+        while r < n_rows:
+            s1, s2 = accumulate(s1, s2, x[off], k, zero)
+            off = as_index(off + row_step, row_step)
+            r = as_index(r + rstep, rstep)
+    n, mean, m2 = shifted_state(count, k, s1, s2)
+    n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, ntx)
+    if parts > 1:
+        if tid < ntx and c < nchan:
+            write_partial(partial, c, cuda.blockIdx.y, n, mean, m2)
+        if not last_block(tickets, cuda.blockIdx.x, parts, tid):
+            return
+        n = 0.0
+        mean = 0.0
+        m2 = 0.0
+        if c < nchan:
+            n, mean, m2 = merged_partials(partial, c, cuda.threadIdx.y, cuda.blockDim.y, parts)
+        n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, ntx)
+    if tid < ntx and c < nchan:
+        channel_result(c, n, mean, m2, fin)
+
+
+KERNELS = ("moments_rows", "moments_columns")
