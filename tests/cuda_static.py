@@ -23,47 +23,80 @@ REDUCTIONS = ("moments_rows", "moments_columns", "sums_rows", "sums_columns")
 
 def specializations(t):
     """(module name, kernel name, argument types) for every launched specialization."""
+    from numba.np.numpy_support import from_dtype
+
+    from nbbn._cuda.elements import BFLOAT16
+
     def arr(dtype, ndim=1, layout="C"):
         return t.Array(dtype, ndim, layout)
 
-    f4, f8, i4, i8 = t.float32, t.float64, t.int32, t.int64
+    f4, f8, i4, i8, u1 = t.float32, t.float64, t.int32, t.int64, t.uint8
+    bf16 = from_dtype(BFLOAT16)
+    floats = (t.float16, bf16, f4, f8)
     out = []
     for idx in (t.uint32, t.uint64):
         rows_shape = t.Tuple((idx, i8, idx))
         cols_shape = t.Tuple((idx, i8))
         s3, s2 = t.UniTuple(idx, 3), t.UniTuple(idx, 2)
-        for x, acc, stats in ((t.float16, f4, f4), (f4, f8, f4), (f8, f8, f8), (i8, f8, f8),
-                              (t.boolean, f8, f8)):
+        for x, acc, stats in ((t.float16, f4, f4), (bf16, f4, bf16), (f4, f8, f4),
+                              (f8, f8, f8), (i8, f8, f8), (t.boolean, f8, f8)):
             for layout in ("C", "A"):  # weight/bias/running buffers: contiguous or strided
-                p = arr(stats if x in (t.float16, f4, f8) else f8, 1, layout)
+                p = arr(stats if x in floats else f8, 1, layout)
                 fin = t.Tuple((f8, i8, i8, f8, f8, f8, arr(stats), arr(stats), arr(acc),
                                arr(acc), p, p, p, p))
                 for kernel, sx, shape in (("moments_rows", s3, rows_shape),
                                           ("moments_columns", s2, cols_shape)):
                     out.append(("moments", kernel, (arr(x), sx, shape, acc, arr(f8, 3),
                                                     arr(i4), fin)))
-                if x not in (t.float16, f4, f8):
+                if x not in floats:
                     continue
                 grad = t.Tuple((p, p, p, arr(f8), arr(f8), f8, i8, f8))
                 for kind, sx, shape in (("rows", s3, rows_shape), ("columns", s2, cols_shape)):
-                    out.append(("normalize", f"affine_{kind}",
-                                (arr(x), sx, arr(x), sx, shape, arr(acc), arr(acc), acc)))
-                    out.append(("backward", f"sums_{kind}",
-                                (arr(x), sx, arr(x), sx, shape, p, acc, arr(f8, 3), arr(i4),
-                                 arr(f8), arr(f8))))
-                    out.append(("backward", f"dx_{kind}",
-                                (arr(x), sx, arr(x), sx, arr(x), sx, shape, grad, acc)))
-    for p_dtype, acc in ((t.float16, f4), (f4, f8), (f8, f8)):
+                    # The epilogue's optional operands: none; a residual and the ReLU; and
+                    # what a layer keeps besides (x's copy, the ReLU's mask).
+                    plain = ((t.none, t.none, t.none, t.none),)
+                    fused = ((arr(x), t.boolean, t.none, t.none),
+                             (arr(x), t.boolean, arr(x), arr(u1)))
+                    for res, relu, copy, mask in plain + (fused if layout == "C" else ()):
+                        epi = t.Tuple((res, sx, relu, copy, sx, mask, sx))
+                        out.append(("normalize", f"affine_{kind}",
+                                    (arr(x), sx, arr(x), sx, shape, arr(acc), arr(acc), acc,
+                                     epi)))
+                    # The ReLU's gate: none, y (with the residual's gradient), a kept mask.
+                    gated = ((arr(x), arr(x)), (arr(u1), t.none))
+                    for gate, dres in ((t.none, t.none),) + (gated if layout == "C" else ()):
+                        out.append(("backward", f"sums_{kind}",
+                                    (arr(x), sx, arr(x), sx, shape, p, acc, arr(f8, 3),
+                                     arr(i4), arr(f8), arr(f8), t.Tuple((gate, sx, dres, sx)))))
+                        out.append(("backward", f"dx_{kind}",
+                                    (arr(x), sx, arr(x), sx, arr(x), sx, shape, grad, acc,
+                                     t.Tuple((gate, sx)))))
+    for p_dtype, acc in ((t.float16, f4), (bf16, f4), (f4, f8), (f8, f8)):
         p = arr(p_dtype)
         out.append(("normalize", "scale_shift", (p, p, p, p, i8, f8, arr(acc), arr(acc))))
         out.append(("backward", "param_grads", (arr(f8), arr(f8), p, f8, p, p)))
         out.append(("ema", "ema", (p, p, arr(f8), arr(f8), f8, f8)))
         out.append(("ema", "ema", (p, p, p, p, f8, f8)))
         out.append(("strided", "fill_kernel", (arr(p_dtype), f8)))
-        for src in (t.float16, f4, f8):
+        for src in floats:
             out.append(("strided", "copy_strided", (arr(src), i8, t.UniTuple(i8, 2), p, i8,
                                                     t.UniTuple(i8, 2), t.UniTuple(i8, 2))))
     return out
+
+
+def planned_blocks(row):
+    """Blocks per multiprocessor a kernel must reach: 2 for the elementwise kernels; the
+    reductions' ``launch.BLOCKS_PER_SM``, but 2 for the backward sums that also write the
+    residual's gradient with 64-bit indices (past 2**31 elements: four operands' 64-bit
+    offsets, up to 85 registers; the reduction's blocks need not be resident together, so
+    it only runs slower)."""
+    from nbbn._cuda import launch
+    if row["kernel"] not in REDUCTIONS:
+        return 2
+    gating = row["sig"].rsplit("Tuple((", 1)[1]  # (gate, strides, dres, strides)
+    if row["kernel"].startswith("sums_") and "none" not in gating and "uint64" in gating:
+        return 2
+    return launch.BLOCKS_PER_SM
 
 
 def occupancy(regs, smem, threads):

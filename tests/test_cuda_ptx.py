@@ -70,7 +70,7 @@ def test_occupancy_model():
 @pytest.mark.parametrize("path", ["shuffle", "shared"])
 def test_every_specialization_assembles_without_spills_at_the_planned_occupancy(path,
                                                                                toolchain):
-    from nbbn._cuda import backward, ema, launch, moments, normalize, strided
+    from nbbn._cuda import backward, ema, moments, normalize, strided
     table = _table(path)
     every = {(m.__name__.rsplit(".", 1)[1], k) for m in (backward, ema, moments, normalize,
                                                          strided) for k in m.KERNELS}
@@ -79,7 +79,7 @@ def test_every_specialization_assembles_without_spills_at_the_planned_occupancy(
     for row in table:
         where = f"{row['kernel']} {row['sig']}"
         assert row["spill_bytes"] == 0 and row["stack"] == 0, f"spills: {where}"
-        planned = launch.BLOCKS_PER_SM if row["kernel"] in cuda_static.REDUCTIONS else 2
+        planned = cuda_static.planned_blocks(row)
         assert row["blocks_per_sm"] >= planned, \
             f"{row['regs']} registers, {row['smem']} B shared: {row['blocks_per_sm']} " \
             f"blocks/SM < {planned} planned: {where}"

@@ -238,7 +238,12 @@ def _relu(v, on):
     if _absent(on):
         return lambda v, on: v
     zero = np.float32(0) if v == types.float32 else 0.0
-    return lambda v, on: zero if v < zero else v
+
+    def impl(v, on):
+        if v < zero:
+            return zero
+        return v
+    return impl
 
 
 @helper
@@ -302,4 +307,9 @@ def gated(d, gate, i):
 def _gated(d, gate, i):
     if _absent(gate):
         return lambda d, gate, i: d
-    return lambda d, gate, i: d if wide(gate[i]) > 0 else zero_as(d)
+
+    def impl(d, gate, i):
+        if wide(gate[i]) > 0:
+            return d
+        return zero_as(d)
+    return impl

@@ -14,6 +14,9 @@ a workspace cached per device, stream and thread (``Queue.work``), allocated onc
 grown geometrically. Kernels read arrays as ``Operand``s: a flat element view and the
 element strides of the (outer, C, inner) view, made without a copy where the strides
 allow (``_layout``'s rules), else copied once on the device (``copy_strided``).
+bfloat16 arrays carry ml_dtypes' dtype up to the launch, where the kernels get them as
+records of their bits (``kernel_arguments``); torch's bfloat16 tensors, whose interface
+names no type for them, are viewed through their 16-bit integer view.
 """
 import contextlib
 import functools
@@ -23,6 +26,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import cuda
 
+from .. import _layout
+from .elements import BFLOAT16
 from .launch import SIMULATOR, cdiv, target_blocks, threads
 from .strided import copy_strided, fill_kernel
 
@@ -73,6 +78,11 @@ def to_numba(a):
                            "(only Numba device arrays exist there); unset NUMBA_ENABLE_CUDASIM")
     if getattr(a, "requires_grad", False):  # torch hides the interface of such tensors
         a = a.detach()
+    dtype = None
+    if library(a) == "torch" and str(getattr(a, "dtype", "")) == "torch.bfloat16":
+        import ml_dtypes
+        import torch
+        a, dtype = a.view(torch.int16), np.dtype(ml_dtypes.bfloat16)
     cai = a.__cuda_array_interface__
     device = device_index(a)
     strides = cai.get("strides")
@@ -82,6 +92,8 @@ def to_numba(a):
     if view is None:
         with device_context(device):
             view = cuda.from_cuda_array_interface(cai, owner=None, sync=False)
+        if dtype is not None:
+            view = strided(view, view.shape, view.strides, dtype=dtype)
         if len(_views) >= _CACHE_LIMIT:
             _views.clear()
         _views[key] = view
@@ -107,7 +119,9 @@ def strided(a, shape, strides, offset=0, stream=None, dtype=None):
         host = a._ary  # the simulator's device memory is this NumPy array
         desc = {"data": (host.__array_interface__["data"][0] + offset, False), "shape": shape,
                 "strides": strides, "typestr": dtype.str, "version": 3}
-        view = FakeCUDAArray(np.asarray(_HostInterface(desc, host)))
+        memory = np.asarray(_HostInterface(desc, host))
+        # A dtype the typestr cannot name (bfloat16, records: "V2") is viewed back.
+        view = FakeCUDAArray(memory if memory.dtype == dtype else memory.view(dtype))
         view.stream = a.stream if stream is None else stream
         return view
     from numba.cuda.cudadrv import devicearray, driver
@@ -143,6 +157,7 @@ class Queue:
         self._owners = []   # torch tensors behind buffers made during a graph capture
 
     def launch(self, kernel, config, *args):
+        args = kernel_arguments(args)
         if self.device is None:
             kernel[config.grid, config.block, self.stream](*args)
         else:
@@ -202,6 +217,17 @@ class Queue:
     def empty(self, shape, dtype):
         """A new Numba device array for a caller (stream-ordered where the driver has it)."""
         return allocate(self, shape, dtype, lasting=False)
+
+
+def kernel_arguments(args):
+    """A launch's arguments as the kernels read them: bfloat16 arrays (in tuples too) viewed
+    as records of their bits (Numba has no bfloat16)."""
+    if isinstance(args, tuple):
+        return tuple(kernel_arguments(a) for a in args)
+    dtype = getattr(args, "dtype", None)
+    if dtype is not None and hasattr(args, "shape") and _layout.is_bfloat16(dtype):
+        return strided(args, args.shape, args.strides, dtype=BFLOAT16)
+    return args
 
 
 @functools.lru_cache(maxsize=1024)

@@ -7,8 +7,10 @@ library (torch in, torch out; CuPy in, CuPy out; else Numba device arrays). Noth
 copied to the host and nothing waits for the device: per-channel statistics,
 coefficients, the running-buffer update and the parameter gradients are kernels too,
 fused where the grid allows (a reduction's last block per channel writes the channel's
-results; dx's kernel computes its coefficients). Accumulation is float32 for float16
-input and float64 otherwise, as on the host; merges are float64.
+results; dx's kernel computes its coefficients). Accumulation is float32 for 16-bit
+input (float16, bfloat16) and float64 otherwise; merges are float64. The epilogue
+(residual, ReLU, a layer's kept copy of x and ReLU mask) and the ReLU's gate in the
+backward are optional operands of the same kernels (``_kernel_args``' ``optional``).
 """
 import functools
 
@@ -24,8 +26,9 @@ F8 = np.dtype(np.float64)
 
 
 def _acc(dtype):
-    """Accumulation dtype: float32 for float16 input, float64 otherwise (the CPU path's)."""
-    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else F8
+    """Accumulation dtype: float32 for 16-bit floats, float64 otherwise (the CPU path's)."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if _layout.is_float(dtype) and dtype.itemsize == 2 else F8
 
 
 def _zero(dtype):
@@ -41,16 +44,20 @@ def _flags(**named):
     return sum(flag for flag, on in named.values() if on)
 
 
-def _kernel_args(reduction, *ops):
+def _kernel_args(reduction, *ops, optional=()):
     """A rows or columns kernel over Operands ``ops`` (one shape): ``(columns, config,
-    arguments)``, the arguments being each operand's flat view and strides, then the
-    shape, in the operands' index type."""
+    arguments, extra)``, the arguments being each operand's flat view and strides, then
+    the shape, in the operands' index type; ``extra``: the flat view and strides of each
+    ``optional`` Operand, (None, the first operand's strides) for None."""
+    given = [op for op in (*ops, *optional) if op is not None]
     columns, config, shape, strides = _launch_plan(
-        reduction, ops[0].shape, tuple(op.strides for op in ops),
-        max(op.span for op in ops), launch.settings())
-    args = [x for op, st in zip(ops, strides) for x in (op.flat, st)]
-    args.append(shape)
-    return columns, config, args
+        reduction, ops[0].shape, tuple(op.strides for op in given),
+        max(op.span for op in given), launch.settings())
+    typed = iter(strides)
+    pairs = [(op.flat, next(typed)) for op in ops]
+    extra = tuple(x for op in optional
+                  for x in ((None, pairs[0][1]) if op is None else (op.flat, next(typed))))
+    return columns, config, [x for pair in pairs for x in pair] + [shape], extra
 
 
 @functools.lru_cache(maxsize=1024)
@@ -75,17 +82,17 @@ def _empty_operand(queue, nchan, dtype):
     return operand(queue.work("empty", (1,), dtype), (0, nchan, 1), (0, 0, 0))
 
 
-def _reduction(queue, kernels, depth, ops, before, after):
+def _reduction(queue, kernels, depth, ops, before, after, optional=None):
     """A rows or columns reduction (``kernels``) over Operands ``ops``, its blocks meeting in
     the last block of each channel: one launch. The kernel's arguments: the operands,
     ``before``, the partial states (``depth`` values per block) and tickets from the
-    queue's workspace, ``after``."""
+    queue's workspace, ``after``, then (where given) the ``optional`` operands' tuple."""
     nchan = ops[0].shape[1]
-    columns, cfg, args = _kernel_args(True, *ops)
+    columns, cfg, args, extra = _kernel_args(True, *ops, optional=optional or ())
     partial = queue.work("partial", (nchan if cfg.parts > 1 else 1, depth,
                                      padded_parts(cfg.parts)), F8)
     queue.launch(kernels[1] if columns else kernels[0], cfg, *args, *before, partial,
-                 queue.tickets(nchan), *after)
+                 queue.tickets(nchan), *after, *(() if optional is None else (extra,)))
 
 
 _MOMENTS = (moment_kernels.moments_rows, moment_kernels.moments_columns)
@@ -132,8 +139,16 @@ def view(call, a):
     return arrays.view3(queue_of(call.x), a, call.plan.layout)
 
 
+def kept(call, dtype):
+    plan = call.plan
+    layout = plan.layout
+    buf = queue_of(call.x).empty([plan.shape[i] for i in layout.order],
+                                 plan.dtype if dtype is None else dtype)
+    return arrays.permuted(buf, layout.inverse)
+
+
 def fallback(op, a, **kwargs):
-    if kwargs.get("dtype") is not None and np.dtype(kwargs["dtype"]).kind != "f":
+    if kwargs.get("dtype") is not None and not _layout.is_float(kwargs["dtype"]):
         raise TypeError(f"nbbn on CUDA arrays computes floating-point results; "
                         f"dtype={kwargs['dtype']} is not supported there")
     raise TypeError(f"nbbn reads bool, integer and float CUDA arrays, got dtype {a.dtype}")
@@ -252,24 +267,34 @@ def _output(queue, plan, like, out, dtype=None):
     return op, lambda: result
 
 
-def _affine(queue, x3, scale, shift, zero, y3):
-    columns, cfg, args = _kernel_args(False, x3, y3)
+def _affine(queue, x3, scale, shift, zero, y3, residual=None, relu=False, copy=None,
+            mask=None):
+    """The affine pass (``normalize``) over Operands, with the epilogue's optional ones."""
+    columns, cfg, args, extra = _kernel_args(False, x3, y3, optional=(residual, copy, mask))
+    res, s_res, cp, s_cp, mk, s_mk = extra
     queue.launch(normalize.affine_columns if columns else normalize.affine_rows, cfg, *args,
-                 scale, shift, zero)
+                 scale, shift, zero, (res, s_res, True if relu else None, cp, s_cp, mk, s_mk))
 
 
-def affine(call, scale, shift, out):
-    return _normalized(queue_of(call.x), call, scale, shift, out)
+def affine(call, scale, shift, out, epilogue):
+    return _normalized(queue_of(call.x), call, scale, shift, out, epilogue)
 
 
-def _normalized(queue, call, scale, shift, out):
+def _written(call, a):
+    """The writable Operand of an array from ``kept`` (None stays None)."""
+    return None if a is None else arrays.write_view(to_numba(a), call.plan.layout)
+
+
+def _normalized(queue, call, scale, shift, out, epilogue):
     y3, finish = _output(queue, call.plan, call.like, out)
     if call.plan.size:
-        _affine(queue, call.x3, scale, shift, _zero(call.plan.dtype), y3)
+        _affine(queue, call.x3, scale, shift, _zero(call.plan.dtype), y3, epilogue.residual,
+                epilogue.relu, _written(call, epilogue.copy), _written(call, epilogue.mask))
     return finish()
 
 
-def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_factor):
+def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_factor,
+            epilogue):
     """Two launches: the statistics, whose last block per channel writes the batch mean/var,
     scale/shift and the running-buffer update; then the affine pass."""
     plan = call.plan
@@ -291,7 +316,7 @@ def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_fa
     fin = _fin(moment_kernels.VARIANCE, 0, to_numba(mean), to_numba(var), scale, shift, flags,
                eps, momentum, var_factor, weight, bias, running)
     _moments(queue, call.x3, nchan, plan.dtype, fin)
-    return _normalized(queue, call, scale, shift, out), mean, var
+    return _normalized(queue, call, scale, shift, out, epilogue), mean, var
 
 
 def ema(running_mean, running_var, mean, var, momentum, var_factor):
@@ -302,23 +327,24 @@ def ema(running_mean, running_var, mean, var, momentum, var_factor):
                      var, momentum, var_factor)
 
 
-def backward_sums(call, dy3, mean):
+def backward_sums(call, dy3, mean, gate3, dresidual):
     """One launch: block partials of the per-channel sums, merged per channel in the last
-    block (float64)."""
+    block (float64); the gated dy written too where ``dresidual``."""
     plan = call.plan
     nchan = plan.nchan
     queue = queue_of(call.x)
     sum_dy = queue.work("sum_dy", (nchan,), F8)
     sum_dy_xmu = queue.work("sum_dy_xmu", (nchan,), F8)
+    dres3, finish = _output(queue, plan, call.like, None) if dresidual else (None, None)
     if nchan:
         x3 = call.x3 if plan.size else _empty_operand(queue, nchan, plan.dtype)
         _reduction(queue, _SUMS, 2, (dy3 if plan.size else x3, x3), (mean, _zero(plan.dtype)),
-                   (sum_dy, sum_dy_xmu))
-    return sum_dy, sum_dy_xmu
+                   (sum_dy, sum_dy_xmu), (gate3, dres3))
+    return (sum_dy, sum_dy_xmu) if finish is None else (sum_dy, sum_dy_xmu, finish())
 
 
 def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, batch_stats,
-               out):
+               out, gate3):
     """One launch: dx, each block computing its channels' coefficients from the sums."""
     plan = call.plan
     queue = queue_of(call.x)
@@ -329,9 +355,9 @@ def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, bat
         weight = None if weight is None else to_numba(weight)
         grad = (mean, var, _or(weight, var), sum_dy, sum_dy_xmu, float(count), flags,
                 float(eps))
-        columns, cfg, args = _kernel_args(False, dy3, call.x3, dx3)
+        columns, cfg, args, gating = _kernel_args(False, dy3, call.x3, dx3, optional=(gate3,))
         queue.launch(backward.dx_columns if columns else backward.dx_rows, cfg, *args, grad,
-                     _zero(plan.dtype))
+                     _zero(plan.dtype), gating)
     return finish()
 
 
@@ -354,8 +380,7 @@ def _scaled(queue, a, scale, shift, dtype):
     plan = _layout.channel_plan(an, 0, "a", min_ndim=1)
     y3, finish = _output(queue, plan, a, None, dtype)
     if plan.size:
-        _affine(queue, arrays.view3(queue, an, plan.layout), scale, shift,
-                _zero(an.dtype), y3)
+        _affine(queue, arrays.view3(queue, an, plan.layout), scale, shift, _zero(an.dtype), y3)
     return finish()
 
 

@@ -8,9 +8,15 @@ synchronized layer adds up over ranks in between): dx's coefficients, computed w
 each block of the elementwise pass starts a channel (``dx_coefficients``), and
 dweight/dbias (``param_grads``). Elementwise: ``dx = g[c]*dy + h[c]*(x - mean[c]) +
 k[c]``, as the CPU path (h = k = 0 for running statistics).
+
+Behind a ReLU, dy is taken where the forward's output was positive: ``gating`` =
+(gate, its strides, dres, its strides), the gate being y or a layer's kept mask, and
+``dres`` where the reduction also writes that gated dy (the residual's gradient), all
+None where absent (an absent operand's strides are x's).
 """
 from numba import cuda, float64
 
+from .elements import gated, load4_if, load_if, store, store_if, wide
 from .launch import (advance, as_index, block_sum2, cast, column_start, column_walk, four,
                      four_rows, last_block, load4, load_partial, moved, operand_walk,
                      plane_walk)
@@ -21,10 +27,13 @@ HAS_WEIGHT, BATCH_STATS = 1, 2
 
 
 @cuda.jit(device=True, cache=True)
-def accumulate_sums(s_dy, s_dxm, g, v, m, zero):
-    """The per-thread sums after one more (dy, x) pair."""
-    g = zero + g
-    return s_dy + g, s_dxm + g * ((zero + v) - m)
+def accumulate_sums(s_dy, s_dxm, g, v, t, off_dres, m, zero, gating):
+    """The per-thread sums after one more (dy, x) pair (``t``: the gate's element), the gated
+    dy written into dres at ``off_dres`` where gating asks for it."""
+    gate, _, dres, _ = gating
+    g = gated(wide(g, zero), t, gate, zero)
+    store_if(dres, off_dres, g)
+    return s_dy + g, s_dxm + g * (wide(v, zero) - m)
 
 
 @cuda.jit(device=True, cache=True)
@@ -39,14 +48,12 @@ def merged_sums(partial, c, first, stride, parts):
 
 
 @cuda.jit(device=True, cache=True)
-def accumulate_sums4(s_dy, s_dxm, gs, vs, m, zero):
+def accumulate_sums4(s_dy, s_dxm, gs, vs, ts, es, m, zero, gating):
     """The per-thread sums after four more (dy, x) pairs."""
-    g0, g1, g2, g3 = gs
-    v0, v1, v2, v3 = vs
-    s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, g0, v0, m, zero)
-    s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, g1, v1, m, zero)
-    s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, g2, v2, m, zero)
-    return accumulate_sums(s_dy, s_dxm, g3, v3, m, zero)
+    s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, gs[0], vs[0], ts[0], es[0], m, zero, gating)
+    s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, gs[1], vs[1], ts[1], es[1], m, zero, gating)
+    s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, gs[2], vs[2], ts[2], es[2], m, zero, gating)
+    return accumulate_sums(s_dy, s_dxm, gs[3], vs[3], ts[3], es[3], m, zero, gating)
 
 
 @cuda.jit(device=True, cache=True)
@@ -56,10 +63,13 @@ def write_sums(sum_dy, sum_dy_xmu, c, s_dy, s_dxm):
 
 
 @cuda.jit(cache=True)
-def sums_rows(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_dy_xmu):
+def sums_rows(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_dy_xmu,
+              gating):
     """x, dy [outer, C, inner], flat with element strides: the walk of
-    ``moments.moments_rows``; sum_dy[c] = sum(dy), sum_dy_xmu[c] = sum(dy * (x - mean))."""
+    ``moments.moments_rows``; sum_dy[c] = sum(g), sum_dy_xmu[c] = sum(g * (x - mean)), g
+    being dy through the gate."""
     n_outer, nchan, n_inner = shape
+    gate, s_gate, _, s_dres = gating
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     parts = cuda.gridDim.y
@@ -68,20 +78,29 @@ def sums_rows(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_d
     q, _, i, step, _, step_i, plane, limit, _ = walk
     off_dy, steps_dy = operand_walk(sdy, walk, c)
     off_x, steps_x = operand_walk(sx, walk, c)
-    m = zero + mean[c]
+    off_t, steps_t = operand_walk(s_gate, walk, c)
+    off_e, steps_e = operand_walk(s_dres, walk, c)
+    m = wide(mean[c], zero)
     s_dy = zero
     s_dxm = zero
     while q < limit:
         g0, g1, g2, g3, off_dy, _ = four(off_dy, steps_dy, i, step_i, n_inner)
+        t0, t1, t2, t3, off_t, _ = four(off_t, steps_t, i, step_i, n_inner)
+        e0, e1, e2, e3, off_e, _ = four(off_e, steps_e, i, step_i, n_inner)
         x0, x1, x2, x3, off_x, i = four(off_x, steps_x, i, step_i, n_inner)
         s_dy, s_dxm = accumulate_sums4(s_dy, s_dxm, load4(dy, g0, g1, g2, g3),
-                                       load4(x, x0, x1, x2, x3), m, zero)
+                                       load4(x, x0, x1, x2, x3),
+                                       load4_if(gate, (t0, t1, t2, t3), zero),
+                                       (e0, e1, e2, e3), m, zero, gating)
         q = as_index(q + as_index(step * 4, step), step)
     while q < plane:
-        s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, dy[off_dy], x[off_x], m, zero)
+        s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, dy[off_dy], x[off_x],
+                                      load_if(gate, off_t, zero), off_e, m, zero, gating)
         i, wrapped = advance(i, step_i, n_inner)
         off_dy = moved(off_dy, steps_dy, wrapped)
         off_x = moved(off_x, steps_x, wrapped)
+        off_t = moved(off_t, steps_t, wrapped)
+        off_e = moved(off_e, steps_e, wrapped)
         q = as_index(q + step, step)
     s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, 1)
     if parts > 1:
@@ -96,9 +115,11 @@ def sums_rows(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_d
 
 
 @cuda.jit(cache=True)
-def sums_columns(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_dy_xmu):
+def sums_columns(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_dy_xmu,
+                 gating):
     """x, dy [rows, C], channels-last: the walk of ``moments.moments_columns``."""
     n_rows, nchan = shape
+    gate, s_gate, _, s_dres = gating
     ntx = cuda.blockDim.x
     nthreads = ntx * cuda.blockDim.y
     tid = cuda.threadIdx.y * ntx + cuda.threadIdx.x
@@ -107,19 +128,28 @@ def sums_columns(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, su
     s_dy = zero
     s_dxm = zero
     if c < nchan:
-        m = zero + mean[c]
+        m = wide(mean[c], zero)
         off_dy, dy_step = column_start(sdy, r, c, rstep)
         off_x, x_step = column_start(sx, r, c, rstep)
+        off_t, t_step = column_start(s_gate, r, c, rstep)
+        off_e, e_step = column_start(s_dres, r, c, rstep)
         while r < limit:
             g0, g1, g2, g3, off_dy = four_rows(off_dy, dy_step)
+            t0, t1, t2, t3, off_t = four_rows(off_t, t_step)
+            e0, e1, e2, e3, off_e = four_rows(off_e, e_step)
             x0, x1, x2, x3, off_x = four_rows(off_x, x_step)
             s_dy, s_dxm = accumulate_sums4(s_dy, s_dxm, load4(dy, g0, g1, g2, g3),
-                                           load4(x, x0, x1, x2, x3), m, zero)
+                                           load4(x, x0, x1, x2, x3),
+                                           load4_if(gate, (t0, t1, t2, t3), zero),
+                                           (e0, e1, e2, e3), m, zero, gating)
             r = as_index(r + as_index(rstep * 4, rstep), rstep)
         while r < n_rows:
-            s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, dy[off_dy], x[off_x], m, zero)
+            s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, dy[off_dy], x[off_x],
+                                          load_if(gate, off_t, zero), off_e, m, zero, gating)
             off_dy = as_index(off_dy + dy_step, dy_step)
             off_x = as_index(off_x + x_step, x_step)
+            off_t = as_index(off_t + t_step, t_step)
+            off_e = as_index(off_e + e_step, e_step)
             r = as_index(r + rstep, rstep)
     s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, ntx)
     if parts > 1:
@@ -141,15 +171,15 @@ def dx_coefficients(c, grad, zero):
     """dx's coefficients (g, h, k) and mean of channel c in zero's dtype; ``grad`` = (mean,
     var, weight, sum_dy, sum_dy_xmu, count, flags, eps) (flags: HAS_WEIGHT|BATCH_STATS)."""
     mean, var, weight, sum_dy, sum_dy_xmu, count, flags, eps = grad
-    invstd = inv_sqrt(float64(var[c]) + eps)
-    g = invstd * (float64(weight[c]) if flags & HAS_WEIGHT else 1.0)
+    invstd = inv_sqrt(wide(var[c], 0.0) + eps)
+    g = invstd * (wide(weight[c], 0.0) if flags & HAS_WEIGHT else 1.0)
     h = 0.0
     k = 0.0
     if flags & BATCH_STATS and count > 0:
         # The mean and variance depend on x too: their gradients, folded per channel.
         h = -g * invstd * invstd * sum_dy_xmu[c] / count
         k = -g * sum_dy[c] / count
-    return cast(g, zero), cast(h, zero), cast(k, zero), zero + mean[c]
+    return cast(g, zero), cast(h, zero), cast(k, zero), wide(mean[c], zero)
 
 
 @cuda.jit(cache=True)
@@ -157,74 +187,87 @@ def param_grads(sum_dy, sum_dy_xmu, var, eps, dweight, dbias):
     """dweight[c] = sum(dy*(x-mean))*invstd, dbias[c] = sum(dy)."""
     c = cuda.grid(1)
     if c < var.shape[0]:
-        dweight[c] = sum_dy_xmu[c] * inv_sqrt(float64(var[c]) + eps)
-        dbias[c] = sum_dy[c]
+        store(dweight, c, sum_dy_xmu[c] * inv_sqrt(wide(var[c], 0.0) + eps))
+        store(dbias, c, sum_dy[c])
 
 
 @cuda.jit(device=True, cache=True)
-def put_dx4(dx, offsets, dys, xs, coefficients, zero):
-    """dx at four offsets from four (dy, x) pairs: g*dy + h*(x - mean) + k."""
-    g, h, k, m = coefficients
-    d0, d1, d2, d3 = offsets
-    a0, a1, a2, a3 = dys
-    v0, v1, v2, v3 = xs
-    dx[d0] = g * (zero + a0) + h * ((zero + v0) - m) + k
-    dx[d1] = g * (zero + a1) + h * ((zero + v1) - m) + k
-    dx[d2] = g * (zero + a2) + h * ((zero + v2) - m) + k
-    dx[d3] = g * (zero + a3) + h * ((zero + v3) - m) + k
+def put_dx(dx, off, g, v, t, coefficients, zero, gate):
+    """One element: dx = G*g + H*(x - mean) + K from dy's element ``g`` (through the gate's
+    element ``t``) and x's ``v``."""
+    cg, ch, ck, m = coefficients
+    store(dx, off, cg * gated(wide(g, zero), t, gate, zero) + ch * (wide(v, zero) - m) + ck)
+
+
+@cuda.jit(device=True, cache=True)
+def put_dx4(dx, offsets, dys, xs, ts, coefficients, zero, gate):
+    """dx at four offsets from four (dy, x, gate) elements."""
+    put_dx(dx, offsets[0], dys[0], xs[0], ts[0], coefficients, zero, gate)
+    put_dx(dx, offsets[1], dys[1], xs[1], ts[1], coefficients, zero, gate)
+    put_dx(dx, offsets[2], dys[2], xs[2], ts[2], coefficients, zero, gate)
+    put_dx(dx, offsets[3], dys[3], xs[3], ts[3], coefficients, zero, gate)
 
 
 @cuda.jit(cache=True)
-def dx_rows(dy, sdy, x, sx, dx, sdx, shape, grad, zero):
-    """dx[outer, C, inner], threads as ``normalize.affine_rows``."""
+def dx_rows(dy, sdy, x, sx, dx, sdx, shape, grad, zero, gating):
+    """dx[outer, C, inner], threads as ``normalize.affine_rows``; ``gating``: (gate, its
+    strides)."""
     n_outer, nchan, n_inner = shape
+    gate, s_gate = gating
     c = cuda.blockIdx.x
     walk = plane_walk(n_outer, n_inner)
     q, _, i, step, _, step_i, plane, limit, _ = walk
     off_dy, steps_dy = operand_walk(sdy, walk, c)
     off_x, steps_x = operand_walk(sx, walk, c)
+    off_t, steps_t = operand_walk(s_gate, walk, c)
     off_dx, steps_dx = operand_walk(sdx, walk, c)
     coefficients = dx_coefficients(c, grad, zero)
-    g, h, k, m = coefficients
     while q < limit:
         g0, g1, g2, g3, off_dy, _ = four(off_dy, steps_dy, i, step_i, n_inner)
         x0, x1, x2, x3, off_x, _ = four(off_x, steps_x, i, step_i, n_inner)
+        t0, t1, t2, t3, off_t, _ = four(off_t, steps_t, i, step_i, n_inner)
         d0, d1, d2, d3, off_dx, i = four(off_dx, steps_dx, i, step_i, n_inner)
         put_dx4(dx, (d0, d1, d2, d3), load4(dy, g0, g1, g2, g3), load4(x, x0, x1, x2, x3),
-                coefficients, zero)
+                load4_if(gate, (t0, t1, t2, t3), zero), coefficients, zero, gate)
         q = as_index(q + as_index(step * 4, step), step)
     while q < plane:
-        dx[off_dx] = g * (zero + dy[off_dy]) + h * ((zero + x[off_x]) - m) + k
+        put_dx(dx, off_dx, dy[off_dy], x[off_x], load_if(gate, off_t, zero), coefficients,
+               zero, gate)
         i, wrapped = advance(i, step_i, n_inner)
         off_dy = moved(off_dy, steps_dy, wrapped)
         off_x = moved(off_x, steps_x, wrapped)
+        off_t = moved(off_t, steps_t, wrapped)
         off_dx = moved(off_dx, steps_dx, wrapped)
         q = as_index(q + step, step)
 
 
 @cuda.jit(cache=True)
-def dx_columns(dy, sdy, x, sx, dx, sdx, shape, grad, zero):
+def dx_columns(dy, sdy, x, sx, dx, sdx, shape, grad, zero, gating):
     """dx[rows, C], channels-last, threads as ``normalize.affine_columns``."""
     n_rows, nchan = shape
+    gate, s_gate = gating
     c, r, rstep, limit = column_walk(n_rows)
     if c >= nchan:
         return
     off_dy, dy_step = column_start(sdy, r, c, rstep)
     off_x, x_step = column_start(sx, r, c, rstep)
+    off_t, t_step = column_start(s_gate, r, c, rstep)
     off_dx, dx_step = column_start(sdx, r, c, rstep)
     coefficients = dx_coefficients(c, grad, zero)
-    g, h, k, m = coefficients
     while r < limit:
         g0, g1, g2, g3, off_dy = four_rows(off_dy, dy_step)
         x0, x1, x2, x3, off_x = four_rows(off_x, x_step)
+        t0, t1, t2, t3, off_t = four_rows(off_t, t_step)
         d0, d1, d2, d3, off_dx = four_rows(off_dx, dx_step)
         put_dx4(dx, (d0, d1, d2, d3), load4(dy, g0, g1, g2, g3), load4(x, x0, x1, x2, x3),
-                coefficients, zero)
+                load4_if(gate, (t0, t1, t2, t3), zero), coefficients, zero, gate)
         r = as_index(r + as_index(rstep * 4, rstep), rstep)
     while r < n_rows:
-        dx[off_dx] = g * (zero + dy[off_dy]) + h * ((zero + x[off_x]) - m) + k
+        put_dx(dx, off_dx, dy[off_dy], x[off_x], load_if(gate, off_t, zero), coefficients,
+               zero, gate)
         off_dy = as_index(off_dy + dy_step, dy_step)
         off_x = as_index(off_x + x_step, x_step)
+        off_t = as_index(off_t + t_step, t_step)
         off_dx = as_index(off_dx + dx_step, dx_step)
         r = as_index(r + rstep, rstep)
 

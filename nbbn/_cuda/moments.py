@@ -19,6 +19,7 @@ import math
 
 from numba import cuda, float64
 
+from .elements import store, wide
 from .ema import ema_step
 from .launch import (advance, as_index, block_merge, chan_merge, column_start, column_walk,
                      four, four_rows, last_block, load4, load_partial, moved, operand_walk,
@@ -34,7 +35,7 @@ COEFFICIENTS, HAS_WEIGHT, HAS_BIAS, UPDATE_RUNNING = 1, 2, 4, 8
 @cuda.jit(device=True, cache=True)
 def shift_of(value, zero):
     """The shift k of a thread's sums: its first value, or 0 where that is not finite."""
-    k = zero + value
+    k = wide(value, zero)
     if math.isfinite(k):
         return k
     return zero
@@ -43,7 +44,7 @@ def shift_of(value, zero):
 @cuda.jit(device=True, cache=True)
 def accumulate(s1, s2, value, k, zero):
     """The per-thread sums after one more value."""
-    d = (zero + value) - k
+    d = wide(value, zero) - k
     return s1 + d, s2 + d * d
 
 
@@ -82,17 +83,17 @@ def channel_result(c, n, mean, m2, fin):
     if n == 0.0:
         mean = math.nan
         m2 = math.nan
-    mean_out[c] = mean
+    store(mean_out, c, mean)
     if mode == RAW_M2:
-        second_out[c] = m2
+        store(second_out, c, m2)
     elif mode == VARIANCE:
-        second_out[c] = divide_m2(m2, n, ddof)
+        store(second_out, c, divide_m2(m2, n, ddof))
     else:
-        second_out[c] = math.sqrt(divide_m2(m2, n, ddof))
+        store(second_out, c, math.sqrt(divide_m2(m2, n, ddof)))
     if flags & COEFFICIENTS:
         var = divide_m2(m2, n, 0.0)
-        w = float64(weight[c]) if flags & HAS_WEIGHT else 1.0
-        b = float64(bias[c]) if flags & HAS_BIAS else 0.0
+        w = wide(weight[c], 0.0) if flags & HAS_WEIGHT else 1.0
+        b = wide(bias[c], 0.0) if flags & HAS_BIAS else 0.0
         a, d = affine_coefficients(mean, var, w, b, eps)
         scale[c] = a
         shift[c] = d

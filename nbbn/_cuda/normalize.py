@@ -1,13 +1,19 @@
-"""The elementwise pass of batch norm on the device: y = x * scale[c] + shift[c].
+"""The elementwise pass of batch norm on the device: y = act(x * scale[c] + shift[c] +
+residual).
 
 The coefficients are per-channel values in the accumulation dtype (float32 for
-float16 input, float64 otherwise, as the CPU path's float64), computed on the
-device (``scale_shift``, or ``moments.channel_result`` in training).
+16-bit input, float64 otherwise, as the CPU path), computed on the device
+(``scale_shift``, or ``moments.channel_result`` in training). ``epi`` = (residual,
+its strides, relu, copy, its strides, mask, its strides): the epilogue's optional
+operands (None where absent; an absent operand's strides are x's), a residual added
+before the ReLU (``relu``: None or True), and what a layer keeps for its backward:
+x's values (``copy``) and the ReLU's gate y > 0 (``mask``, uint8).
 """
 import math
 
-from numba import cuda, float64
+from numba import cuda
 
+from .elements import epilogue, keep, load4_if, load_if, store, wide
 from .launch import (advance, as_index, column_start, column_walk, four, four_rows, load4,
                      moved, operand_walk, plane_walk)
 
@@ -36,70 +42,104 @@ def scale_shift(mean, var, weight, bias, flags, eps, scale, shift):
     """scale[c], shift[c] from given statistics (evaluation; ``nbbn.fold``)."""
     c = cuda.grid(1)
     if c < mean.shape[0]:
-        w = float64(weight[c]) if flags & HAS_WEIGHT else 1.0
-        b = float64(bias[c]) if flags & HAS_BIAS else 0.0
-        a, d = affine_coefficients(float64(mean[c]), float64(var[c]), w, b, eps)
+        w = wide(weight[c], 0.0) if flags & HAS_WEIGHT else 1.0
+        b = wide(bias[c], 0.0) if flags & HAS_BIAS else 0.0
+        a, d = affine_coefficients(wide(mean[c], 0.0), wide(var[c], 0.0), w, b, eps)
         scale[c] = a
         shift[c] = d
 
 
 @cuda.jit(device=True, cache=True)
-def put_affine4(y, offsets, values, a, b, zero):
-    """y at four offsets from four values: x * a + b."""
-    y0, y1, y2, y3 = offsets
-    v0, v1, v2, v3 = values
-    y[y0] = (zero + v0) * a + b
-    y[y1] = (zero + v1) * a + b
-    y[y2] = (zero + v2) * a + b
-    y[y3] = (zero + v3) * a + b
+def put_affine(y, off_y, xv, rv, a, b, zero, epi, off_copy, off_mask):
+    """One element: y = act(x * a + b + r) from x's element ``xv`` and the residual's ``rv``,
+    and what the layer keeps (``epi``)."""
+    residual, _, relu, copy, _, mask, _ = epi
+    v = epilogue(wide(xv, zero) * a + b, rv, residual, relu, zero)
+    store(y, off_y, v)
+    keep(copy, off_copy, xv, mask, off_mask, v, y)
+
+
+@cuda.jit(device=True, cache=True)
+def put_affine4(y, ys, xs, rs, a, b, zero, epi, cs, ms):
+    """Four elements at once (their loads issued together by the caller)."""
+    put_affine(y, ys[0], xs[0], rs[0], a, b, zero, epi, cs[0], ms[0])
+    put_affine(y, ys[1], xs[1], rs[1], a, b, zero, epi, cs[1], ms[1])
+    put_affine(y, ys[2], xs[2], rs[2], a, b, zero, epi, cs[2], ms[2])
+    put_affine(y, ys[3], xs[3], rs[3], a, b, zero, epi, cs[3], ms[3])
 
 
 @cuda.jit(cache=True)
-def affine_rows(x, sx, y, sy, shape, scale, shift, zero):
+def affine_rows(x, sx, y, sy, shape, scale, shift, zero, epi):
     """x, y [outer, C, inner] as flat arrays with element strides sx, sy (index type); grid
     (channels, blocks per channel), each thread walking four elements of the plane at once."""
     n_outer, nchan, n_inner = shape
+    residual, s_res, _, copy, s_copy, mask, s_mask = epi
     c = cuda.blockIdx.x
     walk = plane_walk(n_outer, n_inner)
     q, _, i, step, _, step_i, plane, limit, _ = walk
     off_x, steps_x = operand_walk(sx, walk, c)
     off_y, steps_y = operand_walk(sy, walk, c)
+    off_r, steps_r = operand_walk(s_res, walk, c)
+    off_c, steps_c = operand_walk(s_copy, walk, c)
+    off_m, steps_m = operand_walk(s_mask, walk, c)
     a = scale[c]
     b = shift[c]
     while q < limit:
         x0, x1, x2, x3, off_x, _ = four(off_x, steps_x, i, step_i, n_inner)
+        r0, r1, r2, r3, off_r, _ = four(off_r, steps_r, i, step_i, n_inner)
+        c0, c1, c2, c3, off_c, _ = four(off_c, steps_c, i, step_i, n_inner)
+        m0, m1, m2, m3, off_m, _ = four(off_m, steps_m, i, step_i, n_inner)
         y0, y1, y2, y3, off_y, i = four(off_y, steps_y, i, step_i, n_inner)
-        put_affine4(y, (y0, y1, y2, y3), load4(x, x0, x1, x2, x3), a, b, zero)
+        put_affine4(y, (y0, y1, y2, y3), load4(x, x0, x1, x2, x3),
+                    load4_if(residual, (r0, r1, r2, r3), zero), a, b, zero, epi,
+                    (c0, c1, c2, c3), (m0, m1, m2, m3))
         q = as_index(q + as_index(step * 4, step), step)
     while q < plane:
-        y[off_y] = (zero + x[off_x]) * a + b
+        put_affine(y, off_y, x[off_x], load_if(residual, off_r, zero), a, b, zero, epi,
+                   off_c, off_m)
         i, wrapped = advance(i, step_i, n_inner)
         off_x = moved(off_x, steps_x, wrapped)
         off_y = moved(off_y, steps_y, wrapped)
+        off_r = moved(off_r, steps_r, wrapped)
+        off_c = moved(off_c, steps_c, wrapped)
+        off_m = moved(off_m, steps_m, wrapped)
         q = as_index(q + step, step)
 
 
 @cuda.jit(cache=True)
-def affine_columns(x, sx, y, sy, shape, scale, shift, zero):
+def affine_columns(x, sx, y, sy, shape, scale, shift, zero, epi):
     """x[rows, C], channels-last, flat with element strides (row, channel): TX threads along
     C (coalesced), TY along rows, four rows at once."""
     n_rows, nchan = shape
+    residual, s_res, _, copy, s_copy, mask, s_mask = epi
     c, r, rstep, limit = column_walk(n_rows)
     if c >= nchan:
         return
     off_x, x_step = column_start(sx, r, c, rstep)
     off_y, y_step = column_start(sy, r, c, rstep)
+    off_r, r_step = column_start(s_res, r, c, rstep)
+    off_c, c_step = column_start(s_copy, r, c, rstep)
+    off_m, m_step = column_start(s_mask, r, c, rstep)
     a = scale[c]
     b = shift[c]
     while r < limit:
         x0, x1, x2, x3, off_x = four_rows(off_x, x_step)
+        r0, r1, r2, r3, off_r = four_rows(off_r, r_step)
+        c0, c1, c2, c3, off_c = four_rows(off_c, c_step)
+        m0, m1, m2, m3, off_m = four_rows(off_m, m_step)
         y0, y1, y2, y3, off_y = four_rows(off_y, y_step)
-        put_affine4(y, (y0, y1, y2, y3), load4(x, x0, x1, x2, x3), a, b, zero)
+        put_affine4(y, (y0, y1, y2, y3), load4(x, x0, x1, x2, x3),
+                    load4_if(residual, (r0, r1, r2, r3), zero), a, b, zero, epi,
+                    (c0, c1, c2, c3), (m0, m1, m2, m3))
         r = as_index(r + as_index(rstep * 4, rstep), rstep)
     while r < n_rows:
-        y[off_y] = (zero + x[off_x]) * a + b
+        put_affine(y, off_y, x[off_x], load_if(residual, off_r, zero), a, b, zero, epi,
+                   off_c, off_m)
         off_x = as_index(off_x + x_step, x_step)
         off_y = as_index(off_y + y_step, y_step)
+        off_r = as_index(off_r + r_step, r_step)
+        off_c = as_index(off_c + c_step, c_step)
+        off_m = as_index(off_m + m_step, m_step)
         r = as_index(r + rstep, rstep)
 
 

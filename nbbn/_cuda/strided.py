@@ -5,6 +5,8 @@ module while the kernel runs, which would break host code beside it in other thr
 """
 from numba import cuda
 
+from .elements import store
+
 
 @cuda.jit(cache=True)
 def copy_strided(src, src_base, src_strides, dst, dst_base, dst_strides, shape):
@@ -24,13 +26,13 @@ def copy_strided(src, src_base, src_strides, dst, dst_base, dst_strides, shape):
             rem = q
             s += idx * src_strides[j]
             d += idx * dst_strides[j]
-        dst[d] = src[s]
+        store(dst, d, src[s])
 
 
 @cuda.jit(cache=True)
 def fill_kernel(a, value):
     for i in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
-        a[i] = value
+        store(a, i, value)
 
 
 KERNELS = ("copy_strided", "fill_kernel")
