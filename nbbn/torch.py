@@ -95,10 +95,19 @@ def _group_counts(x, virtual_batch_size):
 # ---- the autograd Function -----------------------------------------------------------------
 
 
-def _differentiable_grads(x, weight, mean, var, eps, use_batch_stats, dy):
+def _differentiable_grads(x, weight, mean, var, eps, use_batch_stats, dy,
+                          virtual_batch_size=None):
     """(dx, dweight, dbias) written with PyTorch operations, so that autograd can
     differentiate them again (double backward: gradient penalties, MAML). With batch
-    statistics, mean and var are recomputed from ``x``: they depend on it."""
+    statistics, mean and var are recomputed from ``x``: they depend on it (per virtual
+    batch: each group of ``virtual_batch_size`` samples on its own)."""
+    if virtual_batch_size is not None and x.shape[0] > virtual_batch_size:
+        parts = [_differentiable_grads(xg, weight, None, None, eps, True, dyg)
+                 for xg, dyg in zip(x.split(virtual_batch_size), dy.split(virtual_batch_size))]
+        dx = torch.cat([p[0] for p in parts])
+        if weight is None:
+            return dx, None, None
+        return dx, sum(p[1] for p in parts), sum(p[2] for p in parts)
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
     if use_batch_stats:
@@ -164,9 +173,9 @@ class BatchNormFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
             dx, dw, db = _differentiable_grads(x, weight, mean, var, ctx.eps,
-                                               ctx.use_batch_stats, dy)
+                                               ctx.use_batch_stats, dy, ctx.virtual_batch_size)
             return (dx if need_x else None, dw if need_w else None, db if need_b else None,
-                    None, None, None, None, None)
+                    *(None,) * (len(ctx.needs_input_grad) - 3))
         dya, xa, wa = _arr(dy), _arr(x), _arr(weight)
         dx = dw = db = None
         if ctx.use_batch_stats:
@@ -190,6 +199,12 @@ class BatchNormFunction(torch.autograd.Function):
         db = _tensor(db, x) if need_b else None
         return (dx, dw, db) + (None,) * (len(ctx.needs_input_grad) - 3)
 
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "nbbn.torch batch norm does not support forward-mode AD (torch.func.jvp, "
+            "torch.autograd.forward_ad); use torch.nn.functional.batch_norm there")
+
 
 class BatchRenormFunction(torch.autograd.Function):
     """Batch renormalization (training) over dim 1 of ``x`` with nbbn's kernels; returns ``y``.
@@ -197,8 +212,10 @@ class BatchRenormFunction(torch.autograd.Function):
     ``apply(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps)``:
     ``nbbn.batch_renorm_forward`` (running buffers updated in place) and
     ``nbbn.batch_renorm_backward`` (r, d constant). Differentiable in ``x``,
-    ``weight`` and ``bias`` (once).
+    ``weight`` and ``bias`` (once); forward-mode AD raises NotImplementedError.
     """
+
+    jvp = staticmethod(BatchNormFunction.jvp)
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps):
@@ -218,13 +235,6 @@ class BatchRenormFunction(torch.autograd.Function):
                                            ctx.eps, axis=1)
         return (*(_tensor(g, x) if need else None
                   for g, need in zip(grads, ctx.needs_input_grad[:3])), *(None,) * 6)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            "nbbn.torch batch norm does not support forward-mode AD (torch.func.jvp, "
-            "torch.autograd.forward_ad); use torch.nn.functional.batch_norm there")
-
 
 
 def _check_arguments(x, running_mean, running_var, weight, bias):

@@ -70,10 +70,11 @@ def test_occupancy_model():
 @pytest.mark.parametrize("path", ["shuffle", "shared"])
 def test_every_specialization_assembles_without_spills_at_the_planned_occupancy(path,
                                                                                toolchain):
-    from nbbn._cuda import backward, ema, moments, normalize, strided
+    from nbbn._cuda import backward, ema, merge, moments, normalize, renorm, strided
     table = _table(path)
-    every = {(m.__name__.rsplit(".", 1)[1], k) for m in (backward, ema, moments, normalize,
-                                                         strided) for k in m.KERNELS}
+    every = {(m.__name__.rsplit(".", 1)[1], k) for m in (backward, ema, merge, moments,
+                                                         normalize, renorm, strided)
+             for k in m.KERNELS}
     compiled = {(row["module"], row["kernel"]) for row in table}
     assert every <= compiled, f"kernels without a static check: {sorted(every - compiled)}"
     for row in table:

@@ -218,8 +218,9 @@ def group_plane(nchan, group_rows, n_outer):
 def group_column_walk(nchan, group_rows, n_rows):
     """This thread's pair and rows in a channels-last kernel with virtual batches:
     ``(j, c, first, rows, r0, rstep, limit)``: pair j = g * C + c (c may be past the last
-    channel: no work), the group's first row and rows, and ``column_walk``'s rows r0 +
-    k*rstep within the group (four at a time while r < limit)."""
+    channel: no work; TX threads over consecutive channels, TY over rows), the group's
+    first row and rows, and the thread's rows r0 + k*rstep within the group (grid row
+    ``blockIdx.y`` of blocks), four at a time while r < limit."""
     tiles = (nchan + cuda.blockDim.x - 1) // cuda.blockDim.x
     g = cuda.blockIdx.x // tiles
     c = (cuda.blockIdx.x - g * tiles) * cuda.blockDim.x + cuda.threadIdx.x
@@ -231,12 +232,14 @@ def group_column_walk(nchan, group_rows, n_rows):
 
 
 @cuda.jit(device=True, cache=True)
-def operand_walk(strides, walk, c):
-    """(offset of the walk's first element in channel c, (offset step of one grid stride,
-    extra offset when the row wraps)) for an operand of element ``strides``."""
+def operand_walk(strides, walk, c, row0):
+    """(offset of the walk's first element in channel c of the plane from row ``row0``,
+    (offset step of one grid stride, extra offset when the row wraps)) for an operand of
+    element ``strides``."""
     _, o, i, _, step_o, step_i, _, _, n_inner = walk
     s_o, s_c, s_i = strides
-    first = as_index(as_index(o * s_o, s_i) + as_index(as_index(c, s_i) * s_c, s_i)
+    first = as_index(as_index(as_index(o + row0, s_i) * s_o, s_i)
+                     + as_index(as_index(c, s_i) * s_c, s_i)
                      + as_index(i * s_i, s_i), s_i)
     step = as_index(as_index(step_o * s_o, s_i) + as_index(step_i * s_i, s_i), s_i)
     return first, (step, as_index(s_o - as_index(n_inner * s_i, s_i), s_i))
@@ -281,18 +284,6 @@ def four_limit(plane, step):
     if plane > three:
         return as_index(plane - three, step)
     return as_index(0, step)
-
-
-@cuda.jit(device=True, cache=True)
-def column_walk(n_rows):
-    """This thread's channel and rows in a channels-last kernel over x[rows, C] (TX threads
-    over consecutive channels, TY over rows), in n_rows' index type: ``(c, r0, rstep,
-    limit)``: rows r0 + k*rstep (grid row ``blockIdx.y`` of blocks), four at a time while
-    r < limit."""
-    r0 = as_index(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, n_rows)
-    rstep = as_index(cuda.gridDim.y * cuda.blockDim.y, n_rows)
-    return (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, r0, rstep,
-            four_limit(n_rows, rstep))
 
 
 @cuda.jit(device=True, cache=True)

@@ -1,14 +1,15 @@
 """Statistics of several batches (or virtual batches) merged per channel on the device, in
 float64, one thread per channel (the CPU's ``merge`` family)."""
-from numba import cuda, float64
+from numba import cuda
 
 from .. import _math
+from .elements import wide
 from .launch import chan_merge
 
-pooled_variance = cuda.jit(device=True)(_math.pooled_variance)
+pooled_variance = cuda.jit(device=True, cache=True)(_math.pooled_variance)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def merge_batches(state, mean, var, count, last_count):
     """Fold groups' (mean, biased var), ``groups * C`` long, into state (5, C) in place: count,
     mean, m2 of all values, their unbiased variance, the mean of the groups' unbiased
@@ -25,8 +26,8 @@ def merge_batches(state, mean, var, count, last_count):
         for g in range(groups):
             n_b = count if g < groups - 1 else last_count
             j = g * nchan + c
-            v = float64(var[j])
-            n, m, m2 = chan_merge(n, m, m2, n_b, float64(mean[j]), v * n_b)
+            v = wide(var[j], 0.0)
+            n, m, m2 = chan_merge(n, m, m2, n_b, wide(mean[j], 0.0), v * n_b)
             vbar = pooled_variance(vbar, n, n_b, v)
         state[0, c] = n
         state[1, c] = m
