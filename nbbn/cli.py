@@ -57,11 +57,12 @@ def build_parser():
                     "bandwidth floor (plain Numba read/copy kernels over the same bytes).")
     bench.add_argument("--ops", type=_csv, default=None,
                        help="comma-separated operations (default: all available): "
-                            "mean_var, forward, backward, inference, ema_update, layer_step")
+                            "mean_var, forward, backward, inference, ema_update, layer_step, "
+                            "fused_forward, fused_backward")
     bench.add_argument("--shapes", type=_shape, nargs="+", default=None, metavar="SHAPE",
                        help="logical shapes [b,c,...] such as 64x64x56x56 (default: "
                             + ", ".join("x".join(map(str, s)) for s in DEFAULT_SHAPES) + ")")
-    bench.add_argument("--dtypes", type=_csv, default=None, help="float32,float64 (default: float32)")
+    bench.add_argument("--dtypes", type=_csv, default=None, help="float32,float64,bfloat16 (default: float32)")
     bench.add_argument("--layouts", type=_csv, default=None,
                        help="NCHW,NHWC for shapes of >= 3 dims (default: both)")
     bench.add_argument("--full", action="store_true",
@@ -131,9 +132,9 @@ def _select(args, usage_error):
         shapes, dtypes = DEFAULT_SHAPES, ("float32",)
     shapes = args.shapes or shapes
     dtypes = args.dtypes or dtypes
-    bad = [d for d in dtypes if d not in ("float32", "float64")]
+    bad = [d for d in dtypes if d not in registry.KNOWN_DTYPES]
     if bad:
-        usage_error(f"unsupported dtype(s) {bad}: use float32, float64")
+        usage_error(f"unsupported dtype(s) {bad}: use {', '.join(registry.KNOWN_DTYPES)}")
     names = args.ops or list(registry.OPS)
     unknown = [n for n in names if n not in registry.OPS]
     if unknown:

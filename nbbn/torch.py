@@ -8,6 +8,11 @@ does. Install with the ``nbbn[torch]`` extra.
   buffers, state dict, ``train``/``eval``, ``momentum=None`` (cumulative
   average), ``affine=False``, ``track_running_stats=False``, input checks and
   ``isinstance(m, torch.nn.BatchNorm2d)`` are PyTorch's own.
+- :class:`BatchNormAct1d`, :class:`BatchNormAct2d`, :class:`BatchNormAct3d` are
+  the same with a fused epilogue: ``forward(x, residual=None)`` computes
+  ``relu(BN(x) + residual)`` in batch norm's own pass (and its backward in
+  batch norm's backward passes, the residual's gradient included); same state dict
+  as PyTorch's classes.
 - :func:`convert` swaps a model's ``torch.nn`` batch-norm modules for these in
   place (the same module objects, so parameters, buffers, hooks and optimizer
   references are untouched).
@@ -25,10 +30,12 @@ does. Install with the ``nbbn[torch]`` extra.
   dict, batch norm in evaluation); :func:`recompute_batch_norm_stats` (exact
   inference statistics, "precise BN", for any model's batch norms).
 
-Inputs nbbn cannot represent (bfloat16, complex, devices other than CPU and
-CUDA) fall back to ``torch.nn.functional.batch_norm``, so a converted model
-still runs everywhere a PyTorch one does.
+bfloat16 tensors are computed by nbbn too: on the CPU they cross to NumPy as
+``ml_dtypes.bfloat16`` arrays (a view of their bits, no copy). Inputs nbbn cannot
+represent (complex, devices other than CPU and CUDA) fall back to PyTorch's
+operations, so a converted model still runs everywhere a PyTorch one does.
 """
+import ml_dtypes
 import numpy as np
 import torch
 from torch import nn
@@ -37,11 +44,12 @@ import nbbn
 from nbbn import _layout
 from nbbn.batchnorm import PooledStatistics, check_convention
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "BatchRenorm1d",
-           "BatchRenorm2d", "BatchRenorm3d", "BatchRenormFunction", "batch_norm", "convert",
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
+           "BatchNormAct3d", "BatchNormFunction", "BatchRenorm1d", "BatchRenorm2d",
+           "BatchRenorm3d", "BatchRenormFunction", "batch_norm", "convert",
            "recompute_batch_norm_stats"]
 
-_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+_NUMPY_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---- tensors <-> nbbn's arrays ---------------------------------------------------------------
@@ -58,6 +66,8 @@ def _arr(t):
         return None
     t = t.detach()
     if t.device.type == "cpu":
+        if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: ml_dtypes' over the same bits
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()  # shares memory, any strides
     return t  # exposes __cuda_array_interface__; nbbn keeps the work and results on the device
 
@@ -67,6 +77,8 @@ def _tensor(a, like):
     if a is None or isinstance(a, torch.Tensor):
         return a
     if isinstance(a, np.ndarray):
+        if _layout.is_bfloat16(a.dtype):
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
     return torch.as_tensor(a, device=like.device)  # a Numba/CuPy device array
 
@@ -100,7 +112,8 @@ def _differentiable_grads(x, weight, mean, var, eps, use_batch_stats, dy,
     """(dx, dweight, dbias) written with PyTorch operations, so that autograd can
     differentiate them again (double backward: gradient penalties, MAML). With batch
     statistics, mean and var are recomputed from ``x``: they depend on it (per virtual
-    batch: each group of ``virtual_batch_size`` samples on its own)."""
+    batch: each group of ``virtual_batch_size`` samples on its own). ``dy``: the gradient
+    w.r.t. BN's output (behind a ReLU, already masked)."""
     if virtual_batch_size is not None and x.shape[0] > virtual_batch_size:
         parts = [_differentiable_grads(xg, weight, None, None, eps, True, dyg)
                  for xg, dyg in zip(x.split(virtual_batch_size), dy.split(virtual_batch_size))]
@@ -132,11 +145,13 @@ class BatchNormFunction(torch.autograd.Function):
     """Batch norm over dim 1 of ``x`` with nbbn's kernels; returns ``y``.
 
     ``apply(x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
-    virtual_batch_size=None)``: with ``use_batch_stats`` it normalizes with the batch
-    statistics (per virtual batch where ``virtual_batch_size`` is not None) and, where
-    running buffers are given, updates them in place (``nbbn.ema_update``, unbiased
-    variance, factor ``momentum``); otherwise it normalizes with the running
-    buffers. Differentiable in ``x``, ``weight`` and ``bias``: the backward is
+    residual=None, activation=None, virtual_batch_size=None)``: with ``use_batch_stats``
+    it normalizes with the batch statistics (per virtual batch where
+    ``virtual_batch_size`` is not None) and, where running buffers are given, updates them
+    in place (``nbbn.ema_update``, unbiased variance, factor ``momentum``); otherwise it
+    normalizes with the running buffers. ``residual`` is added and ``activation``
+    ("relu") applied in the same pass. Differentiable in ``x``, ``weight``, ``bias``
+    and ``residual``: the backward is
     nbbn's kernels, or, where autograd records it (``create_graph=True``), the same
     formulas in PyTorch operations, differentiable again. Forward-mode AD raises
     NotImplementedError (``batch_norm`` does for ``torch.func`` transforms, vmap included).
@@ -144,13 +159,15 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
-                virtual_batch_size=None):
+                residual=None, activation=None, virtual_batch_size=None):
         xa, wa, ba = _arr(x), _arr(weight), _arr(bias)
+        epilogue = dict(residual=_arr(residual), activation=activation)
         ctx.eps = eps
         ctx.use_batch_stats = use_batch_stats
+        ctx.activation = activation
         ctx.virtual_batch_size = virtual_batch_size
         if use_batch_stats:
-            ya, mean, var = nbbn.batch_norm_forward(xa, wa, ba, eps, axis=1,
+            ya, mean, var = nbbn.batch_norm_forward(xa, wa, ba, eps, axis=1, **epilogue,
                                                     virtual_batch_size=virtual_batch_size)
             if running_mean is not None and x.numel():  # PyTorch: an empty batch updates nothing
                 counts = _group_counts(x, virtual_batch_size)
@@ -161,28 +178,39 @@ class BatchNormFunction(torch.autograd.Function):
             mean, var = _tensor(mean, x), _tensor(var, x)
         else:
             ya = nbbn.batch_norm(xa, _arr(running_mean), _arr(running_var), wa, ba,
-                                 training=False, eps=eps, axis=1)
+                                 training=False, eps=eps, axis=1, **epilogue)
             # Saved as they are now: an in-place change before backward is reported by autograd.
             mean, var = running_mean, running_var
-        ctx.save_for_backward(x, weight, mean, var)
-        return _tensor(ya, x)
+        y = _tensor(ya, x)
+        # Behind the ReLU, the backward reads y (the gradient flows where y > 0).
+        ctx.save_for_backward(x, weight, mean, var, y if activation else None)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, mean, var, y = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_r = len(ctx.needs_input_grad) > 8 and ctx.needs_input_grad[8]
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+            if y is not None:
+                dy = dy * (y > 0)
             dx, dw, db = _differentiable_grads(x, weight, mean, var, ctx.eps,
                                                ctx.use_batch_stats, dy, ctx.virtual_batch_size)
             return (dx if need_x else None, dw if need_w else None, db if need_b else None,
-                    *(None,) * (len(ctx.needs_input_grad) - 3))
+                    None, None, None, None, None, dy if need_r else None, None, None)
         dya, xa, wa = _arr(dy), _arr(x), _arr(weight)
-        dx = dw = db = None
+        dx = dw = db = dr = None
         if ctx.use_batch_stats:
-            dx, dw, db = nbbn.batch_norm_backward(dya, xa, _arr(mean), _arr(var), wa, ctx.eps,
-                                                  axis=1,
-                                                  virtual_batch_size=ctx.virtual_batch_size)
+            dx, dw, db, *dr = nbbn.batch_norm_backward(
+                dya, xa, _arr(mean), _arr(var), wa, ctx.eps, axis=1, y=_arr(y),
+                activation=ctx.activation, residual_grad=need_r,
+                virtual_batch_size=ctx.virtual_batch_size)
+            dr = dr[0] if dr else None
         else:
+            if y is not None:  # the ReLU's gradient, then the affine map's
+                dy = torch.where(y > 0, dy, 0)
+                dya = _arr(dy)
+            dr = dy
             # Normalizing with constants is affine in x: dx = dy * weight / sqrt(var + eps),
             # which is inference batch norm of dy with a zero mean.
             if need_x:
@@ -197,7 +225,8 @@ class BatchNormFunction(torch.autograd.Function):
         dx = _tensor(dx, x) if need_x else None
         dw = _tensor(dw, x) if need_w else None
         db = _tensor(db, x) if need_b else None
-        return (dx, dw, db) + (None,) * (len(ctx.needs_input_grad) - 3)
+        dr = _tensor(dr, x) if need_r else None
+        return dx, dw, db, None, None, None, None, None, dr, None, None
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -237,10 +266,21 @@ class BatchRenormFunction(torch.autograd.Function):
                   for g, need in zip(grads, ctx.needs_input_grad[:3])), *(None,) * 6)
 
 
-def _check_arguments(x, running_mean, running_var, weight, bias):
+def _check_arguments(x, running_mean, running_var, weight, bias, residual=None,
+                     activation=None):
     """PyTorch's argument rules, each error naming its argument (before anything changes)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    _layout.check_activation(activation)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a torch.Tensor or None, got "
+                            f"{type(residual).__name__}")
+        if residual.shape != x.shape or residual.dtype != x.dtype \
+                or residual.device != x.device:
+            raise ValueError(f"residual must have the shape, dtype and device of input "
+                             f"({tuple(x.shape)}, {x.dtype}, {x.device}); got "
+                             f"({tuple(residual.shape)}, {residual.dtype}, {residual.device})")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither "
                          "be None")
@@ -255,11 +295,23 @@ def _check_arguments(x, running_mean, running_var, weight, bias):
             raise ValueError(f"{name} should contain {channels} elements, not {p.numel()}")
 
 
+def _composed(x, running_mean, running_var, weight, bias, training, momentum, eps, residual,
+              activation):
+    """PyTorch's operations for what nbbn cannot represent: batch norm, + residual, ReLU."""
+    y = nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training,
+                                 momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return nn.functional.relu(y) if activation else y
+
+
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, virtual_batch_size=None):
+               momentum=0.1, eps=1e-5, *, residual=None, activation=None,
+               virtual_batch_size=None):
     """Drop-in for ``torch.nn.functional.batch_norm`` computing with nbbn's kernels;
-    ``virtual_batch_size`` (training): ghost batch norm."""
-    _check_arguments(x, running_mean, running_var, weight, bias)
+    ``residual`` (shaped like x) and ``activation`` ("relu") give ``relu(BN(x) + residual)``
+    in the same pass; ``virtual_batch_size`` (training): ghost batch norm."""
+    _check_arguments(x, running_mean, running_var, weight, bias, residual, activation)
     if getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
         raise NotImplementedError(
             "nbbn.torch batch norm does not support torch.func transforms (vmap, grad, jacrev, "
@@ -268,14 +320,15 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         _check_batch_size(x, virtual_batch_size)
     if not _supported(x) or x.dim() < 2:
         if virtual_batch_size is not None and training:
-            raise TypeError(f"nbbn.torch: virtual batches need a float16/32/64 CPU or CUDA "
-                            f"tensor of 2 or more dimensions, got {x.dtype} on {x.device}")
-        return nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training,
-                                        momentum, eps)
+            raise TypeError(f"nbbn.torch: virtual batches need a float16/bfloat16/32/64 CPU "
+                            f"or CUDA tensor of 2 or more dimensions, got {x.dtype} on "
+                            f"{x.device}")
+        return _composed(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                         residual, activation)
     if not training and (running_mean is None or running_var is None):
         raise ValueError("running_mean and running_var are required when training=False")
     return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, bool(training),
-                                   float(momentum), float(eps),
+                                   float(momentum), float(eps), residual, activation,
                                    virtual_batch_size if training else None)
 
 
@@ -303,7 +356,11 @@ class _NbbnBatchNorm:
         return super().extra_repr() + ("" if vbs is None else f", virtual_batch_size={vbs}")
 
     def forward(self, input):
+        return self._normalized(input)
+
+    def _normalized(self, input, residual=None, activation=None):
         self._check_input_dim(input)
+        _check_arguments(input, None, None, None, None, residual, activation)
         # Batch statistics in training, and in evaluation when there are no running ones.
         use_batch_stats = self.training or (self.running_mean is None and
                                             self.running_var is None)
@@ -312,13 +369,14 @@ class _NbbnBatchNorm:
             # before the counter moves: a failed call changes nothing
             _check_batch_size(input, vbs)
         if self.training and self._nbbn_pooled is not None:
-            return self._pooled_forward(input, vbs)
+            return self._pooled_forward(input, vbs, residual, activation)
         factor = self._count_batch()
         # Running buffers are updated in training only when tracked; read in evaluation.
         track = not self.training or self.track_running_stats
         return batch_norm(input, self.running_mean if track else None,
                           self.running_var if track else None, self.weight, self.bias,
-                          use_batch_stats, factor, self.eps, virtual_batch_size=vbs)
+                          use_batch_stats, factor, self.eps, residual=residual,
+                          activation=activation, virtual_batch_size=vbs)
 
     def _count_batch(self):
         """PyTorch's bookkeeping of a forward: count a training batch (tracked), and return the
@@ -330,11 +388,12 @@ class _NbbnBatchNorm:
                       else self.momentum)
         return factor
 
-    def _pooled_forward(self, input, vbs):
+    def _pooled_forward(self, input, vbs, residual=None, activation=None):
         """Training forward under ``recompute_batch_norm_stats`` (no autograd): the output, the
         batch statistics pooled, the running buffers and counter untouched."""
         y, mean, var = nbbn.batch_norm_forward(_arr(input), _arr(self.weight), _arr(self.bias),
-                                               self.eps, axis=1, virtual_batch_size=vbs)
+                                               self.eps, axis=1, residual=_arr(residual),
+                                               activation=activation, virtual_batch_size=vbs)
         counts = _group_counts(input, vbs)
         self._nbbn_pooled.add(mean, var, counts[0], counts[-1])
         return _tensor(y, input)
@@ -350,6 +409,36 @@ class BatchNorm2d(_NbbnBatchNorm, nn.BatchNorm2d):
 
 class BatchNorm3d(_NbbnBatchNorm, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` (input ``(N, C, D, H, W)``) computed by nbbn."""
+
+
+class _NbbnBatchNormAct(_NbbnBatchNorm):
+    """Batch norm with a fused epilogue: ``forward(x, residual=None)`` is
+    ``activation(BN(x) + residual)``, computed in batch norm's own passes (forward and
+    backward, the residual's gradient included)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, activation="relu", device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+        self.activation = _layout.check_activation(activation)
+
+    def forward(self, input, residual=None):
+        return self._normalized(input, residual, self.activation)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class BatchNormAct1d(_NbbnBatchNormAct, nn.BatchNorm1d):
+    """``BatchNorm1d`` then ``+ residual`` and ReLU, fused (input ``(N, C)``/``(N, C, L)``)."""
+
+
+class BatchNormAct2d(_NbbnBatchNormAct, nn.BatchNorm2d):
+    """``BatchNorm2d`` then ``+ residual`` and ReLU, fused (input ``(N, C, H, W)``)."""
+
+
+class BatchNormAct3d(_NbbnBatchNormAct, nn.BatchNorm3d):
+    """``BatchNorm3d`` then ``+ residual`` and ReLU, fused (input ``(N, C, D, H, W)``)."""
 
 
 class _NbbnBatchRenorm(_NbbnBatchNorm):
@@ -372,8 +461,9 @@ class _NbbnBatchRenorm(_NbbnBatchNorm):
         self._check_input_dim(input)
         _check_batch_size(input)
         if not _supported(input):
-            raise TypeError(f"nbbn.torch.{type(self).__name__} computes on float16/32/64 CPU "
-                            f"or CUDA tensors, got {input.dtype} on {input.device}")
+            raise TypeError(f"nbbn.torch.{type(self).__name__} computes on float16, bfloat16, "
+                            f"float32 and float64 CPU or CUDA tensors, got {input.dtype} on "
+                            f"{input.device}")
         if self._nbbn_pooled is not None:
             return self._pooled_forward(input, None)
         rmax, dmax = _layout.check_renorm_limits(self.rmax, self.dmax)
@@ -413,7 +503,8 @@ def convert(module):
     The swap is in place: each batch-norm module keeps its identity, parameters,
     buffers, hooks and training mode and only changes class, so optimizers and
     state dicts made before the call keep working. Subclasses of PyTorch's
-    classes (``SyncBatchNorm``, lazy modules, user subclasses) are left alone.
+    classes (``SyncBatchNorm``, lazy modules, user subclasses, nbbn's
+    ``BatchNormAct*d``) are left alone.
     Returns ``module``.
     """
     if not isinstance(module, nn.Module):

@@ -180,7 +180,7 @@ def test_empty_batch_like_torch():
 
 
 def test_float16_and_bfloat16():
-    for dtype in (torch.float16, torch.bfloat16):  # bfloat16: the PyTorch fallback
+    for dtype in (torch.float16, torch.bfloat16):
         a, b = _pair(2, torch.float32)
         x = torch.randn(4, 3, 5, 5).to(dtype)
         ya, yb = a(x), b(x)

@@ -14,6 +14,7 @@ import importlib
 import math
 from dataclasses import dataclass, field
 
+import ml_dtypes  # noqa: F401 (registers the "bfloat16" dtype name with NumPy)
 import numpy as np
 
 import nbbn
@@ -25,6 +26,8 @@ LARGE_SHAPES = ((64, 64, 56, 56), (256, 256, 14, 14), (32, 3, 224, 224), (4096, 
 SMALL_SHAPES = ((32, 64), (8, 16, 8, 8))
 SHAPES = LARGE_SHAPES + SMALL_SHAPES
 DTYPES = ("float32", "float64")
+#: Dtypes a case may ask for (``--dtypes``); bfloat16 is NumPy's through ml_dtypes.
+KNOWN_DTYPES = DTYPES + ("bfloat16",)
 LAYOUTS = ("NCHW", "NHWC")
 
 
@@ -109,6 +112,7 @@ def prepare(case, seed=0):
     if case.op != "mean_var":
         inputs.update(
             dy=rng.standard_normal(case.stored_shape, dtype=np.float32).astype(dt, copy=False),
+            residual=rng.standard_normal(case.stored_shape, dtype=np.float32).astype(dt),
             weight=(1 + 0.1 * rng.standard_normal(c)).astype(dt),
             bias=(0.1 * rng.standard_normal(c)).astype(dt),
             running_mean=np.zeros(c, dt),
@@ -132,9 +136,13 @@ def torch_available():
 
 
 def _t(a, case=None):
-    """torch view of a NumPy array; with a case, the stored array as logical NCHW."""
+    """torch view of a NumPy array (bfloat16: of its bits); with a case, the stored array as
+    logical NCHW."""
     torch = _torch()
-    t = torch.from_numpy(a)
+    if a.dtype == np.dtype("bfloat16"):
+        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(a)
     if case is not None and case.layout == "NHWC":
         t = t.permute(0, t.ndim - 1, *range(1, t.ndim - 1))  # channels-last memory format
     return t
@@ -289,6 +297,107 @@ def _backward_torch(p):
     invstd = _t((1 / np.sqrt(p["var"].astype(np.float64) + EPS)).astype(p["var"].dtype))
     bwd = torch.ops.aten.native_batch_norm_backward
     return lambda: bwd(dy, x, w, None, None, m, invstd, True, EPS, [True, True, True])
+
+
+# --- fused epilogue: relu(BN(x) + residual), forward and backward ---------------------
+# Beside the fused call: nbbn's plain batch norm (what the epilogue adds to it), nbbn then
+# NumPy's add and ReLU (the unfused composition), NumPy alone, and PyTorch's BN + add + ReLU.
+
+def _fused_forward_nbbn(p):
+    x, w, b, r, ax = _get(p, "x", "weight", "bias", "residual") + (p["case"].axis,)
+    return lambda: nbbn.batch_norm_forward(x, w, b, EPS, axis=ax, residual=r,
+                                           activation="relu")
+
+
+def _fused_forward_plain(p):
+    x, w, b, ax = _get(p, "x", "weight", "bias") + (p["case"].axis,)
+    return lambda: nbbn.batch_norm_forward(x, w, b, EPS, axis=ax)
+
+
+def _fused_forward_unfused(p):
+    x, w, b, r, ax = _get(p, "x", "weight", "bias", "residual") + (p["case"].axis,)
+
+    def run():
+        y, mean, var = nbbn.batch_norm_forward(x, w, b, EPS, axis=ax)
+        y += r
+        np.maximum(y, 0, out=y)
+        return y, mean, var
+
+    return run
+
+
+def _fused_forward_numpy(p):
+    case = p["case"]
+    x, w, b, r = _get(p, "x", "weight", "bias", "residual")
+
+    def run():
+        y, mean, var = _np_forward(x, w, b, case.reduce_axes, case)
+        y += r
+        return np.maximum(y, 0, out=y), mean, var
+
+    return run
+
+
+def _fused_forward_torch(p):
+    torch = _torch()
+    F = importlib.import_module("torch.nn.functional")
+    case = p["case"]
+    x, r = _t(p["x"], case), _t(p["residual"], case)
+    w, b = _t(p["weight"]), _t(p["bias"])
+    return lambda: torch.relu(F.batch_norm(x, None, None, w, b, training=True, eps=EPS) + r)
+
+
+def _relu_output(p):
+    """The forward's y = relu(BN(x) + r) with the case's batch statistics (the backward's
+    input)."""
+    case = p["case"]
+    return nbbn.batch_norm_forward(p["x"], p["weight"], p["bias"], EPS, axis=case.axis,
+                                   residual=p["residual"], activation="relu")[0]
+
+
+def _fused_backward_nbbn(p):
+    dy, x, m, v, w, ax = _get(p, "dy", "x", "mean", "var", "weight") + (p["case"].axis,)
+    y = _relu_output(p)
+    return lambda: nbbn.batch_norm_backward(dy, x, m, v, w, EPS, axis=ax, y=y,
+                                            activation="relu", residual_grad=True)
+
+
+def _fused_backward_unfused(p):
+    dy, x, m, v, w, ax = _get(p, "dy", "x", "mean", "var", "weight") + (p["case"].axis,)
+    y = _relu_output(p)
+
+    def run():
+        g = np.where(y > 0, dy, 0)  # the ReLU's gradient: the residual's too
+        return (*nbbn.batch_norm_backward(g, x, m, v, w, EPS, axis=ax), g)
+
+    return run
+
+
+def _fused_backward_numpy(p):
+    case = p["case"]
+    dy, x, m, v, w = _get(p, "dy", "x", "mean", "var", "weight")
+    y = _relu_output(p)
+
+    def run():
+        g = np.where(y > 0, dy, 0)
+        return (*_np_backward(g, x, m, v, w, case.reduce_axes, case), g)
+
+    return run
+
+
+def _fused_backward_torch(p):
+    torch = _torch()
+    case = p["case"]
+    dy, x, y = _t(p["dy"], case), _t(p["x"], case), _t(_relu_output(p), case)
+    w, m = _t(p["weight"]), _t(p["mean"])
+    invstd = _t((1 / np.sqrt(p["var"].astype(np.float64) + EPS)).astype(p["var"].dtype))
+    bwd = torch.ops.aten.native_batch_norm_backward
+
+    def run():
+        g = torch.ops.aten.threshold_backward(dy, y, 0)  # ReLU's backward; add's passes g on
+        return (*bwd(g, x, w, None, None, m, invstd, True, EPS, [True, True, True]), g)
+
+    return run
 
 
 # --- ema_update ----------------------------------------------------------------
@@ -503,6 +612,7 @@ OPS = _ops(
        only=("NCHW", "NC")),
     Op("layer_step", "BatchNorm layer: forward + backward", ("read", "copy", "read2", "axpy"),
        dict(nbbn=_layer_nbbn, numpy=_layer_numpy, torch=_layer_torch), requires=("BatchNorm",)),
+<<<<<<< HEAD
     Op("renorm_forward", "batch renorm forward (batch_renorm_forward)", ("read", "copy"),
        dict(nbbn=_renorm_nbbn, numpy=_renorm_numpy), requires=("batch_renorm_forward",)),
     Op("renorm_backward", "batch renorm backward (batch_renorm_backward)", ("read2", "axpy"),
@@ -514,15 +624,35 @@ OPS = _ops(
     Op("ghost_backward", f"ghost batch norm backward (virtual batches of {VIRTUAL})",
        ("read2", "axpy"), dict(nbbn=_ghost_backward_nbbn, numpy=_ghost_backward_numpy),
        requires=("batch_norm_backward",)),
+=======
+    # Floors: the statistics read x; then x and the residual are read, y written.
+    Op("fused_forward", "fused forward: relu(batch_norm_forward(x) + residual)",
+       ("read", "axpy"),
+       dict(nbbn=_fused_forward_nbbn, nbbn_plain=_fused_forward_plain,
+            nbbn_unfused=_fused_forward_unfused, numpy=_fused_forward_numpy,
+            torch=_fused_forward_torch), requires=("batch_norm_forward",)),
+    # The sums read dy, x and y and write the residual's gradient g; dx reads g and x.
+    Op("fused_backward", "fused backward through the ReLU, with the residual's gradient",
+       ("read", "axpy", "axpy"),
+       dict(nbbn=_fused_backward_nbbn, nbbn_plain=_backward_nbbn,
+            nbbn_unfused=_fused_backward_unfused, numpy=_fused_backward_numpy,
+            torch=_fused_backward_torch), requires=("batch_norm_backward",)),
+>>>>>>> epilogue
 )
+
+#: Contenders that compute with NumPy's own loops: not run on bfloat16 (NumPy has no
+#: bfloat16 arithmetic of its own; ml_dtypes' loops are no peer).
+NUMPY_CONTENDERS = ("numpy", "nbbn_unfused")
 
 def factories(case):
     """{contender: factory(inputs) -> zero-arg callable} of a case: the op's own, less
     PyTorch where it is not installed, and the installed peers' (``peers``)."""
     from . import peers
     out = {name: factory for name, factory in OPS[case.op].contenders.items()
-           if name != "torch" or torch_available()}
-    out.update(peers.contenders(case.op, case))
+           if (name != "torch" or torch_available())
+           and not (case.dtype == "bfloat16" and name in NUMPY_CONTENDERS)}
+    if case.dtype != "bfloat16":
+        out.update(peers.contenders(case.op, case))
     return out
 
 

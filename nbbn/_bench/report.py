@@ -1,9 +1,10 @@
 """Presenting benchmark results: the side-by-side table and the PNG chart."""
 
-CONTENDER_ORDER = ("floor", "nbbn", "nbbn_out", "numpy", "torch", "jax", "tf")
-# Columns shown whatever the results hold; the peers' only where they ran.
+CONTENDER_ORDER = ("floor", "nbbn", "nbbn_out", "nbbn_plain", "nbbn_unfused", "numpy", "torch",
+                   "jax", "tf")
+# Columns shown whatever the results hold; the others only where they ran.
 ALWAYS = ("floor", "nbbn", "nbbn_out", "numpy", "torch")
-LABELS = {"nbbn_out": "out="}
+LABELS = {"nbbn_out": "out=", "nbbn_plain": "plain", "nbbn_unfused": "unfused"}
 
 
 def _ms(v):
@@ -45,6 +46,10 @@ def table(results):
                "over the same bytes, writing into preallocated arrays; 1 is the memory-speed "
                "limit). out=: nbbn writing into a preallocated output, as the floor does; the "
                "gap to 'nbbn ms' is the cost of a fresh output array.")
+    if "nbbn_plain" in shown:
+        out.append("fused ops: nbbn is the fused call; plain: nbbn's batch norm alone (vs "
+                   "plain below 1: the epilogue's cost); unfused: nbbn's batch norm, then "
+                   "NumPy's add and ReLU (or the ReLU's mask); torch: PyTorch's BN + add + ReLU.")
     if "jax" in shown or "tf" in shown:
         out.append("jax: jitted Flax-style batch norm (XLA); tf: TensorFlow's moments and fused "
                    "batch norm (oneDNN), NHWC and 2-D float32 only.")
@@ -69,13 +74,15 @@ def plot(results, path, title="nbbn benchmark"):
     present = [c for c in CONTENDER_ORDER if any(c in r["ms"] for r in results)]
     width = 0.8 / max(1, len(present))
     colors = {"floor": "0.6", "nbbn": "tab:green", "nbbn_out": "tab:olive", "numpy": "tab:blue",
-              "torch": "tab:orange", "jax": "tab:purple", "tf": "tab:red"}
+              "torch": "tab:orange", "jax": "tab:purple", "tf": "tab:red",
+              "nbbn_plain": "tab:cyan", "nbbn_unfused": "tab:brown"}
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(results) + 2), 5.0))
     for k, name in enumerate(present):
         xs = [i + (k - (len(present) - 1) / 2) * width for i in range(len(results))]
         ys = [r["ms"].get(name, float("nan")) for r in results]
         label = {"floor": "bandwidth floor", "nbbn_out": "nbbn, out=", "jax": "JAX (XLA)",
-                 "tf": "TensorFlow (oneDNN)"}.get(name, name)
+                 "tf": "TensorFlow (oneDNN)", "nbbn_plain": "nbbn, batch norm alone",
+                 "nbbn_unfused": "nbbn, then NumPy add/ReLU"}.get(name, name)
         ax.bar(xs, ys, width, label=label, color=colors.get(name))
     ax.set_yscale("log")
     ax.set_ylabel("milliseconds per call (median, lower is better)")

@@ -65,8 +65,9 @@ def interleaved(thunks, rounds=7, budget_s=None, min_sample=MIN_SAMPLE_S, stat=s
     return {n: stat(s) for n, s in samples.items()}
 
 
-#: Contenders nbbn's speed-up is reported against (``vs_<name>``).
-OTHERS = ("numpy", "torch", "jax", "tf")
+#: Contenders nbbn's speed-up is reported against (``vs_<name>``): for the fused epilogue,
+#: nbbn's plain batch norm (below 1: what the epilogue costs) and its unfused composition.
+OTHERS = ("nbbn_plain", "nbbn_unfused", "numpy", "torch", "jax", "tf")
 
 
 def ratios(times):

@@ -46,13 +46,6 @@ def overlap(a, b):
         return "partial"
 
 
-def _moments_input(a):
-    """An array the moments kernels read: 16-bit floats widened to float32 (a copy)."""
-    if a.dtype.itemsize == 2 and (a.dtype.kind == "f" or a.dtype.kind == "V"):
-        return a.astype(np.float32)
-    return kernel_array(a)
-
-
 def _view3(a, layout, shape3=None):
     """``a`` transposed into the layout's order and viewed as 3-D; one copy where the
     strides forbid a view. Read-only: one Numba specialization whatever the caller's flags."""
@@ -134,7 +127,7 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
         mean = np.full(red.nchan, np.nan)  # NumPy's mean of nothing
         m2 = np.zeros(red.nchan)  # a sum over nothing
     else:
-        mean, m2, _ = channel_moments(_view3(_flip_reduced(_moments_input(a), red.axes),
+        mean, m2, _ = channel_moments(_view3(_flip_reduced(kernel_array(a), red.axes),
                                              red.layout))
     for step in _numpy_flags(a, red, kinds, ddof, mean, m2):
         _FLAG_STEPS[step]()
@@ -175,10 +168,7 @@ def batch_moments(call, variance=False):
     plan = call.plan
     if plan.count == 0 or plan.nchan == 0:
         return (np.full(plan.groups * plan.nchan, np.nan),) * 2
-    x3 = call.x3
-    if x3.dtype.itemsize == 2:  # 16-bit floats: the moments kernels read float32 (a copy)
-        x3 = _view3(_moments_input(call.x), plan.layout)
-    mean, m2, _ = channel_moments(x3, _group_rows(plan))
+    mean, m2, _ = channel_moments(call.x3, _group_rows(plan))
     return mean, m2 / _counts(plan, plan.group_count) if variance else m2
 
 

@@ -64,6 +64,16 @@ def as_dtype(values, dtype):
     return out.astype(np.uint16).view(dtype)
 
 
+def as_float64(a):
+    """The float64 values of host array ``a`` (of a kernel dtype: 16-bit floats as records)."""
+    if a.dtype == FLOAT16:
+        return a.view(np.float16).astype(np.float64)
+    if a.dtype == BFLOAT16:
+        return (a.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32) \
+            .astype(np.float64)
+    return np.asarray(a, np.float64)
+
+
 def work_dtype(dtype):
     """The dtype the elementwise kernels compute in for data of ``dtype``."""
     dtype = np.dtype(dtype)

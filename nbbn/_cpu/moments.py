@@ -50,6 +50,7 @@ from numba import prange
 
 from .. import _math
 from ._blocks import BLOCK, head_groups, row_block, run_stop, widen
+from .elements import as_float64, wide
 from ._jit import helper, kernel, thread_plan
 
 # A shift k with (s1**2 / n) / s2 above this (more than 4 bits cancelled in m2)
@@ -87,7 +88,7 @@ def chunk_sums(row, k):
     s1 = 0.0
     s2 = 0.0
     for i in range(row.shape[0]):
-        d = np.float64(row[i]) - k
+        d = wide(row[i]) - k
         s1 += d
         s2 += d * d
     return s1, s2
@@ -213,7 +214,7 @@ def rows_shift(x, c, first, last, samples):
     for s in range(m):
         o, _, start, stop = row_block(first + (2 * s + 1) * (last - first) // (2 * m), nchan,
                                       blocks_per_row, n_inner)
-        samples[s] = x[o, c, start + (2 * s + 1) * (stop - start) // (2 * m)]
+        samples[s] = wide(x[o, c, start + (2 * s + 1) * (stop - start) // (2 * m)])
     return central(samples)
 
 
@@ -303,14 +304,14 @@ def sweep(x, r, spacing, k, s1, s2):
     a7 = x[r + 7 * spacing]
     for j in range(k.shape[0]):
         kj = k[j]
-        d0 = np.float64(a0[j]) - kj
-        d1 = np.float64(a1[j]) - kj
-        d2 = np.float64(a2[j]) - kj
-        d3 = np.float64(a3[j]) - kj
-        d4 = np.float64(a4[j]) - kj
-        d5 = np.float64(a5[j]) - kj
-        d6 = np.float64(a6[j]) - kj
-        d7 = np.float64(a7[j]) - kj
+        d0 = wide(a0[j]) - kj
+        d1 = wide(a1[j]) - kj
+        d2 = wide(a2[j]) - kj
+        d3 = wide(a3[j]) - kj
+        d4 = wide(a4[j]) - kj
+        d5 = wide(a5[j]) - kj
+        d6 = wide(a6[j]) - kj
+        d7 = wide(a7[j]) - kj
         s1[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
         s2[j] += (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
                   + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
@@ -319,7 +320,7 @@ def sweep(x, r, spacing, k, s1, s2):
 @helper
 def add_row(a, k, s1, s2):
     for j in range(k.shape[0]):
-        d = np.float64(a[j]) - k[j]
+        d = wide(a[j]) - k[j]
         s1[j] += d
         s2[j] += d * d
 
@@ -351,7 +352,8 @@ def short_run_state(x, r0, r1, k, s1, s2, state):
     float64 sums shifted by the first row, again shifted by the means where that cancelled
     too much (see CANCELLATION); mean_low is 0 (a group's statistics are not merged)."""
     n = np.float64(r1 - r0)
-    k[:] = x[r0]
+    for j in range(k.shape[0]):
+        k[j] = wide(x[r0, j])
     for _ in range(2):
         s1[:] = 0.0
         s2[:] = 0.0
@@ -401,7 +403,7 @@ def moments_columns(x, group_rows, nthreads):
             counts[:] = r1 - r0
             for j in range(nchan):  # from rows spread over r0:r1
                 for s in range(SAMPLES):
-                    samples[s] = x[r0 + s * (r1 - r0) // SAMPLES, j]
+                    samples[s] = wide(x[r0 + s * (r1 - r0) // SAMPLES, j])
                 k[j] = central(samples)
             for _ in range(2):  # a second pass only where the shift was too far
                 columns_pass(x, r0, r1, k, sums, s1, s2)
@@ -495,7 +497,7 @@ def nonfinite_channel(v):
     and only an intermediate sum or square overflowed: the channel again, scaled
     by a power of two (exact) so that its largest value is near 2**450.
     """
-    v = np.asarray(v, np.float64)
+    v = as_float64(v)
     if np.isnan(v).any() or (np.isposinf(v).any() and np.isneginf(v).any()):
         return np.nan, np.nan, 0.0
     if np.isinf(v).any():
