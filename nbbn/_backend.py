@@ -99,10 +99,10 @@ class Backend(Protocol):
         batch term scaled by var_factor)."""
 
     def backward_sums(self, call, dy3, mean, gate3, dresidual):
-        """Per-channel (per group and channel) float64 ``(sum(g), sum(g * (x - mean)))``, g being dy where ``gate3``
-        (y or a kept mask) is positive (the ReLU's gradient; None: g = dy); dy3 and gate3
-        from ``view``. With ``dresidual``, g too, as a new array like x in x's dtype
-        written in the same pass: ``(sum_g, sum_g_xmu, g)``."""
+        """Per-channel (per group and channel) float64 ``(sum(g), sum(g * (x - mean)))``, g
+        being dy where ``gate3`` (y or a kept mask) is positive (the ReLU's gradient; None:
+        g = dy); dy3 and gate3 from ``view``. With ``dresidual``, g too, as a new array like
+        x in x's dtype written in the same pass: ``(sum_g, sum_g_xmu, g)``."""
 
     def grad_input(self, call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count,
                    batch_stats, out, gate3):

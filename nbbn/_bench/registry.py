@@ -612,7 +612,6 @@ OPS = _ops(
        only=("NCHW", "NC")),
     Op("layer_step", "BatchNorm layer: forward + backward", ("read", "copy", "read2", "axpy"),
        dict(nbbn=_layer_nbbn, numpy=_layer_numpy, torch=_layer_torch), requires=("BatchNorm",)),
-<<<<<<< HEAD
     Op("renorm_forward", "batch renorm forward (batch_renorm_forward)", ("read", "copy"),
        dict(nbbn=_renorm_nbbn, numpy=_renorm_numpy), requires=("batch_renorm_forward",)),
     Op("renorm_backward", "batch renorm backward (batch_renorm_backward)", ("read2", "axpy"),
@@ -624,7 +623,6 @@ OPS = _ops(
     Op("ghost_backward", f"ghost batch norm backward (virtual batches of {VIRTUAL})",
        ("read2", "axpy"), dict(nbbn=_ghost_backward_nbbn, numpy=_ghost_backward_numpy),
        requires=("batch_norm_backward",)),
-=======
     # Floors: the statistics read x; then x and the residual are read, y written.
     Op("fused_forward", "fused forward: relu(batch_norm_forward(x) + residual)",
        ("read", "axpy"),
@@ -637,7 +635,6 @@ OPS = _ops(
        dict(nbbn=_fused_backward_nbbn, nbbn_plain=_backward_nbbn,
             nbbn_unfused=_fused_backward_unfused, numpy=_fused_backward_numpy,
             torch=_fused_backward_torch), requires=("batch_norm_backward",)),
->>>>>>> epilogue
 )
 
 #: Contenders that compute with NumPy's own loops: not run on bfloat16 (NumPy has no
