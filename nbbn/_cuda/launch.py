@@ -215,20 +215,28 @@ def group_plane(nchan, group_rows, n_outer):
 
 
 @cuda.jit(device=True, cache=True)
-def group_column_walk(nchan, group_rows, n_rows):
-    """This thread's pair and rows in a channels-last kernel with virtual batches:
-    ``(j, c, first, rows, r0, rstep, limit)``: pair j = g * C + c (c may be past the last
-    channel: no work; TX threads over consecutive channels, TY over rows), the group's
-    first row and rows, and the thread's rows r0 + k*rstep within the group (grid row
-    ``blockIdx.y`` of blocks), four at a time while r < limit."""
+def group_column(nchan):
+    """This thread's (group, channel) pair in a channels-last kernel: ``(g, j, c)``, j = g *
+    C + c (c may be past the last channel: no work; TX threads over consecutive channels).
+    Cheap to compute again after a loop rather than keep (registers)."""
     tiles = (nchan + cuda.blockDim.x - 1) // cuda.blockDim.x
     g = cuda.blockIdx.x // tiles
     c = (cuda.blockIdx.x - g * tiles) * cuda.blockDim.x + cuda.threadIdx.x
+    return g, g * nchan + c, c
+
+
+@cuda.jit(device=True, cache=True)
+def group_column_walk(nchan, group_rows, n_rows):
+    """This thread's pair and rows in a channels-last kernel with virtual batches:
+    ``(j, c, first, rows, r0, rstep, limit)``: pair j and channel c (``group_column``), the
+    group's first row and rows, and the thread's rows r0 + k*rstep within the group (TY
+    threads over rows, grid row ``blockIdx.y`` of blocks), four at a time while r < limit."""
+    g, j, c = group_column(nchan)
     first = as_index(as_index(g, n_rows) * group_rows, n_rows)
     rows = min(group_rows, as_index(n_rows - first, n_rows))
     r0 = as_index(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, n_rows)
     rstep = as_index(cuda.gridDim.y * cuda.blockDim.y, n_rows)
-    return g * nchan + c, c, first, rows, r0, rstep, four_limit(rows, rstep)
+    return j, c, first, rows, r0, rstep, four_limit(rows, rstep)
 
 
 @cuda.jit(device=True, cache=True)

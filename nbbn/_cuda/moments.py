@@ -184,7 +184,7 @@ def moments_columns(x, sx, shape, zero, partial, tickets, fin):
     nthreads = ntx * cuda.blockDim.y
     tid = cuda.threadIdx.y * ntx + cuda.threadIdx.x
     parts = cuda.gridDim.y
-    j, c, row0, rows, r, rstep, limit = group_column_walk(nchan, group_rows, n_rows)
+    _, c, row0, rows, r, rstep, limit = group_column_walk(nchan, group_rows, n_rows)
     count = as_index(0, rstep)
     k = zero
     s1 = zero
@@ -203,6 +203,7 @@ def moments_columns(x, sx, shape, zero, partial, tickets, fin):
             r = as_index(r + rstep, rstep)
     n, mean, m2 = shifted_state(count, k, s1, s2)
     n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, ntx)
+    j, c, _, _, _, _, _ = group_column_walk(nchan, group_rows, n_rows)  # again: registers
     if parts > 1:
         if tid < ntx and c < nchan:
             write_partial(partial, j, cuda.blockIdx.y, n, mean, m2)
