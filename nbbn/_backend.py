@@ -66,17 +66,20 @@ class Backend(Protocol):
     # ---- statistics ----------------------------------------------------------------------
 
     def statistics(self, like, a, red, kinds, ddof, dtype, out):
-        """The statistics ``kinds`` ("mean", "m2", "var", "std") of array ``a`` (``like``: as
-        given) over the ``_layout.Reduction`` ``red``, each of shape ``red.shape`` in
-        ``dtype``, in like's library; ``out``
-        (validated, or None) receives the first. var/std divide m2 by count - ddof (inf or
-        nan where that is <= 0, as NumPy)."""
+        """The statistics ``kinds`` ("mean", "m2", "var", "std", "mean_low") of array ``a``
+        (``like``: as given) over the ``_layout.Reduction`` ``red``, each of shape
+        ``red.shape`` in ``dtype``, in like's library; ``out`` (validated, or None) receives
+        the first. var/std divide m2 by count - ddof (inf or nan where that is <= 0, as
+        NumPy). "mean_low" (with dtype float64) is the rest of the mean: ``mean + mean_low``
+        to double-double accuracy, for merges (``Moments``)."""
 
     # ---- batch norm ----------------------------------------------------------------------
 
-    def batch_moments(self, call, variance=False):
+    def batch_moments(self, call, variance=False, mean_low=False):
         """Per-channel (per group and channel) float64 (mean, m2) of ``call.x``, or (mean,
-        biased variance) with ``variance``; nan where the batch is empty."""
+        biased variance) with ``variance``; nan where the batch is empty. With ``mean_low``, a
+        third vector: the rest of the mean (double-double, as in ``statistics``; 0 where
+        empty)."""
 
     def coefficients(self, dtype, mean, var, weight, bias, eps):
         """Batch norm of data of ``dtype`` as ``x * scale + shift``: (scale, shift) vectors
@@ -143,6 +146,30 @@ class Backend(Protocol):
         float64 state (5, C), in place. Its rows per channel: count, mean and m2 of all
         values (Chan et al.: exact), their unbiased variance, and the count-weighted mean
         of the groups' unbiased variances. A fresh state is zeros."""
+
+    # ---- small calls, one compiled call each -------------------------------------------------
+    # Where a call's time is its steps, not its arithmetic, a backend may do the whole call in
+    # one compiled call. The face validates the arguments first (the general rules, on the
+    # plain cases only); a ``fused_*`` stage may still decline (None) where it does not
+    # read an argument as it is, having written nothing: the general stages then run.
+
+    def fused(self, plan, x):
+        """The backend's description (opaque to the face) of arrays like ``x`` (``plan``: its
+        ``ChannelPlan``) for the ``fused_*`` stages, or None where it has no fused call for
+        them. Called once per cached plan (x's shape, strides, dtype and axis)."""
+
+    def fused_forward(self, small, x, weight, bias, eps, running, momentum, var_factor,
+                      stats_dtype, copy):
+        """``forward`` (no out=, no epilogue but ``copy``: an array from ``kept`` that x's
+        values are written into, or None) in one call: ``(y, mean, var)``, mean and var None
+        where ``stats_dtype`` is None; or None (declined)."""
+
+    def fused_inference(self, small, x, running_mean, running_var, weight, bias, eps):
+        """y normalized with the running statistics in one call, or None (declined)."""
+
+    def fused_backward(self, small, dy, x, mean, var, weight, eps):
+        """The training backward in one call: ``(dx, dweight, dbias)`` (None, None where
+        weight is None), or None (declined)."""
 
     # ---- per-channel vectors -------------------------------------------------------------
 

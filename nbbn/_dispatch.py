@@ -8,6 +8,8 @@ imported only when a device array is seen, so ``import nbbn`` and host calls
 never touch CUDA. Both backends implement the stages listed in
 ``nbbn._backend``.
 """
+import numpy as np
+
 from ._cpu import backend as _host
 from ._layout import is_device
 
@@ -33,6 +35,15 @@ def backend(**arrays):
     """The backend for a call's arrays (by name; None = not given): the device's where they
     live on a CUDA device, else the host's (mixed: TypeError)."""
     return device() if on_device(**arrays) else _host
+
+
+def plain_host(*arrays):
+    """The host backend where every array is a plain NumPy ndarray (no subclass) or None, else
+    None: the quick test of the small calls' path, which takes nothing else."""
+    for a in arrays:
+        if a is not None and type(a) is not np.ndarray:
+            return None
+    return _host
 
 
 _device = None

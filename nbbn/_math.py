@@ -4,10 +4,9 @@ Each function here uses only operations both Numba targets compile (``math``,
 not ``numpy`` ufuncs: ``np.isfinite`` has no CUDA lowering). CPU kernels call
 them as they are: ``_cpu/_jit.py`` registers each as a Numba overload of
 itself, compiled without fastmath wherever a kernel calls it (so they may call
-each other too). The CUDA backend wraps ``chan_merge`` with
-``cuda.jit(device=True)``; to use the double-double functions, which call each
-other and ``fma``, it would register them the same way for the CUDA target
-(``overload(f, target="cuda")``, ``fma`` as ``cuda.fma``).
+each other too). The CUDA backend compiles each as a device function whose
+globals are the device versions of the others, and ``fma`` as ``cuda.fma``
+(``_cuda/launch.py``).
 
 Double-doubles: the statistics carry a mean as an unevaluated sum ``hi + lo``
 of two float64 (``hi`` the float64 nearest to the sum, about 106 bits in all),
@@ -20,23 +19,6 @@ NumPy arrays (``Moments.merge``).
 """
 import math
 from fractions import Fraction
-
-
-def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Merge two (count, mean, m2) states (Chan et al.); exact for unequal counts and count 0."""
-    if n_b == 0:
-        return n_a, mean_a, m2_a
-    if n_a == 0:
-        return n_b, mean_b, m2_b
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    if delta == 0:  # exact for constant data
-        mean = mean_a
-    elif math.isfinite(delta):  # weights <= 1: no overflow near the float64 limit
-        mean = mean_a + delta * (n_b / n)
-    else:  # inf/nan data: NumPy's (sum / n) semantics
-        mean = (n_a * mean_a + n_b * mean_b) / n
-    return n, mean, m2_a + m2_b + delta * delta * (n_a * n_b / n)
 
 
 def fma(a, b, c):
@@ -71,8 +53,11 @@ def dd_add(a_hi, a_lo, b_hi, b_lo):
 
 
 def accumulate(hi, lo, value):
-    """A double-double sum hi + lo with ``value`` added (lo not renormalized)."""
+    """A double-double sum hi + lo with ``value`` added (lo not renormalized). A sum that
+    became inf (inf data, or an overflow) stays inf: its error term, nan, is dropped."""
     s, e = two_sum(hi, value)
+    if not math.isfinite(s):
+        return s, lo
     return s, lo + e
 
 
@@ -99,8 +84,9 @@ def chan_merge_dd(n_a, a_hi, a_lo, m2_a, n_b, b_hi, b_lo, m2_b):
     The mean moves by ``delta * n_b / n``, computed to double-double accuracy
     (an FMA product and remainder), so a chain of merges keeps the mean exact
     to about 2**-100 relative: correctly rounded at the end. Equal means give
-    ``delta == 0`` exactly (constant data stays exact). Non-finite inputs give
-    non-finite outputs (the callers apply NumPy's inf/nan rules afterwards).
+    ``delta == 0`` exactly (constant data stays exact). Where the means' difference is
+    not finite (inf/nan data, or means near the float64 limit), the mean is NumPy's
+    weighted sum (weights <= 1: no overflow) and m2 what float64 makes of Chan's term.
     """
     if n_b == 0:
         return n_a, a_hi, a_lo, m2_a
@@ -108,6 +94,10 @@ def chan_merge_dd(n_a, a_hi, a_lo, m2_a, n_b, b_hi, b_lo, m2_b):
         return n_b, b_hi, b_lo, m2_b
     n = n_a + n_b
     d_hi, d_lo = dd_add(b_hi, b_lo, -a_hi, -a_lo)
+    if not math.isfinite(d_hi):
+        delta = b_hi - a_hi
+        return (n, a_hi * (n_a / n) + b_hi * (n_b / n), 0.0,
+                m2_a + m2_b + delta * delta * (n_a * (n_b / n)))
     p_hi = d_hi * n_b                                  # delta * n_b, exactly as p_hi + p_lo
     p_lo = fma(d_hi, n_b, -p_hi) + d_lo * n_b
     s_hi, s_lo = quotient(p_hi, n)                     # ... / n
@@ -139,3 +129,20 @@ def pooled_variance(vbar_a, n, n_b, var_b):
     if n_b == 0:
         return vbar_a
     return vbar_a + (var_b * (n_b / (n_b - 1)) - vbar_a) * (n_b / n)
+
+
+def affine_coefficients(mean, var, weight, bias, eps):
+    """(scale, shift) of batch norm as ``x * scale + shift``: ``scale = weight / sqrt(var +
+    eps)`` as ``(1 / sqrt(var + eps)) * weight``, ``shift = bias - mean * scale``, each
+    operation rounded as NumPy rounds it elementwise (no fused multiply-add)."""
+    scale = (1.0 / math.sqrt(var + eps)) * weight
+    return scale, bias - mean * scale
+
+
+def grad_coefficients(var, weight, eps, sum_dy, sum_dy_xmu, count):
+    """(G, H, K, 1 / sqrt(var + eps)) of the training backward's ``dx = G * dy + H * (x -
+    mean) + K``, the gradients of the batch mean and variance folded in; rounded as NumPy
+    rounds ``-g * invstd * invstd * sum_dy_xmu / count`` and ``-g * sum_dy / count``."""
+    invstd = 1.0 / math.sqrt(var + eps)
+    g = invstd * weight
+    return g, -g * invstd * invstd * sum_dy_xmu / count, -g * sum_dy / count, invstd

@@ -107,5 +107,6 @@ def array_moments(a, axis=None, keepdims=False):
     if not _layout.kernels_read(a.dtype):
         raise TypeError(f"moments needs real numeric input, got dtype {a.dtype}")
     red = _layout.reduction(a, axis, keepdims)
-    return Moments(red.count, *be.statistics(like, a, red, ("mean", "m2"), 0,
-                                             np.dtype(np.float64), None))
+    mean, m2, mean_low = be.statistics(like, a, red, ("mean", "m2", "mean_low"), 0,
+                                       np.dtype(np.float64), None)
+    return Moments.with_mean_low(red.count, mean, m2, mean_low)

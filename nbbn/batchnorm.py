@@ -32,6 +32,21 @@ class Call:
         self.virtual = virtual_batch_size is not None
         self._x3 = None
 
+    @classmethod
+    def planned(cls, be, x, plan):
+        """The call of host array ``x`` whose ``plan`` ``_small`` has found (x validated)."""
+        call = cls.__new__(cls)
+        call.be, call.like, call.x, call.plan, call._x3 = be, x, x, plan, None
+        return call
+
+    def reading(self, copy_of_x):
+        """This call reading ``copy_of_x`` (x's values, written by a fused forward) in place
+        of x: what a layer keeps for its backward (as ``private``)."""
+        kept = copy.copy(self)
+        kept.x = kept.copy_of_x = copy_of_x
+        kept._x3 = None
+        return kept
+
     @property
     def x3(self):
         if self._x3 is None:
@@ -178,6 +193,75 @@ def require_values(call, count=None):
                          + ("" if count is None else f" ({count} values per channel in all)"))
 
 
+# ---- small calls: one compiled call each, where the backend has one ---------------------------
+# A small call's time is its Python steps, so the plain cases (host arrays, no out=, no
+# epilogue, arguments of the usual types) skip them: x's plan and the backend's fused plan
+# are cached by x's description, the few checks left are the general rules for these cases,
+# and the backend does the rest in one call. Anything else, or a backend that declines,
+# takes the general path, which validates everything (and raises).
+
+_SMALL = {}
+_SMALL_LIMIT = 512
+
+
+def _small(axis, x, *vectors, like_x=None):
+    """(backend, plan, the backend's fused plan) for a call on host array ``x`` (not None)
+    whose ``vectors`` (None or host arrays) have one value per channel and whose ``like_x``
+    (None or a host array) has x's shape; else None."""
+    be = _dispatch.plain_host(x, like_x, *vectors)
+    if be is None or x is None or type(axis) is not int:
+        return None
+    key = (x.shape, x.strides, x.dtype, axis)
+    entry = _SMALL.get(key)
+    if entry is None:
+        entry = _small_entry(be, x, axis)
+        if len(_SMALL) >= _SMALL_LIMIT:
+            _SMALL.clear()
+        _SMALL[key] = entry
+    if entry is False or like_x is not None and like_x.shape != x.shape:
+        return None
+    channels = entry[1]
+    for v in vectors:
+        if v is not None and v.shape != channels:
+            return None
+    return be, entry[0], entry[2]
+
+
+def _small_entry(be, x, axis):
+    """(plan, (nchan,), fused plan) for x and axis, or False (invalid, or not fused)."""
+    try:
+        plan = Call(be, x, axis).plan
+    except (TypeError, ValueError):
+        return False
+    small = be.fused(plan, x)
+    return False if small is None else (plan, (plan.nchan,), small)
+
+
+def _eps(eps, training):
+    """Whether ``eps`` is a float the general rule accepts (``_layout.check_eps``)."""
+    return type(eps) is float and (eps > 0 if training else eps >= 0)
+
+
+def _small_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+                      stats):
+    """``_batch_norm`` in one compiled call, or None (then the general path)."""
+    small = _small(axis, x, running_mean, running_var, weight, bias)
+    if small is None or not _eps(eps, training) or (running_mean is None) != (running_var is None):
+        return None
+    be, plan, fused = small
+    if not training:
+        if running_mean is None:
+            return None
+        return be.fused_inference(fused, x, running_mean, running_var, weight, bias, eps)
+    count = plan.count
+    if type(momentum) is not float or not 0 <= momentum <= 1 or count < 2:
+        return None
+    running = None if running_mean is None else (running_mean, running_var)
+    done = be.fused_forward(fused, x, weight, bias, eps, running, momentum,
+                            count / (count - 1), plan.stats_dtype if stats else None, None)
+    return done if done is None or stats else done[0]
+
+
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, axis=1, out=None, residual=None, activation=None):
     """Drop-in for ``torch.nn.functional.batch_norm`` (any channel ``axis``).
@@ -187,6 +271,27 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     normalizes with the running buffers. ``residual`` (shaped like x) is added and
     ``activation`` ("relu") applied in the same pass: ``act(BN(x) + residual)``.
     """
+    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+                       out, residual, activation, False)
+
+
+def forward_and_update(x, running_mean, running_var, weight, bias, momentum, eps, *, axis=1,
+                       residual=None, activation=None):
+    """``batch_norm``'s training forward (running buffers, which may be None, updated in
+    place) returning ``(y, mean, var)`` as ``batch_norm_forward`` does: what an autograd
+    function keeps for its backward, in one call (``nbbn.torch``)."""
+    return _batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps, axis,
+                       None, residual, activation, True)
+
+
+def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out,
+                residual, activation, stats):
+    """``batch_norm``; in training with ``stats``, ``(y, mean, var)``."""
+    if out is None and residual is None and activation is None:
+        done = _small_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
+                                 eps, axis, stats)
+        if done is not None:
+            return done
     be = _dispatch.backend(x=x, running_mean=running_mean, running_var=running_var,
                            weight=weight, bias=bias, out=out, residual=residual)
     call = Call(be, required(x, "x"), axis)
@@ -225,8 +330,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     count = call.plan.count
     if count == 0:  # PyTorch: an empty batch updates nothing
         running = None
-    return deliver(be.forward(call, weight, bias, eps, target, None, running, momentum,
-                              count / (count - 1) if count > 1 else 1.0, epilogue)[0])
+    y, mean, var = be.forward(call, weight, bias, eps, target,
+                              call.plan.stats_dtype if stats else None, running, momentum,
+                              count / (count - 1) if count > 1 else 1.0, epilogue)
+    return (deliver(y), mean, var) if stats else deliver(y)
 
 
 def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
@@ -238,6 +345,13 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
     many consecutive samples (the last may be smaller), each normalized with its own
     statistics; mean/var are then (groups, C).
     """
+    if (out is None and residual is None and activation is None and virtual_batch_size is None
+            and _eps(eps, True)):
+        small = _small(axis, x, weight, bias)
+        done = small and small[0].fused_forward(small[2], x, weight, bias, eps, None, 0.0, 1.0,
+                                                small[1].stats_dtype, None)
+        if done:
+            return done
     be = _dispatch.backend(x=x, weight=weight, bias=bias, out=out, residual=residual)
     call = Call(be, required(x, "x"), axis, virtual_batch_size=virtual_batch_size)
     weight = call.vector(weight, "weight")
@@ -284,6 +398,12 @@ def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=
     ``activation="relu"`` the gradient flows where the forward's output ``y`` is
     positive, as in PyTorch; ``dresidual`` is that masked dy.
     """
+    if (out is None and y is None and activation is None and not residual_grad
+            and virtual_batch_size is None and dy is not None and mean is not None and var is not None and _eps(eps, False)):
+        small = _small(axis, x, mean, var, weight, like_x=dy)
+        done = small and small[0].fused_backward(small[2], dy, x, mean, var, weight, eps)
+        if done:
+            return done
     be = _dispatch.backend(dy=dy, x=x, mean=mean, var=var, weight=weight, out=out, y=y)
     call = Call(be, required(x, "x"), axis, virtual_batch_size=virtual_batch_size)
     mean = call.statistics(mean, "mean")

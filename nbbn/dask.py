@@ -1,14 +1,16 @@
 """Lazy one-pass statistics of Dask arrays: ``moments``, ``mean``, ``mean_var``, ``var``, ``std``.
 
-Each block is reduced by nbbn's kernels (``nbbn.moments``: one pass, float64
-accumulation) to a per-block Welford state ``(count, mean, m2)``; the states
-are merged with Chan et al.'s formula up Dask's reduction tree
+Each block is reduced by nbbn's kernels (``nbbn.moments``: one pass,
+double-double sums) to a per-block state ``(count, mean, mean_low, m2)``; the
+states are merged pairwise with Chan et al.'s formula, the mean as a
+double-double (``Moments.merge``), up Dask's reduction tree
 (``dask.array.reduction``'s chunk/combine/aggregate), so any chunking and any
-axes give the float64 accuracy of a two-pass NumPy reduction of the whole
-array. Results are Dask arrays; nothing is computed until asked for.
+axes give the accuracy of one nbbn reduction of the whole array. Results are
+Dask arrays; nothing is computed until asked for.
 
 Within a task the state travels as one structured array (fields ``count``,
-``mean``, ``m2``, all float64), so one graph yields mean and variance together.
+``mean``, ``mean_low``, ``m2``, all float64), so one graph yields mean and
+variance together.
 """
 import warnings
 
@@ -20,35 +22,36 @@ from ._moments import Moments, array_moments
 
 __all__ = ["mean", "mean_var", "moments", "std", "var"]
 
-STATE = np.dtype([("count", np.float64), ("mean", np.float64), ("m2", np.float64)])
+STATE = np.dtype([("count", np.float64), ("mean", np.float64), ("mean_low", np.float64),
+                  ("m2", np.float64)])
 
 
-def _state(count, mean, m2):
-    out = np.empty(np.shape(mean), STATE)
-    out["count"], out["mean"], out["m2"] = count, mean, m2
+def _state(m):
+    """The structured array of Moments ``m``."""
+    out = np.empty(np.shape(m.mean), STATE)
+    out["count"], out["mean"], out["mean_low"], out["m2"] = m.count, m.mean, m.mean_low, m.m2
     return out
 
 
 def _chunk(block, axis, keepdims):
-    """One block's Welford state over ``axis`` (dims kept), from nbbn's kernels."""
-    m = array_moments(block, axis=axis, keepdims=True)
-    return _state(m.count, m.mean, m.m2)
+    """One block's state over ``axis`` (dims kept), from nbbn's kernels."""
+    return _state(array_moments(block, axis=axis, keepdims=True))
 
 
 def _merge(states, axis, keepdims):
-    """Chan et al.'s merge of the states along ``axis`` (any number of them, counts may be 0)."""
-    n, mean, m2 = states["count"], states["mean"], states["m2"]
-    filled = n > 0   # an empty state's nan mean/m2 stands for nothing, not for a nan in the data
-    with np.errstate(invalid="ignore", divide="ignore"):
-        total = n.sum(axis=axis, keepdims=True)
-        mean_f = np.where(filled, mean, 0.0)
-        merged_mean = (n * mean_f).sum(axis=axis, keepdims=True) / total
-        delta = np.where(filled, mean_f - merged_mean, 0.0)
-        merged_m2 = (np.where(filled, m2, 0.0).sum(axis=axis, keepdims=True)
-                     + (n * delta * delta).sum(axis=axis, keepdims=True))
-    empty = total == 0
-    out = _state(total, np.where(empty, np.nan, merged_mean), np.where(empty, np.nan, merged_m2))
-    return out if keepdims else out.squeeze(axis=axis)
+    """The states along ``axis`` (a tuple; any number of them, counts may be 0) merged
+    pairwise (``Moments.combine``)."""
+    axes = tuple(a % states.ndim for a in axis)
+    kept = np.moveaxis(states, axes, range(states.ndim - len(axes), states.ndim))
+    merged_shape = kept.shape[:kept.ndim - len(axes)]
+    kept = kept.reshape(merged_shape + (int(np.prod(kept.shape[len(merged_shape):])),))
+    total = Moments.combine(
+        Moments.with_mean_low(s["count"], s["mean"], s["m2"], s["mean_low"])
+        for s in np.moveaxis(kept, -1, 0))
+    empty = np.asarray(total.count) == 0  # nan, as NumPy's statistics of nothing
+    out = _state(Moments.with_mean_low(total.count, np.where(empty, np.nan, total.mean),
+                                       np.where(empty, np.nan, total.m2), total.mean_low))
+    return np.expand_dims(out, axes) if keepdims else out
 
 
 def _reduce(a, axis, keepdims, split_every):
@@ -89,9 +92,10 @@ def _check_dof(count, ddof):
 def moments(a, axis=None, keepdims=False, *, split_every=None):
     """Lazy ``Moments(count, mean, m2)`` of a Dask array along ``axis``.
 
-    ``mean``/``m2`` are float64 Dask arrays; ``count`` (values per entry) is an
-    int where the chunk sizes are known, else a Dask array. Merge with other
-    ``Moments`` as usual (``Moments.merge`` works on Dask arrays too).
+    ``mean``/``m2`` (and ``mean_low``, see ``Moments``) are float64 Dask arrays;
+    ``count`` (values per entry) is an int where the chunk sizes are known, else a Dask
+    array. Merge with other ``Moments`` as usual (``Moments.merge`` works on Dask arrays
+    too).
     """
     a = _as_dask(a)
     if not _layout.kernels_read(a.dtype):
@@ -99,7 +103,9 @@ def moments(a, axis=None, keepdims=False, *, split_every=None):
     state, _, count = _reduce(a, axis, keepdims, split_every)
     if count is None:
         count = _field(state, "count", np.int64)
-    return Moments(count, _field(state, "mean", np.float64), _field(state, "m2", np.float64))
+    return Moments.with_mean_low(count, _field(state, "mean", np.float64),
+                                 _field(state, "m2", np.float64),
+                                 _field(state, "mean_low", np.float64))
 
 
 def mean_var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=np._NoValue,

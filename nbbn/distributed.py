@@ -3,9 +3,10 @@
 Every rank holds a shard of one batch (shards may be unequal or empty). Only
 small per-channel vectors cross between ranks:
 
-- forward: each rank's ``(count, mean, m2)`` per channel, all-gathered and
-  merged with Chan's formula in rank order, so every rank computes the same
-  bits from the same inputs;
+- forward: each rank's ``(count, mean, mean_low, m2)`` per channel (the mean a
+  double-double, see ``Moments``), all-gathered and merged pairwise with Chan's
+  formula in rank order, so every rank computes the same bits from the same
+  inputs, as accurate as one reduction of the whole batch;
 - backward: each rank's ``sum(dy)`` and ``sum(dy * (x - mean))`` per channel,
   all-gathered and added in rank order.
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from . import _dispatch
 from .layer import BatchNorm, BatchRenorm
-from ._moments import Moments
+from ._moments import Moments, _scalar_or_array
 
 __all__ = ["SyncBatchNorm", "SyncBatchRenorm", "TorchComm", "allreduce_moments"]
 
@@ -121,17 +122,17 @@ def _allreduce_moments(m, comm):
     count = np.asarray(m.count, np.float64) if scalar_count else _host(m.count)
     count = count.reshape(1) if scalar_count else np.broadcast_to(count, shape).ravel()
     n_count = count.size
-    rows = _gather(comm, np.concatenate([count, mean.ravel(), _host(m.m2).ravel()]))
-    size = mean.size
+    low = np.broadcast_to(_host(m.mean_low), shape)
+    rows = _gather(comm, np.concatenate([count, mean.ravel(), low.ravel(), _host(m.m2).ravel()]))
     parts = []
     for row in rows:  # rank order: every rank merges the same values the same way
         c = row[:n_count]
         c = int(c[0]) if scalar_count else c.astype(np.int64).reshape(shape)
-        parts.append(Moments(c, row[n_count:n_count + size].reshape(shape),
-                             row[n_count + size:].reshape(shape)))
+        mean, low, m2 = (v.reshape(shape) for v in np.split(row[n_count:], 3))
+        parts.append(Moments.with_mean_low(c, mean, m2, low))
     total = Moments.combine(parts)
     count = int(total.count) if scalar_count else np.asarray(total.count, np.int64)
-    return Moments(count, total.mean, total.m2)
+    return Moments.with_mean_low(count, total.mean, total.m2, total.mean_low)
 
 
 def allreduce_moments(m, comm):
@@ -149,9 +150,8 @@ def allreduce_moments(m, comm):
     if not isinstance(m, Moments):
         m = Moments(*m)
     total = _allreduce_moments(m, _as_comm(comm))
-    if np.ndim(total.mean) == 0:
-        return Moments(total.count, total.mean[()], total.m2[()])
-    return total
+    return Moments.with_mean_low(total.count, *map(_scalar_or_array,
+                                                    (total.mean, total.m2, total.mean_low)))
 
 
 def _allreduce_sum(comm, *vectors):
@@ -177,7 +177,8 @@ class _Synchronized:
     # from and back to the device for CUDA arrays); the per-element work stays on its side.
 
     def _batch_stats(self, be, call):
-        local = Moments(call.plan.count, *be.batch_moments(call))
+        mean, m2, mean_low = be.batch_moments(call, mean_low=True)
+        local = Moments.with_mean_low(call.plan.count, mean, m2, mean_low)
         total = _allreduce_moments(local, self.comm)
         var = total.m2 / total.count if total.count else np.full(np.shape(total.m2), np.nan)
         return total.count, be.to_float64(total.mean), be.to_float64(var)

@@ -7,8 +7,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _dispatch, _layout
-from .batchnorm import (Call, PooledStatistics, check_convention, gradients, normalize,
-                        renorm_forward, require_values, required)
+from .batchnorm import (Call, PooledStatistics, _eps, _small, check_convention, gradients,
+                        normalize, renorm_forward, require_values, required, reused)
 
 _COUNTER = "num_batches_tracked"
 
@@ -129,6 +129,11 @@ class BatchNorm:
         return _dispatch.backend(**arrays, weight=self.weight, running_mean=self.running_mean)
 
     def forward(self, x, residual=None):
+        if residual is None and self.activation is None and self._uses_batch_stats() \
+                and self._plain():
+            y = self._small_forward(x)
+            if y is not None:
+                return y
         be = self._backend(x=x, residual=residual)
         batch_stats = self._uses_batch_stats()
         call = Call(be, required(x, "x"), self.axis,
@@ -213,12 +218,66 @@ class BatchNorm:
         return normalize(call, mean, var, self.weight, self.bias, self.eps,
                          epilogue=epilogue), None
 
+    def _plain(self):
+        """Whether this layer's batch is its input, whole (the hooks here not extended, no
+        virtual batches, no precise statistics): what the fused small-call path computes."""
+        return (type(self)._batch_stats is BatchNorm._batch_stats
+                and type(self)._reduce_sums is BatchNorm._reduce_sums
+                and type(self)._normalize is BatchNorm._normalize
+                and self.virtual_batch_size is None and self._pooled is None)
+
+    def _small_forward(self, x):
+        """``forward`` with batch statistics, no epilogue, in one compiled call where the
+        backend has one (``batchnorm._small``); None: the general way."""
+        small = _small(self.axis, x, self.weight, self.bias, self.running_mean, self.running_var)
+        if small is None or not _eps(self.eps, True):
+            return None
+        be, plan, fused = small
+        count = plan.count
+        if plan.nchan != self.num_features or count < 2:
+            return None
+        call = Call.planned(be, x, plan)
+        earlier = getattr(self._local, "saved", None)
+        copy = reused(earlier and earlier.call, "copy_of_x", plan)
+        if copy is None:
+            copy = be.kept(call, None)
+        if not (self.training and self.track_running_stats):
+            done = be.fused_forward(fused, x, self.weight, self.bias, self.eps, None, 0.0, 1.0,
+                                    np.float64, copy)
+        else:
+            with self._lock:
+                tracked = float(self.num_batches_tracked) + 1
+                done = be.fused_forward(
+                    fused, x, self.weight, self.bias, self.eps,
+                    (self.running_mean, self.running_var),
+                    1.0 / tracked if self.momentum is None else self.momentum,
+                    count / (count - 1), np.float64, copy)
+                if done is not None:
+                    self.num_batches_tracked += 1
+        if done is None:
+            return None
+        y, mean, var = done
+        self._local.saved = _Saved(call.reading(copy), mean, var, count, True, None, False)
+        return y
+
     def backward(self, dy):
         """dx for this thread's last ``forward``; sets ``grad_weight``, ``grad_bias`` and
         ``grad_residual``."""
         saved = getattr(self._local, "saved", None)
         if saved is None:
             raise RuntimeError("backward called before forward")
+        x = getattr(saved.call, "copy_of_x", None)  # x's values as forward saw them
+        if (x is not None and dy is not None and saved.batch_stats and saved.mask is None and not saved.residual
+                and self._plain()):
+            small = _small(self.axis, x, saved.mean, saved.var, self.weight, like_x=dy)
+            done = small and small[0].fused_backward(small[2], dy, x, saved.mean, saved.var,
+                                                     self.weight, self.eps)
+            if done:
+                dx, *grads = done
+                with self._lock:
+                    self.grad_weight, self.grad_bias = grads
+                    self.grad_residual = None
+                return dx
         be = self._backend(dy=dy, x=saved.call.like)
         call, mean, var = saved.call, saved.mean, saved.var
         gate3 = None if saved.mask is None else be.view(call, saved.mask)

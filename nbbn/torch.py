@@ -17,7 +17,8 @@ does. Install with the ``nbbn[torch]`` extra.
   place (the same module objects, so parameters, buffers, hooks and optimizer
   references are untouched).
 - :class:`BatchNormFunction` is the ``torch.autograd.Function``: forward is
-  ``nbbn.batch_norm_forward`` (training) or ``nbbn.batch_norm`` (evaluation),
+  ``nbbn.batch_norm`` in training (the running buffers updated in the same call, the
+  batch statistics kept for backward) or in evaluation,
   backward is ``nbbn.batch_norm_backward``. CPU tensors cross to NumPy without a
   copy (``tensor.detach().numpy()`` / ``torch.from_numpy``); CUDA tensors are
   handed to nbbn as they are (``__cuda_array_interface__``), so the work runs
@@ -42,7 +43,7 @@ from torch import nn
 
 import nbbn
 from nbbn import _layout
-from nbbn.batchnorm import PooledStatistics, check_convention
+from nbbn.batchnorm import PooledStatistics, check_convention, forward_and_update
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
            "BatchNormAct3d", "BatchNormFunction", "BatchRenorm1d", "BatchRenorm2d",
@@ -65,7 +66,7 @@ def _arr(t):
     if t is None:
         return None
     t = t.detach()
-    if t.device.type == "cpu":
+    if t.is_cpu:
         if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: ml_dtypes' over the same bits
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()  # shares memory, any strides
@@ -148,7 +149,7 @@ class BatchNormFunction(torch.autograd.Function):
     residual=None, activation=None, virtual_batch_size=None)``: with ``use_batch_stats``
     it normalizes with the batch statistics (per virtual batch where
     ``virtual_batch_size`` is not None) and, where running buffers are given, updates them
-    in place (``nbbn.ema_update``, unbiased variance, factor ``momentum``); otherwise it
+    in place (as ``nbbn.batch_norm``: unbiased variance, factor ``momentum``); otherwise it
     normalizes with the running buffers. ``residual`` is added and ``activation``
     ("relu") applied in the same pass. Differentiable in ``x``, ``weight``, ``bias``
     and ``residual``: the backward is
@@ -167,12 +168,16 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.activation = activation
         ctx.virtual_batch_size = virtual_batch_size
         if use_batch_stats:
-            ya, mean, var = nbbn.batch_norm_forward(xa, wa, ba, eps, axis=1, **epilogue,
-                                                    virtual_batch_size=virtual_batch_size)
-            if running_mean is not None and x.numel():  # PyTorch: an empty batch updates nothing
-                counts = _group_counts(x, virtual_batch_size)
-                nbbn.ema_update(_arr(running_mean), _arr(running_var), mean, var,
-                                counts if virtual_batch_size else counts[0], momentum)
+            if virtual_batch_size is None:  # the running buffers updated in the same call
+                ya, mean, var = forward_and_update(xa, _arr(running_mean), _arr(running_var), wa,
+                                                   ba, momentum, eps, axis=1, **epilogue)
+            else:
+                ya, mean, var = nbbn.batch_norm_forward(xa, wa, ba, eps, axis=1, **epilogue,
+                                                        virtual_batch_size=virtual_batch_size)
+                if running_mean is not None and x.numel():  # an empty batch updates nothing
+                    nbbn.ema_update(_arr(running_mean), _arr(running_var), mean, var,
+                                    _group_counts(x, virtual_batch_size), momentum)
+            if running_mean is not None and x.numel():
                 # Written through a NumPy view: tell autograd, as an in-place op would.
                 torch.autograd.graph.increment_version([running_mean, running_var])
             mean, var = _tensor(mean, x), _tensor(var, x)

@@ -42,8 +42,8 @@ def specializations(t):
                               (f8, f8, f8), (i8, f8, f8), (t.boolean, f8, f8)):
             for layout in ("C", "A"):  # weight/bias/running buffers: contiguous or strided
                 p = arr(stats if x in floats else f8, 1, layout)
-                fin = t.Tuple((f8, i8, i8, f8, f8, f8, arr(stats), arr(stats), arr(acc),
-                               arr(acc), p, p, p, p))
+                fin = t.Tuple((f8, i8, i8, f8, f8, f8, arr(stats), arr(stats), arr(f8),
+                               arr(acc), arr(acc), p, p, p, p))
                 for kernel, sx, shape in (("moments_rows", s3, rows_shape),
                                           ("moments_columns", s2, cols_shape)):
                     out.append(("moments", kernel, (arr(x), sx, shape, acc, arr(f8, 3),

@@ -32,11 +32,6 @@ def build(request, monkeypatch):
     return request.param
 
 
-def _channels(offset, n, nchan, rng):
-    """(nchan, n) values: channel c is ``offset * (c + 1) + N(0, 1) + drift``."""
-    return np.stack([exact.offset_data(offset * (c + 1), n, rng) for c in range(nchan)])
-
-
 # (name, per-channel values (C, n) -> (array, axis)): the same values on each path.
 LAYOUTS = {
     "flat": lambda v: (v[0], None),
@@ -66,7 +61,7 @@ def _check(a, axis, values, dtype=np.float64):
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_offset_data_every_path(layout, offset, build, rng):
-    values = _channels(offset, 24_000, 2, rng)
+    values = exact.channels(offset, 24_000, 2, rng)
     (mean_ulps, np_mean_ulps), (var_err, np_var_err) = _check(*LAYOUTS[layout](values), values)
     print(f"{layout} {build} {offset:g}: mean ulps nbbn {mean_ulps:.2f} NumPy {np_mean_ulps:.2f}; "
           f"var relative error nbbn {var_err:.1e} NumPy {np_var_err:.1e}")
@@ -77,7 +72,7 @@ def test_offset_data_every_path(layout, offset, build, rng):
 @pytest.mark.parametrize("nchan", [3, 5])
 def test_offset_data_regrouped_columns(nchan, build, rng):
     """Few channels: rows regrouped into wide rows, with leftover rows (``_blocks.widen``)."""
-    values = _channels(1e12, 20_011, nchan, rng)
+    values = exact.channels(1e12, 20_011, nchan, rng)
     (mean_ulps, _), (var_err, _) = _check(np.ascontiguousarray(values.T), 0, values)
     assert mean_ulps <= 0.5
     assert var_err <= VAR_TARGET
@@ -102,7 +97,7 @@ def test_integer_data_mean_correctly_rounded(values):
 @pytest.mark.parametrize("layout", ["flat", "rows", "columns"])
 def test_narrow_floats_correctly_rounded(dtype, layout, build, rng):
     """float32/float16 in, the exact mean and variance of the stored values rounded once."""
-    values = _channels(1e3 if dtype == np.float32 else 50, 6_000, 2, rng).astype(dtype)
+    values = exact.channels(1e3 if dtype == np.float32 else 50, 6_000, 2, rng).astype(dtype)
     a, axis = LAYOUTS[layout](values)
     got_mean, got_var = nbbn.mean_var(a, axis=axis)
     assert np.asarray(got_mean).dtype == dtype
@@ -159,6 +154,37 @@ def test_moments_combine_any_chunking(rng):
         total = nbbn.Moments.combine(parts)
         assert exact.ulps(total.mean, mean) <= 1
         assert exact.relative_error(total.m2, m2) <= VAR_TARGET
+
+
+BATCH_LAYOUTS = ["rows", "columns", "columns_strided", "rows_strided"]  # channels on axis 1
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("layout", BATCH_LAYOUTS)
+def test_batch_norm_statistics_and_backward_sums(layout, offset, build, rng):
+    """The forward's batch mean/var as the statistics' targets; the backward's sum(dy) (dbias)
+    and sum(dy * (x - mean)) (dweight, with var 1 and eps 0) within 1e-14 of the exact sums
+    for the given mean, beside NumPy's float64 sums of the same terms."""
+    values = exact.channels(offset, 24_000, 2, rng)
+    grads = rng.standard_normal(values.shape) + 0.3
+    x, _ = LAYOUTS[layout](values)
+    dy, _ = LAYOUTS[layout](grads)
+    _, mean, var = nbbn.batch_norm_forward(x, np.ones(2), np.zeros(2))
+    _, dweight, dbias = nbbn.batch_norm_backward(dy, x, mean, np.ones(2), np.ones(2), eps=0.0)
+    worst = np.zeros((2, 2))
+    for c in range(2):
+        exact_mean, m2 = exact.moments(values[c])
+        assert exact.ulps(mean[c], exact_mean) <= 0.5
+        assert exact.relative_error(var[c], m2 / values.shape[1]) <= VAR_TARGET
+        sum_dy, sum_dy_xmu = exact.backward_sums(grads[c], values[c], mean[c])
+        errors = [[exact.relative_error(dbias[c], sum_dy),
+                   exact.relative_error(np.sum(grads[c]), sum_dy)],
+                  [exact.relative_error(dweight[c], sum_dy_xmu),
+                   exact.relative_error(np.sum(grads[c] * (values[c] - mean[c])), sum_dy_xmu)]]
+        worst = np.maximum(worst, errors)
+    print(f"{layout} {build} {offset:g}: sum(dy) nbbn {worst[0, 0]:.1e} NumPy {worst[0, 1]:.1e}; "
+          f"sum(dy*(x-mean)) nbbn {worst[1, 0]:.1e} NumPy {worst[1, 1]:.1e}")
+    assert worst[:, 0].max() <= VAR_TARGET
 
 
 def test_error_free_transformations_stay_exact_inside_fastmath_kernels():

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 import nbbn
 
+from . import exact
+
 da = pytest.importorskip("dask.array", reason="dask is not installed (pip install 'nbbn[dask]')")
 dask = pytest.importorskip("dask")
 nd = pytest.importorskip("nbbn.dask")
@@ -79,6 +81,22 @@ def test_accuracy_where_float32_loses_digits(rng):
     exact = np.var(x.astype(np.float64))
     got = nd.var(da.from_array(x, chunks=7_777), dtype=np.float64).compute()
     assert abs(got / exact - 1) < 1e-11
+
+
+@pytest.mark.parametrize("chunks", [(1, 2999), (1000, 7, 993, 1000), (150,) * 20],
+                         ids=["one-and-rest", "uneven", "twenty"])
+def test_offset_data_any_chunking_against_exact(chunks):
+    """1e12 + N(0, 1): the chunks' means carry their low parts through the merges, so any
+    chunking gives nbbn's accuracy on the whole (issue 12: mean within 1 ulp, var 1e-14)."""
+    values = exact.channels(1e12, 3_000, 2, np.random.default_rng(11))
+    a = da.from_array(values.T, chunks=(chunks, 1))
+    for axis, want in ((0, values), (None, values.reshape(1, -1))):
+        for split_every in (None, 2):
+            mean, var = dask.compute(*nd.mean_var(a, axis=axis, split_every=split_every))
+            for c, (m, v) in enumerate(zip(np.atleast_1d(mean), np.atleast_1d(var))):
+                mean_exact, m2_exact = exact.moments(want[c])
+                assert exact.ulps(m, mean_exact) <= 1
+                assert exact.relative_error(v, m2_exact / want.shape[1]) <= 1e-14
 
 
 def test_moments_lazy_and_mergeable(rng):

@@ -256,3 +256,38 @@ def test_device_layer_backward_ignores_later_changes_to_x(rng, threaded_cuda):
         layer(dx)
         dx.copy_to_device(np.zeros_like(x))
         np.testing.assert_array_equal(layer.backward(dy).copy_to_host(), want)
+
+
+# ---- 16-bit floats and negative strides are read in place ------------------------------------
+
+
+def _peak_bytes(f):
+    """Peak bytes NumPy allocated while ``f`` ran (after a warm-up call: compiles, pools)."""
+    import tracemalloc
+    f()
+    tracemalloc.start()
+    try:
+        f()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "reversed"])
+def test_16_bit_and_reversed_input_is_not_converted_or_copied(dtype, layout, rng):
+    """Statistics allocate nothing the size of x; forward and backward only their result."""
+    import ml_dtypes
+    dt = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    x = rng.standard_normal((16, 16, 64, 64)).astype(dt)
+    axis, axes = 1, (0, 2, 3)
+    if layout == "NHWC":
+        x, axis, axes = np.ascontiguousarray(x.transpose(0, 2, 3, 1)), -1, (0, 1, 2)
+    elif layout == "reversed":
+        x = x[::-1, :, ::-1]
+    dy = np.ones_like(x)
+    _, mean, var = nbbn.batch_norm_forward(x, axis=axis)
+    assert _peak_bytes(lambda: nbbn.mean_var(x, axis=axes)) < x.nbytes / 8
+    assert _peak_bytes(lambda: nbbn.batch_norm_forward(x, axis=axis)) < 1.25 * x.nbytes
+    assert _peak_bytes(lambda: nbbn.batch_norm_backward(dy, x, mean, var, axis=axis)) \
+        < 1.25 * x.nbytes

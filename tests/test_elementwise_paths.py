@@ -99,12 +99,14 @@ def test_column_kernels_every_split(n_rows, nchan, nthreads, parallel, group_row
     y, dx = np.empty_like(x), np.empty_like(x)
     normalize.affine_columns(x, scale, shift, y, None, None, None, None, rows, nthreads,
                              parallel=parallel)
-    sums = backward.sums_columns(dy, x, mean, None, None, rows, nthreads, parallel=parallel)
+    sum_dy, sum_dxm = backward.total_sums(
+        backward.sums_columns(dy, x, mean, None, None, rows, nthreads, parallel=parallel)[:, None],
+        parallel=False)
     backward.dx_columns(dy, x, None, mean, g, h, scale, dx, rows, nthreads, parallel=parallel)
     for q in range(groups):
         part = slice(q * rows, (q + 1) * rows)
         _check(x[part], dy[part], [a[q] for a in (mean, scale, shift, g, h)], y[part],
-               sums[q], dx[part])
+               (sum_dy[q], sum_dxm[q]), dx[part])
 
 
 @pytest.mark.parametrize("nthreads", [2, 3])

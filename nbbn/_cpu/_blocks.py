@@ -1,6 +1,7 @@
 """How the CPU kernels cut an (outer, C, inner) view into work.
 
-Rows (inner > 1): items are BLOCK-sized pieces of the rows x[o, c, :].
+Rows (inner > 1): items are BLOCK-sized pieces of the rows x[o, c, :]; short rows
+are read as columns instead (``short_rows``).
 
 Columns (inner == 1, channels-last): each thread takes a contiguous share of
 the rows x[r, :] and walks it as a few sequential streams in lockstep
@@ -47,9 +48,29 @@ ROW_QUANTUM = 16
 # channels and save 20-40% on 1024-4096; dx's 2 streams (6 arrays' streams) cost
 # 10-15% on rows of 256 and save 20-30% on 1024; affine's 2 gain on both.
 WIDE_ROW = 1024
+# Rows (x[o, c, :]) of at most this many elements are read as channels-last columns by the
+# elementwise and backward passes (``short_rows``): in the rows kernels the per-row work
+# dominates them (one thread, 4-8 MB float32: 2-3.5x slower at 16 and 32 elements, even
+# at 64); the statistics keep reading rows (as fast either way at 16).
+SHORT_ROW = 32
 AFFINE_STREAMS = 2
 GRAD_STREAMS = (1, 2)
 SUMS_STREAMS = (2, 4)
+
+
+def short_rows(*arrays):
+    """``(n_inner, planes)`` for 3-D (outer, C, inner) views whose rows are short (2 to
+    SHORT_ROW elements): each (None aside) viewed as 2-D (outer, C * inner), channel c in
+    columns c * inner to (c + 1) * inner - 1; None where the rows are not short or an array
+    has no such view."""
+    n_outer, nchan, n_inner = arrays[0].shape
+    if not 1 < n_inner <= SHORT_ROW:
+        return None
+    try:
+        return n_inner, tuple(None if a is None else a.reshape(n_outer, nchan * n_inner, copy=False)
+                              for a in arrays)
+    except ValueError:  # the channel and inner axes do not merge
+        return None
 
 
 def widen(*arrays, group_rows=None):
@@ -64,20 +85,25 @@ def widen(*arrays, group_rows=None):
     """
     n_rows, nchan = arrays[0].shape
     given = [a for a in arrays if a is not None]
-    k = -(-MIN_ROW_WIDTH // max(nchan, 1))
-    if k > 1:  # round k up so that k*C is a whole number of quanta
-        step = ROW_QUANTUM // math.gcd(nchan, ROW_QUANTUM)
-        k = -(-k // step) * step
-    contiguous_rows = all(a.strides[0] == nchan * a.strides[1] for a in given)
-    # Small inputs: the regrouping costs more than it saves.
-    if (k == 1 or n_rows * nchan < 16 * MIN_ROW_WIDTH or not contiguous_rows
-            or (group_rows is not None and group_rows % k)):
+    if not regroups(n_rows, nchan) or any(a.strides[0] != nchan * a.strides[1] for a in given):
+        return 1, arrays, None
+    k = -(-MIN_ROW_WIDTH // nchan)
+    step = ROW_QUANTUM // math.gcd(nchan, ROW_QUANTUM)  # k*C a whole number of quanta
+    k = -(-k // step) * step
+    if group_rows is not None and group_rows % k:  # a virtual batch must be whole wide rows
         return 1, arrays, None
     cut = n_rows - n_rows % k
     # Rows that follow each other in memory merge: these reshapes are views.
     wide = tuple(None if a is None else a[:cut].reshape(cut // k, k * nchan) for a in arrays)
     rest = tuple(None if a is None else a[cut:] for a in arrays) if cut < n_rows else None
     return k, wide, rest
+
+
+def regroups(n_rows, nchan):
+    """Whether ``widen`` regroups (n_rows, nchan) arrays with contiguous rows: rows too short
+    to vectorize, and enough of them (on small inputs the regrouping costs more than it
+    saves)."""
+    return 0 < nchan < MIN_ROW_WIDTH and n_rows * nchan >= 16 * MIN_ROW_WIDTH
 
 
 def tiled(a, k):

@@ -60,7 +60,7 @@ _source_digest = None
 
 
 def _kernel_sources_digest():
-    """Hash of every kernel module's source (and the shared ``_math.py``).
+    """Hash of every kernel module's source (and the shared ``_math.py``, ``_bits.py``).
 
     Numba keys a cache entry on the function's own bytecode and its file's
     timestamp only; a helper or constant imported from a sibling file (e.g.
@@ -70,7 +70,8 @@ def _kernel_sources_digest():
     if _source_digest is None:
         h = hashlib.sha256()
         here = pathlib.Path(__file__).parent
-        for path in sorted(here.glob("*.py")) + [here.parent / "_math.py"]:
+        shared = [here.parent / "_math.py", here.parent / "_bits.py"]
+        for path in sorted(here.glob("*.py")) + shared:
             h.update(path.name.encode())
             h.update(path.read_bytes())
         _source_digest = h.hexdigest()

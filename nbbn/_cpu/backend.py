@@ -1,15 +1,19 @@
 """The host backend: the stages of ``nbbn._backend`` over NumPy arrays and the CPU kernels."""
 import numpy as np
 
+from typing import NamedTuple
+
 from .._layout import is_bfloat16
+from ._blocks import SHORT_ROW, regroups
+from ._jit import PARALLEL_MIN_ELEMENTS
 from .backward import backward_sums as _sums, grad_input as _grad_input
 from .elements import as_dtype, kernel_array, work_dtype
 from .ema import ema as _ema_kernel
 from .merge import merge_batches as _merge_kernel
-from .moments import channel_moments
+from .moments import CHANNEL_TILE, channel_moments
 from .normalize import affine as _affine_kernel
 from .renorm import renorm_factors as _renorm_factors
-from . import pool
+from . import fused as _fused, pool
 
 
 # ---- arrays ----------------------------------------------------------------------------------
@@ -126,9 +130,10 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
     if red.count == 0 or red.nchan == 0:
         mean = np.full(red.nchan, np.nan)  # NumPy's mean of nothing
         m2 = np.zeros(red.nchan)  # a sum over nothing
+        mean_low = np.zeros(red.nchan)
     else:
-        mean, m2, _ = channel_moments(_view3(_flip_reduced(kernel_array(a), red.axes),
-                                             red.layout))
+        mean, m2, mean_low = channel_moments(_view3(_flip_reduced(kernel_array(a), red.axes),
+                                                    red.layout))
     for step in _numpy_flags(a, red, kinds, ddof, mean, m2):
         _FLAG_STEPS[step]()
     results = []
@@ -137,6 +142,8 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
             v = mean
         elif kind == "m2":
             v = m2
+        elif kind == "mean_low":
+            v = mean_low
         else:
             with np.errstate(invalid="ignore", divide="ignore"):
                 v = m2 / max(red.count - ddof, 0)
@@ -164,12 +171,15 @@ def _group_rows(plan):
     return plan.group_rows if plan.groups > 1 else None
 
 
-def batch_moments(call, variance=False):
+def batch_moments(call, variance=False, mean_low=False):
     plan = call.plan
     if plan.count == 0 or plan.nchan == 0:
-        return (np.full(plan.groups * plan.nchan, np.nan),) * 2
-    mean, m2, _ = channel_moments(call.x3, _group_rows(plan))
-    return mean, m2 / _counts(plan, plan.group_count) if variance else m2
+        size = plan.groups * plan.nchan
+        mean, second, low = np.full(size, np.nan), np.full(size, np.nan), np.zeros(size)
+    else:
+        mean, m2, low = channel_moments(call.x3, _group_rows(plan))
+        second = m2 / _counts(plan, plan.group_count) if variance else m2
+    return (mean, second, low) if mean_low else (mean, second)
 
 
 def _as64(p, default, n):
@@ -340,6 +350,100 @@ def renorm_grads(like, weight, var, r, d, eps, sum_dy, sum_dy_xmu):
 def merge_batches(state, mean, var, count, last_count):
     _merge_kernel(state, np.asarray(mean, np.float64), np.asarray(var, np.float64),
                   float(count), float(last_count), parallel=False)
+
+
+# ---- small calls, one compiled call each -----------------------------------------------------
+
+# The dtypes the fused kernels read (x, dy and the vectors): 16-bit floats and other byte
+# orders go the general way, which converts them.
+_NATIVE_FLOATS = frozenset(map(np.dtype, (np.float32, np.float64)))
+
+
+class _Small(NamedTuple):
+    """What ``fused`` found for a plan: x's shape and dtype, the shape of the view the fused
+    kernels read (3-D rows, or the 2-D plane of channels-last data; None: x's own shape),
+    the number of channels, and the kernels' serial builds."""
+
+    shape: tuple
+    dtype: object
+    view: tuple
+    nchan: int
+    forward: object
+    inference: object
+    backward: object
+
+
+def fused(plan, x):
+    """Arrays of one batch (no virtual batches) the serial kernels handle whole (half the
+    size at which a backward goes
+    parallel, so every pass would run serially anyway), in plain axis order with a view,
+    of a dtype read as it is, without channel tiles, regrouped rows (``_blocks.widen``) or
+    short rows read as columns (``_blocks.short_rows``)."""
+    layout = plan.layout
+    n_outer, nchan, n_inner = layout.shape3
+    if (plan.groups > 1 or x.dtype not in _NATIVE_FLOATS
+            or not 0 < 2 * plan.size < PARALLEL_MIN_ELEMENTS
+            or nchan > CHANNEL_TILE or layout.order != tuple(range(len(plan.shape)))
+            or layout.strides3(x.strides) is None
+            or n_inner == 1 and regroups(n_outer, nchan) or 1 < n_inner <= SHORT_ROW):
+        return None
+    view = layout.shape3 if n_inner > 1 else (n_outer, nchan)
+    return _Small(plan.shape, plan.dtype, None if view == plan.shape else view, nchan,
+                  *(k.build(False) for k in (_fused.forward, _fused.inference, _fused.backward)))
+
+
+def _view(small, a):
+    return a if small.view is None else a.reshape(small.view)
+
+
+def _read(v):
+    """Whether the fused kernels read vector ``v`` (None allowed) as it is."""
+    return v is None or v.dtype in _NATIVE_FLOATS
+
+
+def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, stats_dtype,
+                  copy):
+    running_mean = running_var = None
+    if running is not None:
+        running_mean, running_var = running
+        if not (running_mean.flags.writeable and running_var.flags.writeable
+                and running_mean.dtype in _NATIVE_FLOATS and running_var.dtype in _NATIVE_FLOATS):
+            return None
+    if not (_read(weight) and _read(bias)):
+        return None
+    y = np.empty(small.shape, small.dtype)
+    mean = var = None
+    if stats_dtype is not None:
+        mean, var = np.empty(small.nchan, stats_dtype), np.empty(small.nchan, stats_dtype)
+    if small.forward(_view(small, x), weight, bias, eps, _view(small, y), mean, var,
+                     running_mean, running_var, momentum, var_factor,
+                     None if copy is None else _view(small, copy)):
+        return y, mean, var
+    return None
+
+
+def fused_inference(small, x, running_mean, running_var, weight, bias, eps):
+    if not (_read(running_mean) and _read(running_var) and _read(weight) and _read(bias)):
+        return None
+    y = np.empty(small.shape, small.dtype)
+    if small.inference(_view(small, x), running_mean, running_var, weight, bias, eps,
+                       _view(small, y)):
+        return y
+    return None
+
+
+def fused_backward(small, dy, x, mean, var, weight, eps):
+    if not (dy.strides == x.strides and _read(dy) and _read(mean) and _read(var)
+            and _read(weight)):
+        return None
+    dx = np.empty(small.shape, small.dtype)
+    dweight = dbias = None
+    if weight is not None:
+        dweight, dbias = np.empty(small.nchan, weight.dtype), np.empty(small.nchan, weight.dtype)
+    if small.backward(_view(small, dy), _view(small, x), mean, var, weight, eps,
+                      _view(small, dx), dweight, dbias):
+        return dx, dweight, dbias
+    return None
 
 
 # ---- per-channel vectors ---------------------------------------------------------------------

@@ -1,23 +1,29 @@
 """Batch-norm backward: one fused reduction pass, then one elementwise pass.
 
-Reduction: per channel ``sum(g)`` and ``sum(g * (x - mean))`` in float64, per-thread
-partial sums added serially at the end. Elementwise: ``dx = G[c] * g + H[c] * (x -
-mean[c]) + K[c]`` with per-channel coefficients in the working dtype
-(``elements.work_dtype``), which covers training (batch statistics) and evaluation
-(running statistics: H = K = 0) alike. ``g`` is dy, or, behind a ReLU, dy where the
-forward's output was positive (``gate``: y or a layer's kept mask; None: no ReLU),
-computed in both passes from dy and the gate, never stored, unless the reduction is
-asked to write it (``dres``: the residual's gradient, which the dx pass may then read
-as its dy). With virtual batches, sums, statistics and coefficients are per (group,
-channel): (groups, C) arrays indexed by a row's group (see ``_blocks``).
+Reduction: per channel ``sum(g)`` and ``sum(g * (x - mean))`` in float64, as the
+statistics are summed (``moments.py``): vectorized loops over chunks of CHUNK values (a
+row) or COLUMN_BLOCK_SWEEPS sweeps (channels-last), whose sums go into per-thread
+double-doubles (TwoSum), so rounding stays inside short chunks; the threads'
+double-doubles are added at the end. Elementwise: ``dx = G[c] * g + H[c] * (x - mean[c])
++ K[c]`` with per-channel coefficients in the working dtype (``elements.work_dtype``),
+which covers training (batch statistics) and evaluation (running statistics: H = K = 0)
+alike. ``g`` is dy, or, behind a ReLU, dy where the forward's output was positive
+(``gate``: y or a layer's kept mask; None: no ReLU), computed in both passes from dy and
+the gate, never stored, unless the reduction is asked to write it (``dres``: the
+residual's gradient, which the dx pass may then read as its dy). With virtual batches,
+sums, statistics and coefficients are per (group, channel): (groups, C) arrays indexed
+by a row's group (see ``_blocks``).
 """
+import numba
 import numpy as np
 from numba import prange
 
+from .. import _math
 from ._jit import helper, kernel, thread_plan
 from ._blocks import (BLOCK, GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, head_groups, row_block,
-                      run_stop, stream_step, tiled, widen)
+                      run_stop, short_rows, stream_step, tiled, widen)
 from .elements import gated, part, store, store_if, wide
+from .moments import CHUNK, COLUMN_BLOCK_SWEEPS, STRIDED_CHUNK
 
 
 @helper
@@ -30,46 +36,107 @@ def grad_terms(dy, x, gate, dres, i, m):
     return d, d * (np.float64(wide(x[i])) - m)
 
 
+# Rows of a (4, C) array of double-double sums: sum(dy), sum(dy * (x - mean)).
+DY_HI, DY_LO, DXM_HI, DXM_LO = range(4)
+
+
+@helper
+def add_sums(sums, c, s_dy, s_dxm):
+    """Add a chunk's sums of channel c into the double-double sums."""
+    sums[DY_HI, c], sums[DY_LO, c] = _math.accumulate(sums[DY_HI, c], sums[DY_LO, c], s_dy)
+    sums[DXM_HI, c], sums[DXM_LO, c] = _math.accumulate(sums[DXM_HI, c], sums[DXM_LO, c],
+                                                        s_dxm)
+
+
+@helper
+def add_part(total, c, part_):
+    """Add channel c of the (4, C) double-double sums ``part_`` into ``total``'s."""
+    add_sums(total, c, part_[DY_HI, c], part_[DXM_HI, c])
+    total[DY_LO, c] += part_[DY_LO, c]
+    total[DXM_LO, c] += part_[DXM_LO, c]
+
+
 @helper
 def add_heads(sums, heads, first_groups):
-    """Each thread's first run's sums into its group's (see ``_blocks``): the result."""
+    """Each thread's first run's double-double sums into its group's (see ``_blocks``): the
+    result."""
     for t in range(heads.shape[0]):
         if first_groups[t] >= 0:
-            sums[first_groups[t]] += heads[t]
+            for c in range(sums.shape[2]):
+                add_part(sums[first_groups[t]], c, heads[t])
     return sums
 
 
 @kernel
+def total_sums(partial):
+    """Per-(group, channel) (sum(dy), sum(dy * (x - mean))), (groups, C) each, of (groups,
+    P, 4, C) double-double sums, added in double-double (a plain sum of the parts' hi would
+    round as often as P)."""
+    groups, n_parts, _, nchan = partial.shape
+    total = np.zeros((groups, 4, nchan))
+    for q in range(groups):
+        for p in range(n_parts):
+            for c in range(nchan):
+                add_part(total[q], c, partial[q, p])
+    return total[:, DY_HI] + total[:, DY_LO], total[:, DXM_HI] + total[:, DXM_LO]
+
+
+@numba.njit(fastmath=False, cache=False)
+def add_block(sums, s_dy, s_dxm):
+    """Add a block's per-column sums into the double-double sums: a loop of its own, compiled
+    without fastmath (elementwise, it vectorizes without; inside the fastmath kernel it did
+    not, and cost 15% of a channels-last float32 pass)."""
+    for c in range(s_dy.shape[0]):
+        add_sums(sums, c, s_dy[c], s_dxm[c])
+
+
+@helper
+def sums_items(dy, x, mean, gate, dres, first, last, sums):
+    """Add sum(g) and sum(g * (x - mean)) of row items first:last into the (4, C)
+    double-double ``sums``, CHUNK (strided: STRIDED_CHUNK) values per plain sum."""
+    n_outer, nchan, n_inner = x.shape
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    step = CHUNK if x.strides[2] == x.itemsize and dy.strides[2] == dy.itemsize \
+        else STRIDED_CHUNK
+    for item in range(first, last):
+        o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
+        for lo in range(start, stop, step):
+            hi = min(stop, lo + step)
+            s_dy, s_dxm = chunk_sums(dy[o, c, lo:hi], x[o, c, lo:hi], part(gate, o, c, lo, hi),
+                                     part(dres, o, c, lo, hi), mean[c])
+            add_sums(sums, c, s_dy, s_dxm)
+
+
+@helper
+def chunk_sums(g, v, gate, dres, m):
+    """(sum(g'), sum(g' * (v - m))) in float64 of one chunk, g' = g through the gate (also
+    written into ``dres``): one vectorized loop."""
+    s_dy = 0.0
+    s_dxm = 0.0
+    for i in range(g.shape[0]):
+        a, b = grad_terms(g, v, gate, dres, i, m)
+        s_dy += a
+        s_dxm += b
+    return s_dy, s_dxm
+
+
+@kernel
 def sums_rows(dy, x, mean, gate, dres, group_rows, nthreads):
-    """(groups, 2, C) sums over row items, per group of ``group_rows`` outer rows."""
+    """(groups, 4, C) double-double sums over row items, per group of ``group_rows`` outer
+    rows."""
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
     group_items = group_rows * nchan * blocks_per_row
-    sums = np.zeros((mean.shape[0], 2, nchan))
-    heads = np.zeros((nthreads, 2, nchan))
+    sums = np.zeros((mean.shape[0], 4, nchan))
+    heads = np.zeros((nthreads, 4, nchan))
     for t in prange(nthreads):
         first, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
         item = first
         while item < last:
             end = run_stop(item, last, group_items)
-            target = heads[t] if item == first else sums[item // group_items]
-            m = mean[item // group_items]
-            for it in range(item, end):
-                o, c, start, stop = row_block(it, nchan, blocks_per_row, n_inner)
-                g = dy[o, c, start:stop]
-                v = x[o, c, start:stop]
-                open_ = part(gate, o, c, start, stop)
-                out = part(dres, o, c, start, stop)
-                mc = m[c]
-                s_dy = 0.0
-                s_dxm = 0.0
-                for i in range(g.shape[0]):
-                    a, b = grad_terms(g, v, open_, out, i, mc)
-                    s_dy += a
-                    s_dxm += b
-                target[0, c] += s_dy
-                target[1, c] += s_dxm
+            sums_items(dy, x, mean[item // group_items], gate, dres, item, end,
+                       heads[t] if item == first else sums[item // group_items])
             item = end
     return add_heads(sums, heads, head_groups(n_items, group_items, nthreads))
 
@@ -90,40 +157,52 @@ def sums_sweep(dy, x, gate, dres, r, step, n_streams, mean, s_dy, s_dxm):
 
 
 @helper
-def sums_walk(dy, x, gate, dres, first, stop, n_streams, mean, s_dy, s_dxm):
-    """Rows first:stop as n_streams lockstep streams (``_blocks.stream_step``)."""
+def sums_walk(dy, x, gate, dres, first, stop, n_streams, mean, s_dy, s_dxm, sums):
+    """Rows first:stop as n_streams lockstep streams (``_blocks.stream_step``), in blocks of
+    COLUMN_BLOCK_SWEEPS sweeps whose sums go into the double-double ``sums``."""
     step = stream_step(first, stop, n_streams)
-    for r in range(first, first + step):
-        sums_sweep(dy, x, gate, dres, r, step, n_streams, mean, s_dy, s_dxm)
+    for r0 in range(first, first + step, COLUMN_BLOCK_SWEEPS):
+        s_dy[:] = 0.0
+        s_dxm[:] = 0.0
+        for r in range(r0, min(first + step, r0 + COLUMN_BLOCK_SWEEPS)):
+            sums_sweep(dy, x, gate, dres, r, step, n_streams, mean, s_dy, s_dxm)
+        add_block(sums, s_dy, s_dxm)
+    s_dy[:] = 0.0
+    s_dxm[:] = 0.0
     for r in range(first + n_streams * step, stop):
         sums_sweep(dy, x, gate, dres, r, 0, 1, mean, s_dy, s_dxm)
+    for c in range(mean.shape[0]):
+        add_sums(sums, c, s_dy[c], s_dxm[c])
+
+
+@helper
+def sums_share(dy, x, mean, gate, dres, first, stop, sums):
+    """The sums over channels-last rows first:stop into the (4, C) double-double ``sums``."""
+    nchan = x.shape[1]
+    # The run's own accumulators: fresh arrays, so the compiler knows that
+    # nothing else writes them and vectorizes the sweep without alias checks.
+    s_dy = np.zeros(nchan)
+    s_dxm = np.zeros(nchan)
+    if nchan >= WIDE_ROW:  # each call with its constant: the sweep's loop unrolls
+        sums_walk(dy, x, gate, dres, first, stop, SUMS_STREAMS[1], mean, s_dy, s_dxm, sums)
+    else:
+        sums_walk(dy, x, gate, dres, first, stop, SUMS_STREAMS[0], mean, s_dy, s_dxm, sums)
 
 
 @kernel
 def sums_columns(dy, x, mean, gate, dres, group_rows, nthreads):
-    """(groups, 2, C) sums over channels-last rows: thread t's share in runs of one group."""
+    """(groups, 4, C) double-double sums over channels-last rows: thread t's share in runs
+    of one group."""
     n_rows, nchan = x.shape
-    sums = np.zeros((mean.shape[0], 2, nchan))
-    heads = np.zeros((nthreads, 2, nchan))
+    sums = np.zeros((mean.shape[0], 4, nchan))
+    heads = np.zeros((nthreads, 4, nchan))
     for t in prange(nthreads):
-        # The thread's own accumulators: fresh arrays, so the compiler knows that
-        # nothing else writes them and vectorizes the sweep without alias checks.
-        s_dy = np.empty(nchan)
-        s_dxm = np.empty(nchan)
         first, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
         r = first
         while r < stop:
             end = run_stop(r, stop, group_rows)
-            g = r // group_rows
-            s_dy[:] = 0.0
-            s_dxm[:] = 0.0
-            if nchan >= WIDE_ROW:
-                sums_walk(dy, x, gate, dres, r, end, SUMS_STREAMS[1], mean[g], s_dy, s_dxm)
-            else:
-                sums_walk(dy, x, gate, dres, r, end, SUMS_STREAMS[0], mean[g], s_dy, s_dxm)
-            target = heads[t] if r == first else sums[g]
-            target[0] = s_dy
-            target[1] = s_dxm
+            sums_share(dy, x, mean[r // group_rows], gate, dres, r, end,
+                       heads[t] if r == first else sums[r // group_rows])
             r = end
     return add_heads(sums, heads, head_groups(n_rows, group_rows, nthreads))
 
@@ -133,22 +212,36 @@ def dx_value(dy, x, gate, i, m, gc, hc, kc):
     return gc * gated(wide(dy[i]), gate, i) + hc * (wide(x[i]) - m) + kc
 
 
+@helper
+def dx_items(dy, x, gate, mean, g, h, k, dx, first, last):
+    """dx over row items first:last."""
+    n_outer, nchan, n_inner = x.shape
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    for item in range(first, last):
+        o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
+        gy = dy[o, c, start:stop]
+        v = x[o, c, start:stop]
+        open_ = part(gate, o, c, start, stop)
+        out = dx[o, c, start:stop]
+        m, gc, hc, kc = mean[c], g[c], h[c], k[c]
+        for i in range(gy.shape[0]):
+            store(out, i, dx_value(gy, v, open_, i, m, gc, hc, kc))
+
+
 @kernel
 def dx_rows(dy, x, gate, mean, g, h, k, dx, group_rows, nthreads):
+    """dx over row items: thread t's share in runs of one group."""
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
+    group_items = group_rows * nchan * blocks_per_row
     for t in prange(nthreads):
-        for item in range(t * n_items // nthreads, (t + 1) * n_items // nthreads):
-            o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
-            gy = dy[o, c, start:stop]
-            v = x[o, c, start:stop]
-            open_ = part(gate, o, c, start, stop)
-            out = dx[o, c, start:stop]
-            q = o // group_rows
-            m, gc, hc, kc = mean[q, c], g[q, c], h[q, c], k[q, c]
-            for i in range(gy.shape[0]):
-                store(out, i, dx_value(gy, v, open_, i, m, gc, hc, kc))
+        item, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
+        while item < last:
+            end = run_stop(item, last, group_items)
+            q = item // group_items
+            dx_items(dy, x, gate, mean[q], g[q], h[q], k[q], dx, item, end)
+            item = end
 
 
 @helper
@@ -171,6 +264,15 @@ def dx_walk(dy, x, gate, first, stop, n_streams, mean, g, h, k, dx):
         dx_sweep(dy, x, gate, r, 0, 1, mean, g, h, k, dx)
 
 
+@helper
+def dx_share(dy, x, gate, mean, g, h, k, dx, first, stop):
+    """dx over channels-last rows first:stop."""
+    if x.shape[1] >= WIDE_ROW:
+        dx_walk(dy, x, gate, first, stop, GRAD_STREAMS[1], mean, g, h, k, dx)
+    else:
+        dx_walk(dy, x, gate, first, stop, GRAD_STREAMS[0], mean, g, h, k, dx)
+
+
 @kernel
 def dx_columns(dy, x, gate, mean, g, h, k, dx, group_rows, nthreads):
     """dx over channels-last rows: thread t's share in runs of one group."""
@@ -180,10 +282,7 @@ def dx_columns(dy, x, gate, mean, g, h, k, dx, group_rows, nthreads):
         while r < stop:
             end = run_stop(r, stop, group_rows)
             q = r // group_rows
-            if x.shape[1] >= WIDE_ROW:
-                dx_walk(dy, x, gate, r, end, GRAD_STREAMS[1], mean[q], g[q], h[q], k[q], dx)
-            else:
-                dx_walk(dy, x, gate, r, end, GRAD_STREAMS[0], mean[q], g[q], h[q], k[q], dx)
+            dx_share(dy, x, gate, mean[q], g[q], h[q], k[q], dx, r, end)
             r = end
 
 
@@ -205,29 +304,49 @@ def _group_rows(x, group_rows):
     return (max(x.shape[0], 1), None) if group_rows is None else (group_rows, group_rows)
 
 
+def _columns(arrays, vectors, grouped):
+    """``(n_inner, planes, vectors)``: 3-D views read as channels-last columns (``widen``'s
+    2-D planes; short rows, where not grouped, as ``short_rows``' planes, the (groups, C)
+    vectors repeated per row element), or None where they are read as rows."""
+    short = None if grouped else short_rows(*arrays)
+    if short is not None:
+        n_inner, planes = short
+        return n_inner, planes, [np.repeat(v, n_inner, axis=1) for v in vectors]
+    if arrays[0].shape[2] > 1:
+        return None
+    return 1, tuple(_plane(a) for a in arrays), list(vectors)
+
+
 def backward_sums(dy, x, mean, gate=None, dres=None, group_rows=None):
     """(sum(g), sum(g * (x - mean))) of 3-D views per (group, channel), float64 groups * C
     values each (group-major), as ``mean``, per group of ``group_rows`` outer rows (None:
     one group); g = dy through the ``gate`` (3-D view or None), written into ``dres`` (3-D
     view or None)."""
     rows, grouping = _group_rows(x, group_rows)
-    nchan = x.shape[1]
-    mean = mean.reshape(-1, nchan)
-    if x.shape[2] > 1:
+    mean = mean.reshape(-1, x.shape[1])
+    columns = _columns((dy, x, gate, dres), (mean,), group_rows is not None)
+    if columns is None:
         nthreads, parallel = _rows_plan(x)
-        sums = sums_rows(dy, x, mean, gate, dres, rows, nthreads, parallel=parallel)
-        return sums[:, 0].ravel(), sums[:, 1].ravel()
-    groups = mean.shape[0]
-    k, (dyw, xw, gw, rw), rest = widen(*(_plane(a) for a in (dy, x, gate, dres)),
-                                       group_rows=grouping)
-    nthreads, parallel = _columns_plan(xw)
-    sums = sums_columns(dyw, xw, tiled(mean, k), gw, rw, max(rows // k, 1), nthreads,
-                        parallel=parallel)
-    sums = sums.reshape(groups, 2, k, nchan).sum(axis=2)
-    if rest:
-        dyr, xr, gr, rr = rest
-        sums[-1] += sums_columns(dyr, xr, mean[-1:], gr, rr, xr.shape[0], 1, parallel=False)[0]
-    return sums[:, 0].ravel(), sums[:, 1].ravel()
+        parts = sums_rows(dy, x, mean, gate, dres, rows, nthreads, parallel=parallel)[:, None]
+    else:
+        n_inner, planes, (mean,) = columns
+        groups, ncols = mean.shape
+        k, (dyw, xw, gw, rw), rest = widen(*planes, group_rows=grouping)
+        nthreads, parallel = _columns_plan(xw)
+        sums = sums_columns(dyw, xw, tiled(mean, k), gw, rw, max(rows // k, 1), nthreads,
+                            parallel=parallel)
+        # The parts of a group's sums: the k regrouped copies of each column, the rest rows.
+        parts = np.zeros((groups, k + 1, 4, ncols))
+        parts[:, :k] = sums.reshape(groups, 4, k, ncols).transpose(0, 2, 1, 3)
+        if rest:
+            dyr, xr, gr, rr = rest
+            parts[-1, k] = sums_columns(dyr, xr, mean[-1:], gr, rr, xr.shape[0], 1,
+                                        parallel=False)[0]
+        if n_inner > 1:  # a channel's columns: more parts of its sums
+            parts = parts.reshape(groups, k + 1, 4, ncols // n_inner, n_inner) \
+                .transpose(0, 1, 4, 2, 3).reshape(groups, -1, 4, ncols // n_inner)
+    sum_dy, sum_dy_xmu = total_sums(parts, parallel=False)
+    return sum_dy.ravel(), sum_dy_xmu.ravel()
 
 
 def grad_input(dy, x, mean, g, h, k, dx, gate=None, group_rows=None):
@@ -235,16 +354,17 @@ def grad_input(dy, x, mean, g, h, k, dx, gate=None, group_rows=None):
     None), coefficients per (group, channel), groups * C values, in the working dtype, per
     group of ``group_rows`` outer rows (None: one group)."""
     rows, grouping = _group_rows(x, group_rows)
-    mean, g, h, k = (a.reshape(-1, x.shape[1]) for a in (mean, g, h, k))
-    if x.shape[2] > 1:
+    coeffs = [a.reshape(-1, x.shape[1]) for a in (mean, g, h, k)]
+    columns = _columns((dy, x, gate, dx), coeffs, group_rows is not None)
+    if columns is None:
         nthreads, parallel = _rows_plan(x)
-        dx_rows(dy, x, gate, mean, g, h, k, dx, rows, nthreads, parallel=parallel)
+        dx_rows(dy, x, gate, *coeffs, dx, rows, nthreads, parallel=parallel)
         return
-    copies, wide_, rest = widen(*(_plane(a) for a in (dy, x, gate, dx)), group_rows=grouping)
-    coeffs = [tiled(a, copies) for a in (mean, g, h, k)]
+    _, planes, coeffs = columns
+    copies, wide_, rest = widen(*planes, group_rows=grouping)
     nthreads, parallel = _columns_plan(wide_[1])
-    dx_columns(*wide_[:3], *coeffs, wide_[3], max(rows // copies, 1), nthreads,
-               parallel=parallel)
+    dx_columns(*wide_[:3], *(tiled(a, copies) for a in coeffs), wide_[3],
+               max(rows // copies, 1), nthreads, parallel=parallel)
     if rest:
-        dx_columns(*rest[:3], *(a[-1:] for a in (mean, g, h, k)), rest[3], rest[1].shape[0], 1,
+        dx_columns(*rest[:3], *(a[-1:] for a in coeffs), rest[3], rest[1].shape[0], 1,
                    parallel=False)

@@ -16,6 +16,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from .._bits import bitcast
 from .._layout import is_bfloat16
 from ._jit import helper
 
@@ -80,18 +81,8 @@ def work_dtype(dtype):
     return np.dtype(np.float32) if dtype.itemsize == 2 else np.dtype(np.float64)
 
 
-def _bitcast(source, target):
-    """An intrinsic reinterpreting a ``source`` value's bits as ``target`` (Numba types)."""
-    @intrinsic
-    def cast(typingctx, value):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], context.get_value_type(target))
-        return target(source), codegen
-    return cast
-
-
-float32_of_bits = _bitcast(types.uint32, types.float32)
-bits_of_float32 = _bitcast(types.float32, types.uint32)
+float32_of_bits = bitcast(intrinsic, types.uint32, types.float32)
+bits_of_float32 = bitcast(intrinsic, types.float32, types.uint32)
 
 
 @intrinsic
@@ -143,12 +134,17 @@ def _wide(v):
 
 
 def store(a, i, value):
-    """``a[i] = value`` rounded to a's dtype (16-bit floats from float32, nearest even)."""
+    """``a[i] = value`` rounded to a's dtype (16-bit floats from float32, nearest even); a
+    ``value`` that is an element of a's 16-bit dtype is copied as it is (its bits)."""
 
 
 @overload(store, inline="always")
 def _store(a, i, value):
     field = _record_field(a.dtype)
+    if field is not None and _record_field(value) == field:
+        def copy_bits(a, i, value):
+            a[i] = value
+        return copy_bits
     if field == "bfloat16":
         def store_bfloat16(a, i, value):
             a[i].bfloat16 = bfloat16_of_float32(np.float32(value))
@@ -161,27 +157,6 @@ def _store(a, i, value):
     def store_float(a, i, value):
         a[i] = value
     return store_float
-
-
-def copy_element(a, i, v):
-    """``a[i] = v`` for element ``v`` of an array of a's dtype (bits as they are)."""
-
-
-@overload(copy_element, inline="always")
-def _copy_element(a, i, v):
-    field = _record_field(a.dtype)
-    if field == "bfloat16":
-        def copy_bfloat16(a, i, v):
-            a[i].bfloat16 = v.bfloat16
-        return copy_bfloat16
-    if field == "float16":
-        def copy_float16(a, i, v):
-            a[i].float16 = v.float16
-        return copy_float16
-
-    def copy_value(a, i, v):
-        a[i] = v
-    return copy_value
 
 
 def zero_below(a):
@@ -279,19 +254,8 @@ def keep(x, copy, mask, i, v, y):
     """What a layer keeps of element i for backward (each None: not kept): x[i]'s bits into
     ``copy``; whether the stored y is positive, from its value ``v`` (the ReLU's gate:
     uint8) into ``mask``."""
-    copy_if(copy, i, x[i])
+    store_if(copy, i, x[i])
     mask_if(mask, i, v, y)
-
-
-def copy_if(a, i, v):
-    """``copy_element(a, i, v)``, nothing where ``a`` is None."""
-
-
-@overload(copy_if, inline="always")
-def _copy_if(a, i, v):
-    if _absent(a):
-        return lambda a, i, v: None
-    return lambda a, i, v: copy_element(a, i, v)
 
 
 def mask_if(mask, i, v, y):

@@ -257,6 +257,20 @@ def rows_pass(x, first, last, k, new_shift, counts, sums, pending, samples):
         accumulate(sums, c, pending[0, c], pending[1, c])
 
 
+@helper
+def rows_state(x, first, last, state):
+    """Fill the (FIELDS, C) ``state`` from work items first:last of x[outer, C, inner]."""
+    nchan = x.shape[1]
+    work = np.empty((9, nchan))  # one allocation: shifts, counts, sums, pending sums
+    k, counts, sums, pending = work[0], work[1], work[2:6], work[6:]
+    samples = np.empty(SAMPLES)
+    for attempt in range(2):  # a second pass only where the shift was too far
+        rows_pass(x, first, last, k, attempt == 0, counts, sums, pending, samples)
+        if not thread_state(counts, k, sums, state):
+            break
+        k[:] = state[MEAN]
+
+
 @kernel
 def moments_rows(x, group_rows, nthreads):
     """(states, finite) over axes 0 and 2 of x[outer, C, inner] per group of ``group_rows``
@@ -369,6 +383,26 @@ def short_run_state(x, r0, r1, k, s1, s2, state):
             again |= s1[j] * q > CANCELLATION * s2[j]
         if not again:
             return
+        k[:] = state[MEAN]
+
+
+@helper
+def columns_state(x, r0, r1, state):
+    """Fill the (FIELDS, C) ``state`` from rows r0:r1 of x[rows, C], shifted per column
+    by a value sampled from rows spread over them (see ``central``)."""
+    nchan = x.shape[1]
+    work = np.empty((8, nchan))  # one allocation: shifts, counts, sums, block sums
+    k, counts, sums, s1, s2 = work[0], work[1], work[2:6], work[6], work[7]
+    counts[:] = r1 - r0
+    samples = np.empty(SAMPLES)
+    for j in range(nchan):
+        for s in range(SAMPLES):
+            samples[s] = wide(x[r0 + s * (r1 - r0) // SAMPLES, j])
+        k[j] = central(samples)
+    for _ in range(2):  # a second pass only where the shift was too far
+        columns_pass(x, r0, r1, k, sums, s1, s2)
+        if not thread_state(counts, k, sums, state):
+            break
         k[:] = state[MEAN]
 
 

@@ -7,11 +7,34 @@ the activation (``relu``: None or True), and what a layer keeps for its backward
 values (``copy``) and the ReLU gate ``y > 0`` (``mask``, uint8), written in this pass
 while x is read anyway.
 """
+import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, thread_plan
-from ._blocks import AFFINE_STREAMS, BLOCK, row_block, run_stop, stream_step, tiled, widen
+from ._blocks import (AFFINE_STREAMS, BLOCK, row_block, run_stop, short_rows, stream_step, tiled,
+                      widen)
 from .elements import epilogue, keep, part, store, wide
+
+
+@helper
+def affine_items(x, scale, shift, y, residual, relu, copy, mask, group_rows, first, last):
+    """The affine pass over row items first:last (BLOCK-sized pieces of the rows); scale and
+    shift (groups, C), group o // group_rows."""
+    n_outer, nchan, n_inner = x.shape
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    for item in range(first, last):
+        o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
+        src = x[o, c, start:stop]
+        dst = y[o, c, start:stop]
+        res = part(residual, o, c, start, stop)
+        kept = part(copy, o, c, start, stop)
+        gate = part(mask, o, c, start, stop)
+        a = scale[o // group_rows, c]
+        b = shift[o // group_rows, c]
+        for i in range(src.shape[0]):
+            v = epilogue(wide(src[i]) * a + b, res, i, relu)
+            store(dst, i, v)
+            keep(src, kept, gate, i, v, dst)
 
 
 @kernel
@@ -19,22 +42,10 @@ def affine_rows(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthr
     """y[o, c, i] = act(x[o, c, i] * scale[g, c] + shift[g, c] + residual[o, c, i]), g =
     o // group_rows, rows split into BLOCK-sized items."""
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
-    n_items = n_outer * nchan * blocks_per_row
+    n_items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
     for t in prange(nthreads):
-        for item in range(t * n_items // nthreads, (t + 1) * n_items // nthreads):
-            o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
-            src = x[o, c, start:stop]
-            dst = y[o, c, start:stop]
-            res = part(residual, o, c, start, stop)
-            kept = part(copy, o, c, start, stop)
-            gate = part(mask, o, c, start, stop)
-            a = scale[o // group_rows, c]
-            b = shift[o // group_rows, c]
-            for i in range(src.shape[0]):
-                v = epilogue(wide(src[i]) * a + b, res, i, relu)
-                store(dst, i, v)
-                keep(src, kept, gate, i, v, dst)
+        affine_items(x, scale, shift, y, residual, relu, copy, mask, group_rows,
+                     t * n_items // nthreads, (t + 1) * n_items // nthreads)
 
 
 @helper
@@ -50,23 +61,31 @@ def affine_sweep(x, r, step, n_streams, scale, shift, y, residual, relu, copy, m
             keep(x, copy, mask, i, v, y)
 
 
+@helper
+def affine_stream_share(x, scale, shift, y, residual, relu, copy, mask, group_rows, t,
+                        nthreads):
+    """Thread t's share of channels-last rows x[r, c], in runs of one group (scale and shift
+    (groups, C), group r // group_rows), each as lockstep streams (``_blocks``)."""
+    n_rows = x.shape[0]
+    r, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
+    while r < stop:
+        end = run_stop(r, stop, group_rows)
+        a = scale[r // group_rows]
+        b = shift[r // group_rows]
+        step = stream_step(r, end, AFFINE_STREAMS)
+        for q in range(r, r + step):
+            affine_sweep(x, q, step, AFFINE_STREAMS, a, b, y, residual, relu, copy, mask)
+        for q in range(r + AFFINE_STREAMS * step, end):
+            affine_sweep(x, q, 0, 1, a, b, y, residual, relu, copy, mask)
+        r = end
+
+
 @kernel
 def affine_columns(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthreads):
-    """The affine pass over channels-last rows x[r, c]: thread t's share in runs of one
-    group, each as lockstep streams (``_blocks``)."""
-    n_rows = x.shape[0]
+    """The affine pass over channels-last rows x[r, c] (``affine_stream_share``)."""
     for t in prange(nthreads):
-        r, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
-        while r < stop:
-            end = run_stop(r, stop, group_rows)
-            a = scale[r // group_rows]
-            b = shift[r // group_rows]
-            step = stream_step(r, end, AFFINE_STREAMS)
-            for q in range(r, r + step):
-                affine_sweep(x, q, step, AFFINE_STREAMS, a, b, y, residual, relu, copy, mask)
-            for q in range(r + AFFINE_STREAMS * step, end):
-                affine_sweep(x, q, 0, 1, a, b, y, residual, relu, copy, mask)
-            r = end
+        affine_stream_share(x, scale, shift, y, residual, relu, copy, mask, group_rows, t,
+                            nthreads)
 
 
 def _affine_columns(x, scale, shift, y, residual, relu, copy, mask, group_rows):
@@ -89,14 +108,20 @@ def affine(x, scale, shift, y, residual=None, relu=None, copy=None, mask=None,
     scale, shift = scale.reshape(-1, nchan), shift.reshape(-1, nchan)
     grouped = group_rows is not None
     group_rows = group_rows if grouped else max(n_outer, 1)
-    if n_inner > 1:
+    arrays = (x, y, residual, copy, mask)
+    short = None if grouped else short_rows(*arrays)
+    if short is not None:  # columns of channel c's values, repeated per row element
+        n_inner, planes = short
+        scale, shift = np.repeat(scale, n_inner, axis=1), np.repeat(shift, n_inner, axis=1)
+    elif n_inner > 1:
         items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
         nthreads, parallel = thread_plan(x.size, items)
         affine_rows(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthreads,
                     parallel=parallel)
         return
-    k, (xw, yw, rw, cw, mw), rest = widen(*(_plane(a) for a in (x, y, residual, copy, mask)),
-                                          group_rows=group_rows if grouped else None)
+    else:
+        planes = tuple(_plane(a) for a in arrays)
+    k, (xw, yw, rw, cw, mw), rest = widen(*planes, group_rows=group_rows if grouped else None)
     _affine_columns(xw, tiled(scale, k), tiled(shift, k), yw, rw, relu, cw, mw,
                     max(group_rows // k, 1))
     if rest:

@@ -18,6 +18,7 @@ it off), oldest freed first out, and only blocks of at least ``MIN_BYTES``
 a forked child starts with an empty pool.
 """
 import collections
+import math
 import os
 import threading
 import warnings
@@ -46,7 +47,7 @@ class Pool:
     def empty(self, shape, dtype):
         """A new uninitialized C-ordered array; large ones are views of a pool block."""
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < MIN_BYTES or nbytes > self.limit:
             return np.empty(shape, dtype)
         size = -(-(nbytes + ALIGN) // PAGE) * PAGE

@@ -8,7 +8,8 @@ copied to the host and nothing waits for the device: per-channel statistics,
 coefficients, the running-buffer update and the parameter gradients are kernels too,
 fused where the grid allows (a reduction's last block per channel writes the channel's
 results; dx's kernel computes its coefficients). Accumulation is float32 for 16-bit
-input (float16, bfloat16) and float64 otherwise; merges are float64. The epilogue
+input (float16, bfloat16) and float64 otherwise, as on the host; the statistics' merges
+are double-double (``_cuda/moments.py``), the backward sums' float64. The epilogue
 (residual, ReLU, a layer's kept copy of x and ReLU mask) and the ReLU's gate in the
 backward are optional operands of the same kernels (``_kernel_args``' ``optional``).
 """
@@ -190,16 +191,17 @@ def _moments(queue, x3, nchan, dtype, fin, group_rows=None):
     ``fin``'s results."""
     if nchan:
         op = _empty_operand(queue, nchan, dtype) if x3 is None else x3
-        _reduction(queue, _MOMENTS, 3, (op,), (_zero(dtype),), (fin,),
+        _reduction(queue, _MOMENTS, moment_kernels.FIELDS, (op,), (_zero(dtype),), (fin,),
                    group_rows=None if x3 is None else group_rows)
 
 
-def _fin(mode, ddof, mean, second, scale, shift=None, flags=0, eps=0.0, momentum=0.0,
+def _fin(mode, ddof, mean, second, low, scale, shift=None, flags=0, eps=0.0, momentum=0.0,
          var_factor=0.0, weight=None, bias=None, running=None):
     """channel_result's arguments (``moments.channel_result``); absent arrays are dummies."""
     rm, rv = running if running is not None else (scale, scale)
     return (float(ddof), mode, flags, float(eps), float(momentum), float(var_factor), mean,
-            second, scale, _or(shift, scale), _or(weight, scale), _or(bias, scale), rm, rv)
+            second, low, scale, _or(shift, scale), _or(weight, scale), _or(bias, scale), rm,
+            rv)
 
 
 def statistics(like, a, red, kinds, ddof, dtype, out):
@@ -214,13 +216,13 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
         targets[kind], finish = _channel_result(queue, family, red.nchan, red.shape, dtype,
                                                 None if finishes else out, "out")
         finishes.append(finish)
-    second = next((k for k in kinds if k != "mean"), "m2")
-    for kind in ("mean", second):  # what the kernel writes and nobody asked for
+    second = next((k for k in kinds if k in _MODES), "m2")
+    for kind in ("mean", second, "mean_low"):  # what the kernel writes and nobody asked for
         if kind not in targets:
             targets[kind] = queue.work(kind, (red.nchan,), F8)
     scale = queue.work("scale", (max(red.nchan, 1),), _acc(a.dtype))
-    _moments(queue, x3, red.nchan, a.dtype,
-             _fin(_MODES[second], ddof, targets["mean"], targets[second], scale))
+    _moments(queue, x3, red.nchan, a.dtype, _fin(_MODES[second], ddof, targets["mean"],
+                                                 targets[second], targets["mean_low"], scale))
     return tuple(finish() for finish in finishes)
 
 
@@ -232,17 +234,18 @@ def _group_rows(plan):
     return plan.group_rows if plan.groups > 1 else None
 
 
-def batch_moments(call, variance=False):
+def batch_moments(call, variance=False, mean_low=False):
     plan = call.plan
     pairs = plan.groups * plan.nchan
     queue = queue_of(call.x)
     mean = queue.empty((pairs,), F8)
     second = queue.empty((pairs,), F8)
+    low = queue.empty((pairs,), F8) if mean_low else queue.work("mean_low", (pairs,), F8)
     mode = moment_kernels.VARIANCE if variance else moment_kernels.RAW_M2
     scale = queue.work("scale", (max(pairs, 1),), _acc(plan.dtype))
-    _moments(queue, call.x3, plan.nchan, plan.dtype, _fin(mode, 0, mean, second, scale),
+    _moments(queue, call.x3, plan.nchan, plan.dtype, _fin(mode, 0, mean, second, low, scale),
              _group_rows(plan))
-    return mean, second
+    return (mean, second, low) if mean_low else (mean, second)
 
 
 def coefficients(dtype, mean, var, weight, bias, eps):
@@ -332,8 +335,9 @@ def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_fa
                    w=(moment_kernels.HAS_WEIGHT, weight is not None),
                    b=(moment_kernels.HAS_BIAS, bias is not None),
                    r=(moment_kernels.UPDATE_RUNNING, running is not None))
-    fin = _fin(moment_kernels.VARIANCE, 0, to_numba(mean), to_numba(var), scale, shift, flags,
-               eps, momentum, var_factor, weight, bias, running)
+    fin = _fin(moment_kernels.VARIANCE, 0, to_numba(mean), to_numba(var),
+               queue.work("mean_low", (mean.shape[0],), F8), scale, shift, flags, eps, momentum,
+               var_factor, weight, bias, running)
     _moments(queue, call.x3, plan.nchan, plan.dtype, fin, _group_rows(plan))
     return _normalized(queue, call, scale, shift, out, epilogue), mean, var
 
@@ -460,6 +464,26 @@ def folded(w, b, scale, shift, b_dtype):
     if b is not None:
         return w_folded, _scaled(queue, b, scale, shift, b_dtype)
     return w_folded, cast(w, shift, b_dtype)
+
+
+# ---- small calls: none fused here (a device call is a few launches on the caller's stream) --
+
+
+def fused(plan, x):
+    return None
+
+
+def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, stats_dtype,
+                  copy):
+    return None
+
+
+def fused_inference(small, x, running_mean, running_var, weight, bias, eps):
+    return None
+
+
+def fused_backward(small, dy, x, mean, var, weight, eps):
+    return None
 
 
 # ---- per-channel vectors ---------------------------------------------------------------------

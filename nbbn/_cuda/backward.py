@@ -1,8 +1,9 @@
 """Batch-norm backward on the device: one fused reduction, then one elementwise pass.
 
 Reduction: per channel ``sum(dy)`` and ``sum(dy * (x - mean))``, per thread in the
-accumulation dtype over the walk of the statistics (``accumulate_sums``), per block in
-float64 (``launch.block_sum2``), and over the channel's blocks in the last of them to
+accumulation dtype over the walk of the statistics (``accumulate_sums``) in chunks added
+into float64 double-doubles (``launch.folded``, as the statistics), per block in float64
+(``launch.block_sum2``), and over the channel's blocks in the last of them to
 finish, which writes the channel's sums. Per channel, from the sums (which a
 synchronized layer adds up over ranks in between): dx's coefficients, computed where
 each block of the elementwise pass starts a channel (``dx_coefficients``), and
@@ -17,9 +18,9 @@ None where absent (an absent operand's strides are x's).
 from numba import cuda, float64
 
 from .elements import gated, load4_if, load_if, store, store_if, wide
-from .launch import (advance, as_index, block_sum2, cast, column_start, four, four_rows,
-                     group_column_walk, group_plane, last_block, load4, load_partial, moved,
-                     operand_walk, plane_walk)
+from .launch import (CHUNK_ROUNDS, ROUND0, advance, as_index, block_sum2, cast, column_start,
+                     folded, four, four_rows, group_column_walk, group_plane, last_block, load4,
+                     load_partial, moved, operand_walk, plane_walk)
 from .normalize import inv_sqrt
 
 # dx flags
@@ -83,6 +84,9 @@ def sums_rows(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_d
     m = wide(mean[j], zero)
     s_dy = zero
     s_dxm = zero
+    h_dy = 0.0
+    h_dxm = 0.0
+    rounds = ROUND0
     while q < limit:
         g0, g1, g2, g3, off_dy, _ = four(off_dy, steps_dy, i, step_i, n_inner)
         t0, t1, t2, t3, off_t, _ = four(off_t, steps_t, i, step_i, n_inner)
@@ -92,6 +96,10 @@ def sums_rows(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_d
                                        load4(x, x0, x1, x2, x3),
                                        load4_if(gate, (t0, t1, t2, t3), zero),
                                        (e0, e1, e2, e3), m, zero, gating)
+        rounds = as_index(rounds + 1, rounds)
+        if rounds == CHUNK_ROUNDS:
+            h_dy, h_dxm, s_dy, s_dxm = folded(h_dy, h_dxm, s_dy, s_dxm)
+            rounds = ROUND0
         q = as_index(q + as_index(step * 4, step), step)
     while q < plane:
         s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, dy[off_dy], x[off_x],
@@ -102,7 +110,7 @@ def sums_rows(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_d
         off_t = moved(off_t, steps_t, wrapped)
         off_e = moved(off_e, steps_e, wrapped)
         q = as_index(q + step, step)
-    s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, 1)
+    s_dy, s_dxm = block_sum2(h_dy + float64(s_dy), h_dxm + float64(s_dxm), tid, nthreads, 1)
     if parts > 1:
         if tid == 0:
             write_sums(partial[j, 0], partial[j, 1], cuda.blockIdx.y, s_dy, s_dxm)
@@ -127,6 +135,9 @@ def sums_columns(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, su
     j, c, row0, rows, r, rstep, limit = group_column_walk(nchan, group_rows, n_rows)
     s_dy = zero
     s_dxm = zero
+    h_dy = 0.0
+    h_dxm = 0.0
+    rounds = ROUND0
     if c < nchan:
         m = wide(mean[j], zero)
         off_dy, dy_step = column_start(sdy, row0 + r, c, rstep)
@@ -142,6 +153,10 @@ def sums_columns(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, su
                                            load4(x, x0, x1, x2, x3),
                                            load4_if(gate, (t0, t1, t2, t3), zero),
                                            (e0, e1, e2, e3), m, zero, gating)
+            rounds = as_index(rounds + 1, rounds)
+            if rounds == CHUNK_ROUNDS:
+                h_dy, h_dxm, s_dy, s_dxm = folded(h_dy, h_dxm, s_dy, s_dxm)
+                rounds = ROUND0
             r = as_index(r + as_index(rstep * 4, rstep), rstep)
         while r < rows:
             s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, dy[off_dy], x[off_x],
@@ -151,7 +166,7 @@ def sums_columns(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, su
             off_t = as_index(off_t + t_step, t_step)
             off_e = as_index(off_e + e_step, e_step)
             r = as_index(r + rstep, rstep)
-    s_dy, s_dxm = block_sum2(float64(s_dy), float64(s_dxm), tid, nthreads, ntx)
+    s_dy, s_dxm = block_sum2(h_dy + float64(s_dy), h_dxm + float64(s_dxm), tid, nthreads, ntx)
     if parts > 1:
         if tid < ntx and c < nchan:
             write_sums(partial[j, 0], partial[j, 1], cuda.blockIdx.y, s_dy, s_dxm)

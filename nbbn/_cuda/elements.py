@@ -37,18 +37,12 @@ if SIMULATOR:
 else:
     from numba.cuda.extending import intrinsic
 
-    def _bitcast(source, target):
-        @intrinsic
-        def cast(typingctx, value):
-            def codegen(context, builder, signature, args):
-                return builder.bitcast(args[0], context.get_value_type(target))
-            return target(source), codegen
-        return cast
+    from .._bits import bitcast
 
-    float32_of_bits = _bitcast(uint32, float32)
-    bits_of_float32 = _bitcast(float32, uint32)
-    float64_of_bits = _bitcast(uint64, float64)
-    bits_of_float64 = _bitcast(float64, uint64)
+    float32_of_bits = bitcast(intrinsic, uint32, float32)
+    bits_of_float32 = bitcast(intrinsic, float32, uint32)
+    float64_of_bits = bitcast(intrinsic, uint64, float64)
+    bits_of_float64 = bitcast(intrinsic, float64, uint64)
 
 
 @cuda.jit(device=True, cache=True)

@@ -25,12 +25,14 @@ per width.
 A reduction's threads accumulate privately, then ``block_merge``/``block_sum2`` combine
 the threads that share a channel: a shared-memory tree whose first five levels are warp
 shuffles on a real GPU (``USE_SHUFFLE``, the one switch: the CUDA simulator has no warp
-intrinsics). The blocks of one channel then meet in the same launch: each writes its
-partial state, and the last block to finish (an atomic ticket per channel) merges them
-and writes the channel's results (``last_block``).
+intrinsics). Moments states are ``(n, mean, mean_low, m2)``, the mean a double-double,
+merged by ``_math.chan_merge_dd`` (``merge``). The blocks of one channel then meet in
+the same launch: each writes its partial state, and the last block to finish (an atomic
+ticket per channel) merges them and writes the channel's results (``last_block``).
 """
 import functools
 import math
+import types as pytypes
 
 import numpy as np
 from numba import cuda, float64, int32, int64, types
@@ -49,10 +51,37 @@ MIN_WORK = 16       # elements per thread before a reduction adds blocks
 UNROLL = 4          # elements a thread has in flight (the kernels' four-way walk)
 ELEMENTWISE_WAVES = 8  # elementwise grids: at most this many times the reduction target
 MAX_GRID_Y = 65535
+# Rounds of four values a reduction's thread sums plainly before adding them into its
+# float64 double-doubles (``folded``): a longer plain sum of squares of data on a coarse
+# grid (1.7e9 + N(0, 1)) rounds with a bias (see ``_cpu/moments.CHUNK``).
+CHUNK_ROUNDS = 16
+ROUND0 = int32(0)  # the round counter: 32 bits (a register fewer than Python's int64)
 PARTIAL_PAD = 16    # partial states of a channel start on a 128-byte line (float64)
 
-# The shared per-element math, compiled for the device.
-chan_merge = cuda.jit(device=True, cache=True)(_math.chan_merge)
+
+@cuda.jit(device=True, cache=True)
+def _fma(a, b, c):
+    return cuda.fma(a, b, c)
+
+
+def _device_math():
+    """``_math``'s functions compiled for the device, calling each other and the FMA
+    instruction (in the simulator, ``_math.fma``'s exact arithmetic). Strict as written:
+    kernels are compiled without fastmath; whatever FMA contraction NVVM applies can only
+    fuse a product into a sum of error terms (TwoSum has no product), which is harmless."""
+    scope = dict(vars(_math), fma=_math.fma if SIMULATOR else _fma)
+    for name, f in vars(_math).items():
+        if isinstance(f, pytypes.FunctionType) and f.__module__ == _math.__name__ \
+                and f is not _math.fma:
+            scope[name] = cuda.jit(device=True, cache=True)(
+                pytypes.FunctionType(f.__code__, scope, name, f.__defaults__))
+    return scope
+
+
+_device = _device_math()
+merge = _device["chan_merge_dd"]              # two (n, mean, mean_low, m2) states
+two_sum = _device["two_sum"]
+shifted_moments = _device["shifted_moments"]  # a state from shifted double-double sums
 
 _sm_count = None
 
@@ -317,57 +346,77 @@ def load4(x, a, b, c, d):
     return x[a], x[b], x[c], x[d]
 
 
+@cuda.jit(device=True, cache=True)
+def folded(h1, h2, s1, s2):
+    """A chunk's sums added into the thread's float64 sums h1, h2 (TwoSum): ``(h1, h2, e1,
+    e2)``, the rounding errors e in the chunk sums' dtype, to start the next chunk with
+    (then ``h + e`` is the sum so far to the chunk sums' precision: a double-double whose
+    low part goes on accumulating, in two registers fewer than a separate one)."""
+    h1, e1 = two_sum(h1, float64(s1))
+    h2, e2 = two_sum(h2, float64(s2))
+    if not math.isfinite(h1):  # inf or nan stays so (inf's error term would be nan)
+        e1 = 0.0
+    if not math.isfinite(h2):
+        e2 = 0.0
+    return h1, h2, cast(e1, s1), cast(e2, s2)
+
+
 # ---- block-level merges ----------------------------------------------------------------------
 
 
 @cuda.jit(device=True, cache=True)
-def _tree_merge(sn, sm, sq, tid, count, width):
+def _tree_merge(sn, sh, sl, sq, tid, count, width):
     s = count // 2
     while s >= width:
         if tid < s:
-            n, m, q = chan_merge(sn[tid], sm[tid], sq[tid], sn[tid + s], sm[tid + s],
-                                 sq[tid + s])
+            n, h, l, q = merge(sn[tid], sh[tid], sl[tid], sq[tid], sn[tid + s], sh[tid + s],
+                               sl[tid + s], sq[tid + s])
             sn[tid] = n
-            sm[tid] = m
+            sh[tid] = h
+            sl[tid] = l
             sq[tid] = q
         cuda.syncthreads()
         s //= 2
 
 
 @cuda.jit(device=True, cache=True)
-def block_merge(n, mean, m2, tid, nthreads, width):
-    """Merge the (n, mean, m2) states of threads with equal ``tid % width``.
+def block_merge(state, tid, nthreads, width):
+    """Merge the (n, mean, mean_low, m2) states of threads with equal ``tid % width``.
 
     Returns the merged state, valid in threads ``tid < width``. Every thread of
     the block must call it (it synchronizes). nthreads and width are powers of 2.
     """
     sn = cuda.shared.array(MAX_THREADS, float64)
-    sm = cuda.shared.array(MAX_THREADS, float64)
+    sh = cuda.shared.array(MAX_THREADS, float64)
+    sl = cuda.shared.array(MAX_THREADS, float64)
     sq = cuda.shared.array(MAX_THREADS, float64)
+    n, hi, lo, m2 = state
     cuda.syncthreads()  # the previous call's readers are done
     if USE_SHUFFLE and width < WARP:
         off = WARP // 2
         while off >= width:
-            n_b = cuda.shfl_down_sync(FULL_MASK, n, off)
-            mean_b = cuda.shfl_down_sync(FULL_MASK, mean, off)
-            m2_b = cuda.shfl_down_sync(FULL_MASK, m2, off)
-            n, mean, m2 = chan_merge(n, mean, m2, n_b, mean_b, m2_b)
+            n, hi, lo, m2 = merge(n, hi, lo, m2, cuda.shfl_down_sync(FULL_MASK, n, off),
+                                  cuda.shfl_down_sync(FULL_MASK, hi, off),
+                                  cuda.shfl_down_sync(FULL_MASK, lo, off),
+                                  cuda.shfl_down_sync(FULL_MASK, m2, off))
             off //= 2
         lane = tid % WARP
         if lane < width:
             slot = (tid // WARP) * width + lane
             sn[slot] = n
-            sm[slot] = mean
+            sh[slot] = hi
+            sl[slot] = lo
             sq[slot] = m2
         count = (nthreads // WARP) * width
     else:
         sn[tid] = n
-        sm[tid] = mean
+        sh[tid] = hi
+        sl[tid] = lo
         sq[tid] = m2
         count = nthreads
     cuda.syncthreads()
-    _tree_merge(sn, sm, sq, tid, count, width)
-    return sn[tid], sm[tid], sq[tid]
+    _tree_merge(sn, sh, sl, sq, tid, count, width)
+    return sn[tid], sh[tid], sl[tid], sq[tid]
 
 
 @cuda.jit(device=True, cache=True)

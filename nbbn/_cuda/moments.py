@@ -1,19 +1,31 @@
 """Per-channel (count, mean, m2) of a strided (outer, C, inner) view on the device, and the
 channel's results, in one launch.
 
-Each thread accumulates shifted sums ``sum(x - k)``, ``sum((x - k)**2)`` over its walk
-(``accumulate``: the one place of the per-thread arithmetic), ``k`` being the first value
-it reads (a data point of the channel: stable, and no division in the loop) or 0 where
-that value is not finite (then the sums are plain sums: NumPy's inf/nan semantics with no
-second pass); the sums become a (n, mean, m2) state, the block's threads are merged
-(``launch.block_merge``: Chan's formula), and the channel's blocks meet in the last of
-them to finish (``launch.last_block``), which merges their partial states and writes the
-channel's results (``channel_result``): statistics for ``nbbn.var`` & co, or the batch
-statistics, the normalization's scale/shift and the running-buffer update for the
-forward pass.
+Accurate as the host's (``_cpu/moments.py``), at the same cost in memory traffic:
 
-Accumulation: float32 for float16 input, float64 otherwise (as the CPU path);
-block and grid merges in float64.
+* Shift. Each thread sums ``x - k`` and ``(x - k)**2``, ``k`` the first value it reads (a
+  value of the channel: ``x - k`` is exact for data far from zero, and constant data sums
+  to exactly 0), or 0 where that value is not finite (then the sums are plain sums:
+  NumPy's inf/nan semantics with no second pass). The thread's values are spread over the
+  whole plane (a grid stride), so its first one lies within the channel's spread of the
+  mean and ``m2 = s2 - s1**2 / n`` cancels a few bits at most.
+* Sums. ``launch.CHUNK_ROUNDS`` rounds of four values are summed plainly in the
+  accumulation dtype (``accumulate``), then added into the thread's float64 sums by TwoSum
+  (``launch.folded``), so rounding stays inside short chunks however many values a thread
+  reads. The sums become a state ``(n, mean, mean_low, m2)`` whose mean is a
+  double-double (``_math.shifted_moments``: an FMA remainder).
+* Merge. The block's threads (``launch.block_merge``), then the channel's blocks, in the
+  last of them to finish (``launch.last_block``), pairwise over their partial states
+  (``merged_partials``), merge with Chan's formula in double-double (``launch.merge``):
+  the channel's mean comes out correctly rounded, its m2 within a few ulps.
+
+The last block writes the channel's results (``channel_result``): statistics for
+``nbbn.var`` & co (and the mean's low part, for mergeable ``Moments``), or the batch
+statistics, the normalization's scale/shift and the running-buffer update for the forward
+pass. Accumulation: float32 for float16 input, float64 otherwise (as the host);
+chunks join float64 double-doubles. Cost per value: one subtraction, an add and an FMA as
+before; per chunk of 64 values, two TwoSums; per thread, ~40 float64 operations to make
+and merge its state, and one more float64 shuffle per warp level (``block_merge``).
 """
 import math
 
@@ -21,15 +33,18 @@ from numba import cuda, float64
 
 from .elements import store, wide
 from .ema import ema_step
-from .launch import (advance, as_index, block_merge, chan_merge, column_start, four,
-                     four_rows, group_column_walk, group_plane, last_block, load4,
-                     load_partial, moved, operand_walk, plane_walk)
+from .launch import (CHUNK_ROUNDS, ROUND0, advance, as_index, block_merge, column_start,
+                     folded, four, four_rows, group_column_walk, group_plane, last_block, load4,
+                     load_partial, merge, moved, operand_walk, plane_walk, shifted_moments,
+                     two_sum)
 from .normalize import affine_coefficients
 
 # channel_result modes (the second statistic written)
 RAW_M2, VARIANCE, STD = 0, 1, 2
 # channel_result flags
 COEFFICIENTS, HAS_WEIGHT, HAS_BIAS, UPDATE_RUNNING = 1, 2, 4, 8
+# Fields of a block's partial state (``write_partial``): count, mean, mean_low, m2.
+FIELDS = 4
 
 
 @cuda.jit(device=True, cache=True)
@@ -43,23 +58,36 @@ def shift_of(value, zero):
 
 @cuda.jit(device=True, cache=True)
 def accumulate(s1, s2, value, k, zero):
-    """The per-thread sums after one more value."""
+    """The per-thread chunk sums after one more value."""
     d = wide(value, zero) - k
     return s1 + d, s2 + d * d
 
 
 @cuda.jit(device=True, cache=True)
-def shifted_state(n, k, s1, s2):
-    """(n, mean, m2) in float64 from n values' sums shifted by k."""
+def accumulate4(s1, s2, values, k, zero):
+    """The per-thread chunk sums after four more values."""
+    a, b, c, d = values
+    s1, s2 = accumulate(s1, s2, a, k, zero)
+    s1, s2 = accumulate(s1, s2, b, k, zero)
+    s1, s2 = accumulate(s1, s2, c, k, zero)
+    return accumulate(s1, s2, d, k, zero)
+
+
+@cuda.jit(device=True, cache=True)
+def shifted_state(n, k, h1, h2, s1, s2):
+    """The (n, mean, mean_low, m2) state of n values from their sums shifted by k:
+    ``h1 + s1`` and ``h2 + s2``, float64 sums and the last chunk's."""
     if n == 0:
-        return 0.0, 0.0, 0.0
+        return 0.0, 0.0, 0.0, 0.0
     nf = float64(n)
-    d = float64(s1)
-    mean = float64(k) + d / nf
-    m2 = float64(s2) - d * d / nf
-    if m2 < 0.0:  # rounding; never for nan
-        m2 = 0.0
-    return nf, mean, m2
+    h1, l1 = two_sum(h1, float64(s1))
+    h2, l2 = two_sum(h2, float64(s2))
+    if not math.isfinite(h1):  # inf/nan data: NumPy's semantics
+        return nf, float64(k) + h1 / nf, 0.0, h2 - h1 * (h1 / nf)
+    if not math.isfinite(h2):  # squares beyond float64 (an m2 as large): NumPy's inf
+        return nf, float64(k) + h1 / nf, 0.0, h2
+    mean, mean_low, m2 = shifted_moments(nf, float64(k), h1, l1, h2, l2)
+    return nf, mean, mean_low, max(m2, 0.0)  # m2 < 0: rounding
 
 
 @cuda.jit(device=True, cache=True)
@@ -72,20 +100,22 @@ def divide_m2(m2, n, ddof):
 
 
 @cuda.jit(device=True, cache=True)
-def channel_result(j, c, n, mean, m2, fin):
+def channel_result(j, c, state, fin):
     """Write the results of (group, channel) pair j of channel c (j = c without virtual
-    batches) from its (n, mean, m2): ``fin`` = (ddof, mode, flags, eps, momentum,
-    var_factor, mean_out, second_out, scale, shift, weight, bias, running_mean,
-    running_var): mean_out[j]; second_out[j] = m2, variance or std (mode, ddof); with
-    COEFFICIENTS, y = x*scale[j] + shift[j]'s coefficients from the biased variance
-    (weight[c]/bias[c] per HAS_WEIGHT/HAS_BIAS); with UPDATE_RUNNING (one group only),
-    the running buffers."""
-    (ddof, mode, flags, eps, momentum, var_factor, mean_out, second_out, scale, shift,
-     weight, bias, running_mean, running_var) = fin
+    batches) from its (n, mean, mean_low, m2) state: ``fin`` = (ddof, mode, flags, eps,
+    momentum, var_factor, mean_out, second_out, low_out, scale, shift, weight, bias,
+    running_mean, running_var): mean_out[j] (correctly rounded), low_out[j] the rest of the
+    mean; second_out[j] = m2, variance or std (mode, ddof); with COEFFICIENTS, y =
+    x*scale[j] + shift[j]'s coefficients from the biased variance (weight[c]/bias[c] per
+    HAS_WEIGHT/HAS_BIAS); with UPDATE_RUNNING (one group only), the running buffers."""
+    (ddof, mode, flags, eps, momentum, var_factor, mean_out, second_out, low_out, scale,
+     shift, weight, bias, running_mean, running_var) = fin
+    n, mean, mean_low, m2 = state
     if n == 0.0:
         mean = math.nan
         m2 = math.nan
     store(mean_out, j, mean)
+    low_out[j] = mean_low
     if mode == RAW_M2:
         store(second_out, j, m2)
     elif mode == VARIANCE:
@@ -104,25 +134,42 @@ def channel_result(j, c, n, mean, m2, fin):
 
 
 @cuda.jit(device=True, cache=True)
-def merged_partials(partial, c, first, stride, parts):
-    """Chan's merge of partial[c, :, p] for p = first, first + stride, ... < parts."""
-    n = 0.0
-    mean = 0.0
-    m2 = 0.0
-    for p in range(first, parts, stride):
-        n, mean, m2 = chan_merge(n, mean, m2, load_partial(partial, c, 0, p),
-                                 load_partial(partial, c, 1, p), load_partial(partial, c, 2, p))
-    return n, mean, m2
+def partial_state(partial, c, p):
+    return (load_partial(partial, c, 0, p), load_partial(partial, c, 1, p),
+            load_partial(partial, c, 2, p), load_partial(partial, c, 3, p))
 
 
 @cuda.jit(device=True, cache=True)
-def accumulate4(s1, s2, values, k, zero):
-    """The per-thread sums after four more values."""
-    a, b, c, d = values
-    s1, s2 = accumulate(s1, s2, a, k, zero)
-    s1, s2 = accumulate(s1, s2, b, k, zero)
-    s1, s2 = accumulate(s1, s2, c, k, zero)
-    return accumulate(s1, s2, d, k, zero)
+def write_partial(partial, c, p, state):
+    n, hi, lo, m2 = state
+    partial[c, 0, p] = n
+    partial[c, 1, p] = hi
+    partial[c, 2, p] = lo
+    partial[c, 3, p] = m2
+
+
+@cuda.jit(device=True, cache=True)
+def merged_partials(partial, c, valid, first, stride, parts, keep):
+    """Channel c's partial states ``partial[c, :, :parts]`` (where ``valid``) merged in place
+    down to ``keep`` <= stride of them by threads first, first + stride, ...: pairs (p, p +
+    half) per level, levels apart by a barrier (pairwise, and no state carried through a
+    loop: the kernels stay within their registers); returns state ``first``, zeros past
+    the end. Every thread of the block must call it."""
+    count = parts
+    while count > keep:
+        half = (count + 1) // 2
+        if valid:
+            p = first
+            while p < count - half:
+                n, hi, lo, m2 = partial_state(partial, c, p)
+                n_b, hi_b, lo_b, m2_b = partial_state(partial, c, p + half)
+                write_partial(partial, c, p, merge(n, hi, lo, m2, n_b, hi_b, lo_b, m2_b))
+                p += stride
+        cuda.syncthreads()
+        count = half
+    if valid and first < count:
+        return partial_state(partial, c, first)
+    return 0.0, 0.0, 0.0, 0.0
 
 
 @cuda.jit(cache=True)
@@ -142,36 +189,36 @@ def moments_rows(x, sx, shape, zero, partial, tickets, fin):
     k = zero
     s1 = zero
     s2 = zero
+    h1 = 0.0
+    h2 = 0.0
+    rounds = ROUND0
     if q < plane:
         count = (plane - q + step - 1) // step
         k = shift_of(x[off], zero)
     while q < limit:
         a, b, d, e, off, i = four(off, steps, i, step_i, n_inner)
         s1, s2 = accumulate4(s1, s2, load4(x, a, b, d, e), k, zero)
+        rounds = as_index(rounds + 1, rounds)
+        if rounds == CHUNK_ROUNDS:
+            h1, h2, s1, s2 = folded(h1, h2, s1, s2)
+            rounds = ROUND0
         q = as_index(q + as_index(step * 4, step), step)
     while q < plane:
         s1, s2 = accumulate(s1, s2, x[off], k, zero)
         i, wrapped = advance(i, step_i, n_inner)
         off = moved(off, steps, wrapped)
         q = as_index(q + step, step)
-    n, mean, m2 = shifted_state(count, k, s1, s2)
-    n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, 1)
+    state = shifted_state(count, k, h1, h2, s1, s2)
+    state = block_merge(state, tid, nthreads, 1)
     if parts > 1:
         if tid == 0:
-            write_partial(partial, j, cuda.blockIdx.y, n, mean, m2)
+            write_partial(partial, j, cuda.blockIdx.y, state)
         if not last_block(tickets, j, parts, tid):
             return
-        n, mean, m2 = merged_partials(partial, j, tid, nthreads, parts)
-        n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, 1)
+        state = block_merge(merged_partials(partial, j, True, tid, nthreads, parts, nthreads),
+                            tid, nthreads, 1)
     if tid == 0:
-        channel_result(j, c, n, mean, m2, fin)
-
-
-@cuda.jit(device=True, cache=True)
-def write_partial(partial, c, part, n, mean, m2):
-    partial[c, 0, part] = n
-    partial[c, 1, part] = mean
-    partial[c, 2, part] = m2
+        channel_result(j, c, state, fin)
 
 
 @cuda.jit(cache=True)
@@ -189,6 +236,9 @@ def moments_columns(x, sx, shape, zero, partial, tickets, fin):
     k = zero
     s1 = zero
     s2 = zero
+    h1 = 0.0
+    h2 = 0.0
+    rounds = ROUND0
     if c < nchan and r < rows:
         count = (rows - r + rstep - 1) // rstep
         off, row_step = column_start(sx, row0 + r, c, rstep)
@@ -196,27 +246,27 @@ def moments_columns(x, sx, shape, zero, partial, tickets, fin):
         while r < limit:
             a, b, d, e, off = four_rows(off, row_step)
             s1, s2 = accumulate4(s1, s2, load4(x, a, b, d, e), k, zero)
+            rounds = as_index(rounds + 1, rounds)
+            if rounds == CHUNK_ROUNDS:
+                h1, h2, s1, s2 = folded(h1, h2, s1, s2)
+                rounds = ROUND0
             r = as_index(r + as_index(rstep * 4, rstep), rstep)
         while r < rows:
             s1, s2 = accumulate(s1, s2, x[off], k, zero)
             off = as_index(off + row_step, row_step)
             r = as_index(r + rstep, rstep)
-    n, mean, m2 = shifted_state(count, k, s1, s2)
-    n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, ntx)
+    state = shifted_state(count, k, h1, h2, s1, s2)
+    state = block_merge(state, tid, nthreads, ntx)
     j, c, _, _, _, _, _ = group_column_walk(nchan, group_rows, n_rows)  # again: registers
     if parts > 1:
         if tid < ntx and c < nchan:
-            write_partial(partial, j, cuda.blockIdx.y, n, mean, m2)
+            write_partial(partial, j, cuda.blockIdx.y, state)
         if not last_block(tickets, cuda.blockIdx.x, parts, tid):
             return
-        n = 0.0
-        mean = 0.0
-        m2 = 0.0
-        if c < nchan:
-            n, mean, m2 = merged_partials(partial, j, cuda.threadIdx.y, cuda.blockDim.y, parts)
-        n, mean, m2 = block_merge(n, mean, m2, tid, nthreads, ntx)
+        state = merged_partials(partial, j, c < nchan, cuda.threadIdx.y, cuda.blockDim.y,
+                                parts, 1)
     if tid < ntx and c < nchan:
-        channel_result(j, c, n, mean, m2, fin)
+        channel_result(j, c, state, fin)
 
 
 KERNELS = ("moments_rows", "moments_columns")

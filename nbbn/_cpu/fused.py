@@ -1,0 +1,216 @@
+"""Small batch-norm calls in one compiled call each: statistics, coefficients, the
+elementwise pass and the running-statistics update together.
+
+Below the size where the kernels run serially, a call's time is its Python steps,
+not its arithmetic, so each of these does a whole forward, inference or backward.
+They run the serial kernels' own per-thread helpers over the whole array (one
+"thread") and the coefficients' ``_math`` functions, so their results are those of
+the separate kernels, bit for bit. ``x`` is the 3-D (outer, C, inner) view, or for
+channels-last data (inner == 1) its 2-D (rows, C) plane, as the separate kernels
+read it. Each kernel returns False, having written nothing, where a statistic or a
+coefficient is not finite: the general path then applies NumPy's rules (and warnings).
+"""
+import math
+
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+from .. import _math
+from ._blocks import BLOCK
+from ._jit import helper, kernel
+from .backward import DXM_HI, DXM_LO, DY_HI, DY_LO, dx_items, dx_share, sums_items, sums_share
+from .elements import store_if
+from .ema import ema_update
+from .moments import FIELDS, M2, MEAN, checked, columns_state, rows_state
+from .normalize import affine_items, affine_stream_share
+
+
+@helper
+def _items(x):
+    """Row items (BLOCK-sized pieces of the rows) of a 3-D view."""
+    return x.shape[0] * x.shape[1] * ((x.shape[2] + BLOCK - 1) // BLOCK)
+
+
+def moments_all(x):
+    """(state, finite): the (FIELDS, C) moments state of all of x (see ``moments``)."""
+
+
+@overload(moments_all, inline="always")
+def _moments_all(x):
+    if x.ndim == 3:
+        def rows(x):
+            state = np.zeros((FIELDS, x.shape[1]))
+            rows_state(x, 0, _items(x), state)
+            return checked(state)
+        return rows
+
+    def columns(x):
+        state = np.zeros((FIELDS, x.shape[1]))
+        columns_state(x, 0, x.shape[0], state)
+        return checked(state)
+    return columns
+
+
+def affine_all(x, scale, shift, y, copy):
+    """y = x * scale[c] + shift[c] over all of x; x's values into ``copy`` (None: not)."""
+
+
+@overload(affine_all, inline="always")
+def _affine_all(x, scale, shift, y, copy):
+    if x.ndim == 3:
+        return lambda x, scale, shift, y, copy: affine_items(
+            x, scale.reshape((1, scale.size)), shift.reshape((1, shift.size)), y, None, None,
+            copy, None, max(x.shape[0], 1), 0, _items(x))
+    return lambda x, scale, shift, y, copy: affine_stream_share(
+        x, scale.reshape((1, scale.size)), shift.reshape((1, shift.size)), y, None, None, copy,
+        None, max(x.shape[0], 1), 0, 1)
+
+
+def sums_all(dy, x, mean):
+    """(2, C) float64: sum(dy) and sum(dy * (x - mean)) per channel over all of x, each
+    from double-double sums (as ``backward.backward_sums``)."""
+
+
+@helper
+def _totals(sums):
+    """(2, C): (4, C) double-double sums, each pair added."""
+    out = np.empty((2, sums.shape[1]))
+    out[0] = sums[DY_HI] + sums[DY_LO]
+    out[1] = sums[DXM_HI] + sums[DXM_LO]
+    return out
+
+
+@overload(sums_all, inline="always")
+def _sums_all(dy, x, mean):
+    if x.ndim == 3:
+        def rows(dy, x, mean):
+            sums = np.zeros((4, x.shape[1]))
+            sums_items(dy, x, mean, None, None, 0, _items(x), sums)
+            return _totals(sums)
+        return rows
+
+    def columns(dy, x, mean):
+        sums = np.zeros((4, x.shape[1]))
+        sums_share(dy, x, mean, None, None, 0, x.shape[0], sums)
+        return _totals(sums)
+    return columns
+
+
+def dx_all(dy, x, mean, g, h, k, dx):
+    """dx = G * dy + H * (x - mean) + K over all of x."""
+
+
+@overload(dx_all, inline="always")
+def _dx_all(dy, x, mean, g, h, k, dx):
+    if x.ndim == 3:
+        return lambda dy, x, mean, g, h, k, dx: dx_items(dy, x, None, mean, g, h, k, dx, 0,
+                                                         _items(x))
+    return lambda dy, x, mean, g, h, k, dx: dx_share(dy, x, None, mean, g, h, k, dx, 0, x.shape[0])
+
+
+def value_or(a, c, default):
+    """``a[c]`` as float64, or ``default`` where ``a`` is None (weight, bias)."""
+
+
+@overload(value_or, inline="always")
+def _value_or(a, c, default):
+    if isinstance(a, types.NoneType):
+        return lambda a, c, default: default
+    return lambda a, c, default: np.float64(a[c])
+
+
+@helper
+def _extent(a):
+    """The byte addresses [lo, hi) that array ``a`` (not empty) spans."""
+    low = 0
+    high = a.itemsize
+    for d in range(a.ndim):
+        step = (a.shape[d] - 1) * a.strides[d]
+        low += min(step, 0)
+        high += max(step, 0)
+    return a.ctypes.data + low, a.ctypes.data + high
+
+
+def apart(buffer, x):
+    """Whether ``buffer`` (None: True) spans no byte of x's span: a buffer written in place
+    shares no memory with the data (``np.may_share_memory``'s test)."""
+
+
+@overload(apart)
+def _apart(buffer, x):
+    if isinstance(buffer, types.NoneType):
+        return lambda buffer, x: True
+
+    def impl(buffer, x):
+        b_lo, b_hi = _extent(buffer)
+        x_lo, x_hi = _extent(x)
+        return b_hi <= x_lo or x_hi <= b_lo
+    return impl
+
+
+@kernel
+def forward(x, weight, bias, eps, y, mean_out, var_out, running_mean, running_var, momentum,
+            var_factor, copy):
+    """Training forward: the batch moments (into mean_out/var_out, None: not kept), y, the
+    running buffers updated (None: none; declined where they share memory with x), and x's
+    values into ``copy`` (None: not kept)."""
+    if not (apart(running_mean, x) and apart(running_var, x)):
+        return False
+    state, finite = moments_all(x)
+    if not finite:
+        return False
+    nchan = state.shape[1]
+    count = x.size // nchan
+    work = np.empty((3, nchan))
+    var, scale, shift = work[0], work[1], work[2]
+    for c in range(nchan):
+        var[c] = state[M2, c] / count
+        scale[c], shift[c] = _math.affine_coefficients(
+            state[MEAN, c], var[c], value_or(weight, c, 1.0), value_or(bias, c, 0.0), eps)
+        if not (math.isfinite(scale[c]) and math.isfinite(shift[c])):
+            return False
+    affine_all(x, scale, shift, y, copy)
+    for c in range(nchan):
+        store_if(mean_out, c, state[MEAN, c])
+        store_if(var_out, c, var[c])
+    ema_update(running_mean, running_var, state[MEAN], var, momentum, var_factor)
+    return True
+
+
+@kernel
+def inference(x, running_mean, running_var, weight, bias, eps, y):
+    """Evaluation forward: y normalized with the running statistics."""
+    nchan = running_mean.shape[0]
+    work = np.empty((2, nchan))
+    scale, shift = work[0], work[1]
+    for c in range(nchan):
+        scale[c], shift[c] = _math.affine_coefficients(
+            np.float64(running_mean[c]), np.float64(running_var[c]), value_or(weight, c, 1.0),
+            value_or(bias, c, 0.0), eps)
+        if not (math.isfinite(scale[c]) and math.isfinite(shift[c])):
+            return False
+    affine_all(x, scale, shift, y, None)
+    return True
+
+
+@kernel
+def backward(dy, x, mean, var, weight, eps, dx, dweight, dbias):
+    """Training backward: dx, and dweight/dbias (None: not wanted) in their arrays' dtype."""
+    nchan = mean.shape[0]
+    count = x.size // nchan
+    work = np.empty((5, nchan))
+    m, g, h, k, invstd = work[0], work[1], work[2], work[3], work[4]
+    for c in range(nchan):
+        m[c] = np.float64(mean[c])
+    sums = sums_all(dy, x, m)
+    for c in range(nchan):
+        g[c], h[c], k[c], invstd[c] = _math.grad_coefficients(
+            np.float64(var[c]), value_or(weight, c, 1.0), eps, sums[0, c], sums[1, c], count)
+        if not (math.isfinite(g[c]) and math.isfinite(h[c]) and math.isfinite(k[c])):
+            return False
+    dx_all(dy, x, m, g, h, k, dx)
+    for c in range(nchan):
+        store_if(dweight, c, sums[1, c] * invstd[c])
+        store_if(dbias, c, sums[0, c])
+    return True
