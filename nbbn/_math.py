@@ -21,6 +21,24 @@ import math
 from fractions import Fraction
 
 
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, m2) states (Chan et al.); exact for unequal counts and count 0
+    (pooled batches' statistics, ``merge``)."""
+    if n_b == 0:
+        return n_a, mean_a, m2_a
+    if n_a == 0:
+        return n_b, mean_b, m2_b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    if delta == 0:  # exact for constant data
+        mean = mean_a
+    elif math.isfinite(delta):  # weights <= 1: no overflow near the float64 limit
+        mean = mean_a + delta * (n_b / n)
+    else:  # inf/nan data: NumPy's (sum / n) semantics
+        mean = (n_a * mean_a + n_b * mean_b) / n
+    return n, mean, m2_a + m2_b + delta * delta * (n_a * n_b / n)
+
+
 def fma(a, b, c):
     """``a * b + c`` rounded once.
 

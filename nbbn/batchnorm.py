@@ -399,7 +399,8 @@ def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=
     positive, as in PyTorch; ``dresidual`` is that masked dy.
     """
     if (out is None and y is None and activation is None and not residual_grad
-            and virtual_batch_size is None and dy is not None and mean is not None and var is not None and _eps(eps, False)):
+            and virtual_batch_size is None and dy is not None and mean is not None
+            and var is not None and _eps(eps, False)):
         small = _small(axis, x, mean, var, weight, like_x=dy)
         done = small and small[0].fused_backward(small[2], dy, x, mean, var, weight, eps)
         if done:

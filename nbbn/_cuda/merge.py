@@ -4,8 +4,8 @@ from numba import cuda
 
 from .. import _math
 from .elements import wide
-from .launch import chan_merge
 
+chan_merge = cuda.jit(device=True, cache=True)(_math.chan_merge)
 pooled_variance = cuda.jit(device=True, cache=True)(_math.pooled_variance)
 
 
