@@ -375,10 +375,9 @@ class _Small(NamedTuple):
 
 def fused(plan, x):
     """Arrays of one batch (no virtual batches) the serial kernels handle whole (half the
-    size at which a backward goes
-    parallel, so every pass would run serially anyway), in plain axis order with a view,
-    of a dtype read as it is, without channel tiles, regrouped rows (``_blocks.widen``) or
-    short rows read as columns (``_blocks.short_rows``)."""
+    size at which a backward goes parallel, so every pass would run serially anyway), in
+    plain axis order with a view, of a dtype read as it is, without channel tiles, regrouped
+    rows (``_blocks.widen``) or short rows read as columns (``_blocks.short_rows``)."""
     layout = plan.layout
     n_outer, nchan, n_inner = layout.shape3
     if (plan.groups > 1 or x.dtype not in _NATIVE_FLOATS
