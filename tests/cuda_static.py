@@ -95,17 +95,18 @@ def specializations(t):
 
 def planned_blocks(row):
     """Blocks per multiprocessor a kernel must reach: 2 for the elementwise kernels; the
-    reductions' ``launch.BLOCKS_PER_SM``, but 2 for the backward sums that also write the
-    residual's gradient with 64-bit indices (past 2**31 elements: four operands' 64-bit
-    offsets, up to 85 registers), and 3 for the channels-last statistics with 64-bit
-    indices (the virtual batch's rows beside the walk: 66 registers for some dtypes); the
-    reduction's blocks need not be resident together, so they only run slower."""
+    reductions' ``launch.BLOCKS_PER_SM``, but less with 64-bit indices (past 2**31 elements):
+    the backward sums behind a ReLU plan 3 with the gate's offsets (66 registers), 2 when they
+    also write the residual's gradient (four operands' offsets, up to 85 registers); the
+    channels-last statistics plan 3 (the virtual batch's rows beside the walk: 66 registers for
+    some dtypes). Issue 17's floor is 3 for reductions; the reduction's blocks need not be
+    resident together, so fewer only runs slower."""
     from nbbn._cuda import launch
     if row["kernel"] not in REDUCTIONS:
         return 2
     gating = row["sig"].rsplit("Tuple((", 1)[1]  # (gate, strides, dres, strides)
-    if row["kernel"].startswith("sums_") and "none" not in gating and "uint64" in gating:
-        return 2
+    if row["kernel"].startswith("sums_") and "uint64" in gating:
+        return {0: 2, 1: 3}.get(gating.count("none"), launch.BLOCKS_PER_SM)
     if row["kernel"] == "moments_columns" and "uint64" in row["sig"]:
         return 3
     return launch.BLOCKS_PER_SM
