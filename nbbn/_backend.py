@@ -10,8 +10,11 @@ Conventions: ``call`` is the face's description of a batch-norm input
 (``call.like``: the array as given; ``call.x``: the backend's array of it;
 ``call.plan``: its ``_layout.ChannelPlan``; ``call.x3``: its 3-D view).
 Per-channel vectors are 1-D arrays of the backend (NumPy or Numba device
-arrays); statistics and sums are float64. Arrays returned to the caller are
-allocated in the library of the array they are "like" (NumPy on the host;
+arrays); statistics and sums are float64. With virtual batches
+(``call.plan.groups`` > 1, see ``_layout.ChannelPlan``) the batch statistics,
+the backward sums and the coefficients are per (group, channel): vectors of
+``groups * nchan`` values, group-major; weight and bias stay per channel. Arrays
+returned to the caller are allocated in the library of the array they are "like" (NumPy on the host;
 torch, CuPy or Numba on the device).
 """
 from typing import NamedTuple, Protocol
@@ -73,48 +76,76 @@ class Backend(Protocol):
     # ---- batch norm ----------------------------------------------------------------------
 
     def batch_moments(self, call, variance=False, mean_low=False):
-        """Per-channel float64 (mean, m2) of ``call.x``, or (mean, biased variance) with
-        ``variance``; nan where the batch is empty. With ``mean_low``, a third vector: the
-        rest of the mean (double-double, as in ``statistics``; 0 where empty)."""
+        """Per-channel (per group and channel) float64 (mean, m2) of ``call.x``, or (mean,
+        biased variance) with ``variance``; nan where the batch is empty. With ``mean_low``, a
+        third vector: the rest of the mean (double-double, as in ``statistics``; 0 where
+        empty)."""
 
     def coefficients(self, dtype, mean, var, weight, bias, eps):
         """Batch norm of data of ``dtype`` as ``x * scale + shift``: (scale, shift) vectors
-        for ``affine``; weight/bias may be None."""
+        (mean's length) for ``affine``; weight/bias (per channel) may be None."""
 
     def affine(self, call, scale, shift, out, epilogue):
-        """``y = x * scale[c] + shift[c]`` over ``call.x`` and the ``Epilogue``, into ``out``
-        (validated) or a new array laid out like x."""
+        """``y = x * scale[g, c] + shift[g, c]`` (g: the row's group) over ``call.x`` and the
+        ``Epilogue``, into ``out`` (validated) or a new array laid out like x."""
 
     def forward(self, call, weight, bias, eps, out, stats_dtype, running, momentum,
                 var_factor, epilogue):
         """Training forward: ``(y, mean, var)``, the batch mean and biased variance in
         ``stats_dtype``, allocated in x's library (None: float64 work vectors); where
-        ``running`` = (running_mean, running_var) is given, those are updated in place
-        (``ema`` with momentum, var_factor); the elementwise pass with the ``Epilogue``."""
+        ``running`` = (running_mean, running_var) is given (one group only), those are
+        updated in place (``ema`` with momentum, var_factor); the elementwise pass with the
+        ``Epilogue``."""
 
     def ema(self, running_mean, running_var, mean, var, momentum, var_factor):
         """``running = (1 - momentum) * running + momentum * batch`` in place (the variance's
         batch term scaled by var_factor)."""
 
     def backward_sums(self, call, dy3, mean, gate3, dresidual):
-        """Per-channel float64 ``(sum(g), sum(g * (x - mean)))``, g being dy where ``gate3``
-        (y or a kept mask) is positive (the ReLU's gradient; None: g = dy); dy3 and gate3
-        from ``view``. With ``dresidual``, g too, as a new array like x in x's dtype
-        written in the same pass: ``(sum_g, sum_g_xmu, g)``."""
+        """Per-channel (per group and channel) float64 ``(sum(g), sum(g * (x - mean)))``, g
+        being dy where ``gate3`` (y or a kept mask) is positive (the ReLU's gradient; None:
+        g = dy); dy3 and gate3 from ``view``. With ``dresidual``, g too, as a new array like
+        x in x's dtype written in the same pass: ``(sum_g, sum_g_xmu, g)``."""
 
     def grad_input(self, call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count,
                    batch_stats, out, gate3):
-        """dx from the per-channel sums, ``count`` values behind the statistics;
+        """dx from the per-channel sums, ``count`` values behind the statistics (with
+        virtual batches: in each group, the last group's ``call.plan.last_count``);
         ``batch_stats``: mean/var came from x (their gradients are folded in); dy3 through
         ``gate3`` as in ``backward_sums``."""
 
     def param_grads(self, like, weight, var, eps, sum_dy, sum_dy_xmu):
-        """(dweight, dbias) in weight's dtype, in ``like``'s library."""
+        """(dweight, dbias) in weight's dtype, in ``like``'s library (summed over groups)."""
 
     def folded(self, w, b, scale, shift, b_dtype):
         """(w * scale per output channel (w's axis 0), b * scale + shift) as new arrays in
         w's dtype and ``b_dtype``, in w's library; ``w`` as given, ``b`` validated or None
         (then b_folded = shift)."""
+
+    # ---- small batches: batch renorm, virtual batches, precise statistics -------------------
+
+    def renorm_coefficients(self, dtype, mean, var, running_mean, running_var, weight, bias,
+                            rmax, dmax, eps):
+        """Batch renorm (Ioffe 2017), per channel: float64 ``(r, d, scale, shift)``. r, d
+        from the batch's mean and biased variance and the running buffers (as they are:
+        before this batch's update); scale/shift for ``affine``: batch norm's coefficients
+        with the effective weight ``weight * r`` and bias ``bias + weight * d``."""
+
+    def renorm_weight(self, weight, r):
+        """Batch renorm's effective weight ``weight * r`` (float64; r where weight is None):
+        with it ``grad_input`` gives renorm's dx (r and d are constants for the gradient)."""
+
+    def renorm_grads(self, like, weight, var, r, d, eps, sum_dy, sum_dy_xmu):
+        """Batch renorm's parameter gradients ``(dweight, dbias)``: ``dweight = r * sum_dy_xmu
+        / sqrt(var + eps) + d * sum_dy``, ``dbias = sum_dy``, in weight's dtype, in ``like``'s
+        library."""
+
+    def merge_batches(self, state, mean, var, count, last_count):
+        """Fold per-(group, channel) statistics (mean and biased var, ``groups * C`` long;
+        ``count`` values per channel in each group, ``last_count`` in the last) into the
+        float64 state (5, C), in place. Its rows per channel: count, mean and m2 of all
+        values (Chan et al.: exact), their unbiased variance, and the count-weighted mean
+        of the groups' unbiased variances. A fresh state is zeros."""
 
     # ---- small calls, one compiled call each -------------------------------------------------
     # Where a call's time is its steps, not its arithmetic, a backend may do the whole call in

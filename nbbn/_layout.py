@@ -125,14 +125,16 @@ class Layout:
     kept axes (in their own order, so C enumerates the result in C order),
     then the reduced axes inside them; reduced axes by decreasing stride.
     All arrays of a call (x, y, dy, dx) use the order computed from x, so
-    their views address the same element at the same (o, c, i).
+    their views address the same element at the same (o, c, i). ``lead``, a
+    reduced axis, is put first whatever its stride (virtual batches: then the
+    samples of one group are consecutive outer rows).
     """
 
-    def __init__(self, shape, strides, axes):
+    def __init__(self, shape, strides, axes, lead=None):
         kept = [i for i in range(len(shape)) if i not in axes]
         c_stride = min((abs(strides[i]) for i in kept if shape[i] > 1), default=np.inf)
-        red = sorted(axes, key=lambda i: -abs(strides[i]))
-        outer = [i for i in red if abs(strides[i]) >= c_stride]
+        red = sorted((i for i in axes if i != lead), key=lambda i: -abs(strides[i]))
+        outer = ([] if lead is None else [lead]) + [i for i in red if abs(strides[i]) >= c_stride]
         inner = [i for i in red if abs(strides[i]) < c_stride]
         self.shape = tuple(shape)
         self.groups = (tuple(outer), tuple(kept), tuple(inner))
@@ -192,32 +194,56 @@ def reduction(a, axis, keepdims):
 class ChannelPlan:
     """A batch-norm input's plan: channel axis, layout, channels, values per channel,
     and the dtypes of the results (x's float dtype, native byte order) and of the
-    batch statistics (at least float32)."""
+    batch statistics (at least float32).
 
-    def __init__(self, shape, strides, dtype, axis):
+    Virtual batches (``virtual_batch_size``, ghost batch norm) split axis 0 into
+    ``groups`` consecutive groups, each normalized with its own statistics: group g
+    is the outer rows ``[g * group_rows, (g + 1) * group_rows)`` of the layout (axis 0
+    leads it) and holds ``group_count`` values per channel, the last ``last_count``.
+    Statistics are then per (group, channel): vectors of ``groups * nchan`` values,
+    group-major. Without virtual batches there is one group, the whole batch.
+    """
+
+    def __init__(self, shape, strides, dtype, axis, virtual_batch_size=None):
         self.shape = shape
         self.axis = axis
         self.size = math.prod(shape)
         self.nchan = shape[axis]
         self.count = self.size // self.nchan if self.nchan else 0
-        self.layout = layout(shape, strides, tuple(i for i in range(len(shape)) if i != axis))
+        self.layout = layout(shape, strides, tuple(i for i in range(len(shape)) if i != axis),
+                             None if virtual_batch_size is None else 0)
         self.dtype = dtype.newbyteorder("=")
         self.stats_dtype = np.promote_types(self.dtype, np.float32)
+        self.groups, self.group_rows = 1, self.layout.shape3[0]
+        self.group_count = self.last_count = self.count
+        if virtual_batch_size is not None:
+            batch = shape[0]
+            per_sample = self.count // batch if batch else 0
+            self.groups = -(-batch // virtual_batch_size)
+            self.group_rows = virtual_batch_size * (self.layout.shape3[0] // batch if batch else 0)
+            self.group_count = min(virtual_batch_size, batch) * per_sample
+            self.last_count = (batch - (self.groups - 1) * virtual_batch_size) * per_sample
 
 
 @functools.lru_cache(maxsize=512)
-def _channel_plan(shape, strides, dtype, axis):
-    return ChannelPlan(shape, strides, dtype, axis)
+def _channel_plan(shape, strides, dtype, axis, virtual_batch_size):
+    return ChannelPlan(shape, strides, dtype, axis, virtual_batch_size)
 
 
-def channel_plan(a, axis, name="x", min_ndim=2):
-    """The cached ``ChannelPlan`` of a batch-norm input ``a`` (rank and axis validated)."""
+def channel_plan(a, axis, name="x", min_ndim=2, virtual_batch_size=None):
+    """The cached ``ChannelPlan`` of a batch-norm input ``a`` (rank, axis and virtual batch
+    size validated)."""
     shape = tuple(a.shape)
     if len(shape) < min_ndim:
         raise ValueError(f"{name} must have at least 2 dimensions (batch, channels, ...), "
                          f"got shape {shape}")
     axis = normalize_axis_index(operator.index(axis), len(shape), "axis")
-    return _channel_plan(shape, tuple(a.strides), np.dtype(a.dtype), axis)
+    if virtual_batch_size is not None:
+        virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
+        if axis == 0:
+            raise ValueError("virtual_batch_size splits the batch on axis 0, which is the "
+                             "channel axis here (axis=0)")
+    return _channel_plan(shape, tuple(a.strides), np.dtype(a.dtype), axis, virtual_batch_size)
 
 
 # ---- argument rules (each names the argument it blames) -------------------------------------
@@ -262,6 +288,23 @@ def check_activation(activation):
     if activation is None or isinstance(activation, str) and activation == "relu":
         return activation
     raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+
+
+def check_virtual_batch_size(size):
+    """A positive integer (samples per virtual batch)."""
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)) \
+            or size < 1:
+        raise ValueError(f"virtual_batch_size must be a positive integer (or None), got {size!r}")
+    return int(size)
+
+
+def check_renorm_limits(rmax, dmax):
+    """Batch renorm's clipping limits: rmax >= 1, dmax >= 0 (floats)."""
+    if not rmax >= 1:
+        raise ValueError(f"rmax must be >= 1, got {rmax}")
+    if not dmax >= 0:
+        raise ValueError(f"dmax must be >= 0, got {dmax}")
+    return float(rmax), float(dmax)
 
 
 def check_momentum(momentum):

@@ -21,6 +21,24 @@ import math
 from fractions import Fraction
 
 
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, m2) states (Chan et al.); exact for unequal counts and count 0
+    (pooled batches' statistics, ``merge``)."""
+    if n_b == 0:
+        return n_a, mean_a, m2_a
+    if n_a == 0:
+        return n_b, mean_b, m2_b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    if delta == 0:  # exact for constant data
+        mean = mean_a
+    elif math.isfinite(delta):  # weights <= 1: no overflow near the float64 limit
+        mean = mean_a + delta * (n_b / n)
+    else:  # inf/nan data: NumPy's (sum / n) semantics
+        mean = (n_a * mean_a + n_b * mean_b) / n
+    return n, mean, m2_a + m2_b + delta * delta * (n_a * n_b / n)
+
+
 def fma(a, b, c):
     """``a * b + c`` rounded once.
 
@@ -103,6 +121,32 @@ def chan_merge_dd(n_a, a_hi, a_lo, m2_a, n_b, b_hi, b_lo, m2_b):
     s_hi, s_lo = quotient(p_hi, n)                     # ... / n
     m_hi, m_lo = dd_add(a_hi, a_lo, s_hi, s_lo + p_lo / n)
     return n, m_hi, m_lo, m2_a + m2_b + d_hi * d_hi * (n_a * (n_b / n))
+
+
+def renorm_factors(mean, var, running_mean, running_var, rmax, dmax, eps):
+    """Batch renorm's (r, d) of one channel (Ioffe 2017) from the batch's mean and biased
+    variance and the running buffers: r = clip(sigma_b / sigma, 1/rmax, rmax),
+    d = clip((mean - running_mean) / sigma, -dmax, dmax). NaN stays NaN (no clipping)."""
+    sigma = math.sqrt(running_var + eps)
+    r = math.sqrt(var + eps) / sigma
+    if r > rmax:
+        r = rmax
+    elif r < 1.0 / rmax:
+        r = 1.0 / rmax
+    d = (mean - running_mean) / sigma
+    if d > dmax:
+        d = dmax
+    elif d < -dmax:
+        d = -dmax
+    return r, d
+
+
+def pooled_variance(vbar_a, n, n_b, var_b):
+    """The count-weighted mean of batches' unbiased variances, vbar_a over the batches so far,
+    with one more batch folded in (n_b values, biased variance var_b; n values in all)."""
+    if n_b == 0:
+        return vbar_a
+    return vbar_a + (var_b * (n_b / (n_b - 1)) - vbar_a) * (n_b / n)
 
 
 def affine_coefficients(mean, var, weight, bias, eps):

@@ -20,14 +20,16 @@ from ._backend import PLAIN, Epilogue
 
 class Call:
     """A batch-norm input as the backends see it: ``like`` (as given), ``x`` (the backend's
-    array), ``plan`` (``_layout.ChannelPlan``) and, made on first use, ``x3`` (its 3-D view)."""
+    array), ``plan`` (``_layout.ChannelPlan``) and, made on first use, ``x3`` (its 3-D view).
+    With ``virtual_batch_size`` the batch statistics are per virtual batch (group)."""
 
-    def __init__(self, be, x, axis, name="x", min_ndim=2):
+    def __init__(self, be, x, axis, name="x", min_ndim=2, virtual_batch_size=None):
         self.be = be
         self.like = x
         self.x = be.array(x, name)
         _layout.check_float_dtype(self.x.dtype, name)
-        self.plan = _layout.channel_plan(self.x, axis, name, min_ndim)
+        self.plan = _layout.channel_plan(self.x, axis, name, min_ndim, virtual_batch_size)
+        self.virtual = virtual_batch_size is not None
         self._x3 = None
 
     @classmethod
@@ -72,6 +74,20 @@ class Call:
 
     def running_buffer(self, p, name):
         return running_buffer(self.be, p, name, self.plan.nchan)
+
+    def statistics(self, p, name):
+        """Batch statistics as the caller holds them (per channel; (groups, C) with virtual
+        batches) as the stages' vector (group-major)."""
+        if not self.virtual:
+            return self.vector(required(p, name), name)
+        return group_vector(self.be, p, name, self.plan.groups, self.plan.nchan)
+
+    def as_given(self, *stats):
+        """The stages' statistics vectors as returned to the caller ((groups, C) with
+        virtual batches)."""
+        if not self.virtual:
+            return stats
+        return tuple(v.reshape(self.plan.groups, self.plan.nchan) for v in stats)
 
     def like_x(self, a, name, same_dtype=False):
         """A validated float array shaped like x (dy; of x's dtype too where ``same_dtype``),
@@ -162,11 +178,18 @@ def normalize(call, mean, var, weight, bias, eps, out=None, epilogue=PLAIN):
 
 
 def require_values(call, count=None):
-    """Training needs more than one value per channel (``count``: over the whole batch); an
-    empty batch is allowed, as in PyTorch (an empty result; the running buffers unchanged)."""
-    if (call.plan.count if count is None else count) == 1:
+    """Training needs more than one value per channel (``count``: over the whole batch), in
+    each virtual batch (group) where there are several; an empty batch is allowed, as in
+    PyTorch (an empty result; the running buffers unchanged)."""
+    plan = call.plan
+    if plan.groups > 1:
+        if plan.last_count <= 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {plan.shape} whose last virtual batch has "
+                             f"{plan.last_count} value(s) per channel")
+    elif (plan.count if count is None else count) == 1:
         raise ValueError("Expected more than 1 value per channel when training, "
-                         f"got input size {call.plan.shape}"
+                         f"got input size {plan.shape}"
                          + ("" if count is None else f" ({count} values per channel in all)"))
 
 
@@ -314,17 +337,23 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
 
 
 def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
-                       residual=None, activation=None):
+                       residual=None, activation=None, virtual_batch_size=None):
     """Training-mode forward: ``(y, mean, var)`` with the batch statistics (var biased);
-    ``y = act(BN(x) + residual)`` where ``residual``/``activation`` ("relu") are given."""
-    if out is None and residual is None and activation is None and _eps(eps, True):
+    ``y = act(BN(x) + residual)`` where ``residual``/``activation`` ("relu") are given.
+
+    ``virtual_batch_size`` (ghost batch norm): axis 0 is split into groups of that
+    many consecutive samples (the last may be smaller), each normalized with its own
+    statistics; mean/var are then (groups, C).
+    """
+    if (out is None and residual is None and activation is None and virtual_batch_size is None
+            and _eps(eps, True)):
         small = _small(axis, x, weight, bias)
         done = small and small[0].fused_forward(small[2], x, weight, bias, eps, None, 0.0, 1.0,
                                                 small[1].stats_dtype, None)
         if done:
             return done
     be = _dispatch.backend(x=x, weight=weight, bias=bias, out=out, residual=residual)
-    call = Call(be, required(x, "x"), axis)
+    call = Call(be, required(x, "x"), axis, virtual_batch_size=virtual_batch_size)
     weight = call.vector(weight, "weight")
     bias = call.vector(bias, "bias")
     eps = _layout.check_eps(eps, training=True)
@@ -333,7 +362,7 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
     target, deliver = call.output(out, like_x=read, vectors=(weight, bias))
     y, mean, var = be.forward(call, weight, bias, eps, target, call.plan.stats_dtype, None, 0.0,
                               1.0, epilogue)
-    return deliver(y), mean, var
+    return (deliver(y), *call.as_given(mean, var))
 
 
 def gradients(call, dy, mean, var, weight, eps, count, batch_stats, out, gate3=None,
@@ -359,33 +388,35 @@ def gradients(call, dy, mean, var, weight, eps, count, batch_stats, out, gate3=N
 
 
 def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=None,
-                        y=None, activation=None, residual_grad=False):
+                        y=None, activation=None, residual_grad=False, virtual_batch_size=None):
     """Gradients of the training-mode forward: ``(dx, dweight, dbias)``, and the residual's
     gradient ``dresidual`` last where ``residual_grad``.
 
     ``mean``/``var`` are the batch statistics ``batch_norm_forward`` returned
-    (var biased); dweight/dbias are None when weight is None. Behind
+    (var biased; (groups, C) with the same ``virtual_batch_size``); dweight/dbias
+    are None when weight is None. Behind
     ``activation="relu"`` the gradient flows where the forward's output ``y`` is
     positive, as in PyTorch; ``dresidual`` is that masked dy.
     """
     if (out is None and y is None and activation is None and not residual_grad
-            and dy is not None and mean is not None and var is not None and _eps(eps, False)):
+            and virtual_batch_size is None and dy is not None and mean is not None
+            and var is not None and _eps(eps, False)):
         small = _small(axis, x, mean, var, weight, like_x=dy)
         done = small and small[0].fused_backward(small[2], dy, x, mean, var, weight, eps)
         if done:
             return done
     be = _dispatch.backend(dy=dy, x=x, mean=mean, var=var, weight=weight, out=out, y=y)
-    call = Call(be, required(x, "x"), axis)
-    mean = call.vector(required(mean, "mean"), "mean")
-    var = call.vector(required(var, "var"), "var")
+    call = Call(be, required(x, "x"), axis, virtual_batch_size=virtual_batch_size)
+    mean = call.statistics(mean, "mean")
+    var = call.statistics(var, "var")
     weight = call.vector(weight, "weight")
     eps = _layout.check_eps(eps)
     required(dy, "dy")
     gate3, read = gate(call, y, activation)
     target, deliver = call.output(out, like_x=(be.array(dy, "dy"), *read),
                                   vectors=(mean, var, weight))
-    dx, sums, dresidual = gradients(call, dy, mean, var, weight, eps, call.plan.count, True,
-                                    target, gate3, bool(residual_grad))
+    dx, sums, dresidual = gradients(call, dy, mean, var, weight, eps, call.plan.group_count,
+                                    True, target, gate3, bool(residual_grad))
     dx = deliver(dx)
     grads = (None, None) if weight is None else be.param_grads(call.like, weight, var, eps,
                                                                *sums)
@@ -405,6 +436,78 @@ def gate(call, y, activation):
     return call.like_x(y, "y"), (call.be.array(y, "y"),)
 
 
+# ---- batch renormalization (Ioffe 2017) -------------------------------------------------------
+
+
+def renorm_forward(call, mean, var, running_mean, running_var, weight, bias, rmax, dmax, eps,
+                   out=None, epilogue=PLAIN):
+    """Batch renorm's ``(y, r, d)`` from the batch statistics (float64 mean, biased var) and the
+    running buffers before their update: one per-channel stage, one affine pass (and the
+    ``epilogue``)."""
+    be = call.be
+    r, d, scale, shift = be.renorm_coefficients(call.plan.dtype, mean, var, running_mean,
+                                                running_var, weight, bias, rmax, dmax, eps)
+    return be.affine(call, scale, shift, out, epilogue), r, d
+
+
+def batch_renorm_forward(x, running_mean, running_var, weight=None, bias=None, *, rmax=3.0,
+                         dmax=5.0, momentum=0.01, eps=1e-5, axis=1, out=None):
+    """Batch renormalization (Ioffe 2017), training mode: ``(y, mean, var, r, d)``.
+
+    ``y = weight * ((x - mean) / sigma_b * r + d) + bias`` with the batch's mean and
+    ``sigma_b = sqrt(var + eps)``, ``r = clip(sigma_b / sigma, 1/rmax, rmax)``,
+    ``d = clip((mean - running_mean) / sigma, -dmax, dmax)``, ``sigma =
+    sqrt(running_var + eps)`` from the running buffers as given; then the buffers
+    are updated in place as ``batch_norm`` does (EMA, unbiased variance). mean/var
+    (biased) and r, d are per channel; ``rmax=1, dmax=0`` is batch norm.
+    """
+    be = _dispatch.backend(x=x, running_mean=running_mean, running_var=running_var,
+                           weight=weight, bias=bias, out=out)
+    call = Call(be, required(x, "x"), axis)
+    running_mean = call.running_buffer(required(running_mean, "running_mean"), "running_mean")
+    running_var = call.running_buffer(required(running_var, "running_var"), "running_var")
+    weight = call.vector(weight, "weight")
+    bias = call.vector(bias, "bias")
+    rmax, dmax = _layout.check_renorm_limits(rmax, dmax)
+    momentum = _layout.check_momentum(momentum)
+    eps = _layout.check_eps(eps, training=True)
+    target, deliver = call.output(out, vectors=(weight, bias))
+    data = [call.x] + ([] if out is None else [be.array(out, "out")])
+    for buffer, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        if any(be.overlap(buffer, a) for a in data):
+            raise ValueError(f"{name} shares memory with x or out: it is written in place")
+    weight, bias = (private(be, p, (running_mean, running_var)) for p in (weight, bias))
+    require_values(call)
+    count = call.plan.count
+    mean, var = be.batch_moments(call, variance=True)
+    y, r, d = renorm_forward(call, mean, var, running_mean, running_var, weight, bias, rmax,
+                             dmax, eps, target)
+    if count > 1:  # PyTorch's rule: an empty batch updates nothing
+        be.ema(running_mean, running_var, mean, var, momentum, count / (count - 1))
+    return (deliver(y), *(be.cast(call.like, v, call.plan.stats_dtype) for v in (mean, var, r, d)))
+
+
+def batch_renorm_backward(dy, x, mean, var, r, d, weight=None, eps=1e-5, *, axis=1, out=None):
+    """Gradients of ``batch_renorm_forward``: ``(dx, dweight, dbias)``, r and d held constant
+    (mean/var/r/d as the forward returned them); dweight/dbias are None when weight is None.
+    dx is batch norm's with the weight ``weight * r`` (no extra pass)."""
+    be = _dispatch.backend(dy=dy, x=x, mean=mean, var=var, r=r, d=d, weight=weight, out=out)
+    call = Call(be, required(x, "x"), axis)
+    mean, var, r, d = (call.vector(required(v, name), name)
+                       for v, name in ((mean, "mean"), (var, "var"), (r, "r"), (d, "d")))
+    weight = call.vector(weight, "weight")
+    eps = _layout.check_eps(eps)
+    required(dy, "dy")
+    target, deliver = call.output(out, like_x=(be.array(dy, "dy"),),
+                                  vectors=(mean, var, r, d, weight))
+    dx, sums, _ = gradients(call, dy, mean, var, be.renorm_weight(weight, r), eps,
+                            call.plan.count, True, target)
+    dx = deliver(dx)
+    if weight is None:
+        return dx, None, None
+    return (dx, *be.renorm_grads(call.like, weight, var, r, d, eps, *sums))
+
+
 def ema_update(running_mean, running_var, mean, var, count, momentum=0.1, *, unbiased=True):
     """Update running statistics in place: ``running = (1 - momentum) * running + momentum * batch``.
 
@@ -412,6 +515,11 @@ def ema_update(running_mean, running_var, mean, var, count, momentum=0.1, *, unb
     with ``unbiased=True`` (PyTorch) the biased batch variance is scaled by
     count / (count - 1). Keras/Flax's ``momentum=0.99`` is ``momentum=0.01,
     unbiased=False`` here.
+
+    Statistics of virtual batches ((groups, C) mean/var of ``batch_norm_forward(...,
+    virtual_batch_size=)``): ``count`` is the sequence of the groups' counts (equal
+    but the last), and the batch term is the count-weighted mean of the group means
+    and of the groups' unbiased variances (``unbiased=True`` only).
     """
     be = _dispatch.backend(running_mean=running_mean, running_var=running_var, mean=mean,
                            var=var)
@@ -419,13 +527,87 @@ def ema_update(running_mean, running_var, mean, var, count, momentum=0.1, *, unb
                                   None)
     nchan = running_mean.shape[0]
     running_var = running_buffer(be, required(running_var, "running_var"), "running_var", nchan)
-    mean = vector(be, required(mean, "mean"), "mean", nchan)
-    var = vector(be, required(var, "var"), "var", nchan)
     momentum = _layout.check_momentum(momentum)
-    count = _layout.check_count(count, 2 if unbiased else 1)
-    mean, var = (private(be, v, (running_mean, running_var)) for v in (mean, var))
-    be.ema(running_mean, running_var, mean, var, momentum,
-           count / (count - 1) if unbiased else 1.0)
+    if np.ndim(count) == 0:
+        mean = vector(be, required(mean, "mean"), "mean", nchan)
+        var = vector(be, required(var, "var"), "var", nchan)
+        count = _layout.check_count(count, 2 if unbiased else 1)
+        mean, var = (private(be, v, (running_mean, running_var)) for v in (mean, var))
+        be.ema(running_mean, running_var, mean, var, momentum,
+               count / (count - 1) if unbiased else 1.0)
+        return
+    counts = [_layout.check_count(n, 2) for n in count]
+    if not unbiased or not counts or len(set(counts[:-1])) > 1 or counts[-1] > counts[0]:
+        raise ValueError("count of virtual batches' statistics: one count per group, equal but "
+                         f"the last (no larger), with unbiased=True; got {count!r}, "
+                         f"unbiased={unbiased}")
+    pooled = PooledStatistics(running_mean, nchan)
+    pooled.add(group_vector(be, mean, "mean", len(counts), nchan),
+               group_vector(be, var, "var", len(counts), nchan), counts[0], counts[-1])
+    be.ema(running_mean, running_var, *pooled.batch_mean(), momentum, 1.0)
+
+
+def _flat(be, a):
+    """Backend array ``a`` as a C-order vector (a view where it is C-contiguous)."""
+    return (a if a.flags["C_CONTIGUOUS"] else be.copy(a)).reshape(a.size)
+
+
+def group_vector(be, p, name, groups, nchan):
+    """Statistics of virtual batches, (groups, nchan), as a flat group-major vector."""
+    a = be.array(required(p, name), name)
+    _layout.check_float_dtype(a.dtype, name)
+    if tuple(a.shape) != (groups, nchan):
+        raise ValueError(f"{name} must have shape {(groups, nchan)}, one value per virtual "
+                         f"batch and channel; got shape {tuple(a.shape)}")
+    return _flat(be, a)
+
+
+class PooledStatistics:
+    """Statistics of many batches per channel, exact: the count, mean and m2 of every value
+    seen, merged with Chan et al.'s formula in float64, and the count-weighted mean of the
+    batches' unbiased variances. The state lives where ``like`` (an array: the running
+    buffers) lives, so nothing crosses to the host. Precise batch norm, and the running
+    update of virtual batches."""
+
+    CONVENTIONS = ("population", "batch_mean")
+
+    def __init__(self, like, nchan):
+        self.be = _dispatch.backend(like=like)
+        self.state = self.be.from_host(np.zeros((5, nchan)))
+        self.batches = 0
+
+    def add(self, mean, var, count, last_count=None):
+        """Fold in batch statistics (mean and biased var: per channel, or per virtual batch and
+        channel, (groups, C) or group-major), ``count`` values per channel (per group; the
+        last ``last_count``)."""
+        be = self.be
+        be.merge_batches(self.state, _flat(be, be.array(mean, "mean")),
+                         _flat(be, be.array(var, "var")), count,
+                         count if last_count is None else last_count)
+        self.batches += 1
+
+    def population(self):
+        """(mean, unbiased variance) of all values seen, float64 vectors on the backend."""
+        return self.state[1], self.state[3]
+
+    def batch_mean(self):
+        """(mean, count-weighted mean of the batches' unbiased variances)."""
+        return self.state[1], self.state[4]
+
+    def store(self, running_mean, running_var, convention):
+        """Write the statistics of ``convention`` into the running buffers (backend arrays),
+        where any batch was seen."""
+        if self.batches:
+            mean, var = self.population() if convention == "population" else self.batch_mean()
+            self.be.assign(self.be.array(running_mean, "running_mean"), mean)
+            self.be.assign(self.be.array(running_var, "running_var"), var)
+
+
+def check_convention(convention):
+    if convention not in PooledStatistics.CONVENTIONS:
+        raise ValueError(f"convention must be one of {PooledStatistics.CONVENTIONS}, "
+                         f"got {convention!r}")
+    return convention
 
 
 def _fold_args(be, running_mean, running_var, weight, bias, eps):

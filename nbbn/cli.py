@@ -84,7 +84,8 @@ def build_parser():
     # `nbbn demo ARGS` is handed to nbbn.demo.main whole (see main); listed here for --help.
     sub.add_parser("demo", add_help=False,
                    help="train a NumPy MLP/CNN on sklearn digits with and without nbbn.BatchNorm "
-                        "(nbbn demo --help; needs nbbn[demo])")
+                        "(nbbn demo --help; needs nbbn[demo]); nbbn demo small-batch: batch "
+                        "renorm, ghost batch norm and precise statistics")
     return parser
 
 
@@ -206,6 +207,9 @@ def cmd_bench(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["demo", "small-batch"]:
+        from .demo_smallbatch import main as small_batch_main
+        return small_batch_main(argv[2:])
     if argv[:1] == ["demo"]:
         from .demo import main as demo_main
         return demo_main(argv[1:])

@@ -447,7 +447,8 @@ def _names(choices):
 def parser(prog="nbbn demo"):
     p = argparse.ArgumentParser(
         prog=prog, description="Train a small MLP and CNN on sklearn's digits in NumPy, with "
-        "and without nbbn.BatchNorm, at several learning rates.")
+        "and without nbbn.BatchNorm, at several learning rates. 'nbbn demo small-batch "
+        "--help': batch renorm, ghost batch norm and precise statistics with small batches.")
     p.add_argument("--models", type=_names(MODELS), default=MODELS,
                    help="comma-separated: mlp,cnn (default both)")
     p.add_argument("--norms", type=_names(NORMS), default=NORMS,

@@ -22,10 +22,10 @@ a rank that raises before communicating leaves the others waiting.
 import numpy as np
 
 from . import _dispatch
-from .layer import BatchNorm
+from .layer import BatchNorm, BatchRenorm
 from ._moments import Moments, _scalar_or_array
 
-__all__ = ["SyncBatchNorm", "TorchComm", "allreduce_moments"]
+__all__ = ["SyncBatchNorm", "SyncBatchRenorm", "TorchComm", "allreduce_moments"]
 
 
 # ---- communicators -------------------------------------------------------------------------
@@ -167,29 +167,8 @@ def _allreduce_sum(comm, *vectors):
 # ---- the layer -----------------------------------------------------------------------------
 
 
-class SyncBatchNorm(BatchNorm):
-    """``BatchNorm`` whose batch is the union of every rank's shard.
-
-    Each rank calls ``forward``/``backward`` on its own shard (any size,
-    including empty); the statistics, the backward sums and the running
-    statistics' count are those of the whole batch, so every rank's output
-    shard, dx shard, ``grad_weight``/``grad_bias`` and running buffers equal
-    those of one ``BatchNorm`` on the concatenated batch (to rounding).
-    ``grad_weight``/``grad_bias`` are thus already summed over ranks: don't
-    all-reduce them again. Calls are collective: every rank must call
-    ``forward`` and ``backward`` in the same order and mode.
-
-    ``comm``: an mpi4py communicator, a ``TorchComm`` or any object with
-    ``rank``, ``size`` and ``allgather(array) -> (size, n)``. Host or CUDA arrays
-    (``device="cuda"``), as ``BatchNorm``.
-    """
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, comm, axis=1, dtype=np.float32, device="cpu"):
-        comm = _as_comm(comm)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, axis=axis,
-                         dtype=dtype, device=device)
-        self.comm = comm
+class _Synchronized:
+    """The hooks that make a layer's batch the union of every rank's shard (``comm``)."""
 
     def __repr__(self):
         return "Sync" + super().__repr__() + f" on {self.comm.size} ranks"
@@ -210,3 +189,42 @@ class SyncBatchNorm(BatchNorm):
         if not batch_stats and self.weight is None:
             return sum_dy, sum_dy_xmu
         return tuple(map(be.to_float64, _allreduce_sum(self.comm, sum_dy, sum_dy_xmu)))
+
+
+class SyncBatchNorm(_Synchronized, BatchNorm):
+    """``BatchNorm`` whose batch is the union of every rank's shard.
+
+    Each rank calls ``forward``/``backward`` on its own shard (any size,
+    including empty); the statistics, the backward sums and the running
+    statistics' count are those of the whole batch, so every rank's output
+    shard, dx shard, ``grad_weight``/``grad_bias`` and running buffers equal
+    those of one ``BatchNorm`` on the concatenated batch (to rounding).
+    ``grad_weight``/``grad_bias`` are thus already summed over ranks: don't
+    all-reduce them again. Calls are collective: every rank must call
+    ``forward`` and ``backward`` in the same order and mode.
+
+    ``comm``: an mpi4py communicator, a ``TorchComm`` or any object with
+    ``rank``, ``size`` and ``allgather(array) -> (size, n)``. Host or CUDA arrays
+    (``device="cuda"``), as ``BatchNorm``.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, comm, axis=1, dtype=np.float32, device="cpu"):
+        comm = _as_comm(comm)
+        BatchNorm.__init__(self, num_features, eps, momentum, affine, track_running_stats,
+                           axis=axis, dtype=dtype, device=device)
+        self.comm = comm
+
+
+class SyncBatchRenorm(_Synchronized, BatchRenorm):
+    """``BatchRenorm`` whose batch is the union of every rank's shard: r and d come from the
+    merged moments (the whole batch's), and every rank's output, gradients and running
+    buffers equal those of one ``BatchRenorm`` on the concatenated batch (to rounding).
+    Collective calls and ``comm`` as ``SyncBatchNorm``."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.01, affine=True, *, comm, rmax=3.0,
+                 dmax=5.0, axis=1, dtype=np.float32, device="cpu"):
+        comm = _as_comm(comm)
+        BatchRenorm.__init__(self, num_features, eps, momentum, affine, rmax=rmax, dmax=dmax,
+                             axis=axis, dtype=dtype, device=device)
+        self.comm = comm

@@ -1,12 +1,14 @@
-"""``BatchNorm``: a batch-norm layer for custom trainers, state-dict compatible with PyTorch."""
+"""``BatchNorm`` and ``BatchRenorm``: layers for custom trainers, state-dict compatible with
+PyTorch."""
+import contextlib
 import threading
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _dispatch, _layout
-from .batchnorm import (Call, _eps, _small, gradients, normalize, require_values, required,
-                        reused)
+from .batchnorm import (Call, PooledStatistics, _eps, _small, check_convention, gradients,
+                        normalize, renorm_forward, require_values, required, reused)
 
 _COUNTER = "num_batches_tracked"
 
@@ -22,6 +24,7 @@ class _Saved(NamedTuple):
     batch_stats: bool
     mask: object
     residual: bool
+    renorm: Any = None  # batch renorm's (r, d), constants for the gradient
 
 
 class BatchNorm:
@@ -43,11 +46,18 @@ class BatchNorm:
     that thread's last ``forward``), and the running-buffer and gradient updates
     are serialized, none lost; ``grad_weight``/``grad_bias`` are those of the
     last ``backward`` of any thread.
+
+    ``virtual_batch_size`` (ghost batch norm): in training, axis 0 is split into
+    groups of that many consecutive samples, each normalized with its own
+    statistics; the running buffers move by the groups' count-weighted mean
+    statistics (variance unbiased within each group). ``precise_statistics()``
+    replaces the running buffers by the exact statistics of the batches seen
+    inside it.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *, axis=1, dtype=np.float32, device="cpu",
-                 activation=None):
+                 activation=None, virtual_batch_size=None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -63,6 +73,9 @@ class BatchNorm:
         self.axis = axis
         self.activation = _layout.check_activation(activation)
         self.dtype = dtype
+        self.virtual_batch_size = (None if virtual_batch_size is None else
+                                   _layout.check_virtual_batch_size(virtual_batch_size))
+        self._pooled = None  # inside precise_statistics: the batches' PooledStatistics
         n = self.num_features
         self.weight = np.ones(n, dtype) if affine else None
         self.bias = np.zeros(n, dtype) if affine else None
@@ -86,8 +99,13 @@ class BatchNorm:
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis}"
-                + ("" if self.activation is None else f", activation={self.activation!r}") + ")")
+                f"axis={self.axis}" + self._options() + ")")
+
+    def _options(self):
+        """The keyword arguments ``__repr__`` shows where they are not the defaults."""
+        return (("" if self.activation is None else f", activation={self.activation!r}")
+                + ("" if self.virtual_batch_size is None
+                   else f", virtual_batch_size={self.virtual_batch_size}"))
 
     def __getstate__(self):  # what one thread's backward needs, and the lock, stay here
         return {k: v for k, v in vars(self).items() if k not in ("_local", "_lock")}
@@ -117,11 +135,12 @@ class BatchNorm:
             if y is not None:
                 return y
         be = self._backend(x=x, residual=residual)
-        call = Call(be, required(x, "x"), self.axis)
+        batch_stats = self._uses_batch_stats()
+        call = Call(be, required(x, "x"), self.axis,
+                    virtual_batch_size=self.virtual_batch_size if batch_stats else None)
         if call.plan.nchan != self.num_features:
             raise ValueError(f"x has {call.plan.nchan} channels on axis {self.axis}, expected "
                              f"{self.num_features}")
-        batch_stats = self._uses_batch_stats()
         if batch_stats:
             _layout.check_eps(self.eps, training=True)
             count, mean, var = self._batch_stats(be, call)
@@ -137,26 +156,75 @@ class BatchNorm:
         if epilogue.relu and call.plan.size:
             mask = earlier.mask if earlier is not None and earlier.mask is not None \
                 and earlier.call.plan is call.plan else be.kept(call, np.uint8)
-        y = normalize(call, mean, var, self.weight, self.bias, self.eps,
-                      epilogue=epilogue._replace(copy=copy, mask=mask))
+        y, renorm = self._normalize(call, mean, var, epilogue._replace(copy=copy, mask=mask))
         if batch_stats and self.training and self.track_running_stats:
             with self._lock:
-                self.num_batches_tracked += 1
-                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                          else self.momentum)
-                if count > 1:  # PyTorch: an empty batch moves the counter, not the buffers
-                    be.ema(self.running_mean, self.running_var, mean, var, factor,
-                           count / (count - 1))
+                self._update_running(be, call, count, mean, var)
         self._local.saved = _Saved(kept, mean, var, count, batch_stats, mask,
-                                   residual is not None)
+                                   residual is not None, renorm)
         return y
 
     __call__ = forward
 
+    def _update_running(self, be, call, count, mean, var):
+        """After a training forward: fold the batch statistics into the running buffers (or,
+        inside ``precise_statistics``, into the exact statistics, the buffers untouched)."""
+        plan = call.plan
+        if count <= 1:  # PyTorch: an empty batch moves the counter, not the buffers
+            if self._pooled is None:
+                self.num_batches_tracked += 1
+            return
+        if self._pooled is not None:
+            self._pooled.add(mean, var, count, plan.last_count if plan.groups > 1 else count)
+            return
+        self.num_batches_tracked += 1
+        factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                  else self.momentum)
+        if plan.groups == 1:
+            be.ema(self.running_mean, self.running_var, mean, var, factor, count / (count - 1))
+            return
+        groups = PooledStatistics(self.running_mean, plan.nchan)
+        groups.add(mean, var, count, plan.last_count)
+        be.ema(self.running_mean, self.running_var, *groups.batch_mean(), factor, 1.0)
+
+    @contextlib.contextmanager
+    def precise_statistics(self, convention="population"):
+        """Exact inference statistics ("precise BN"): inside, training-mode forwards leave the
+        running buffers (and ``num_batches_tracked``) alone and pool their batches' statistics;
+        on a normal exit the running buffers receive them, where any batch was seen.
+
+        ``"population"``: the mean and the unbiased variance of all values seen, merged
+        exactly (Chan et al., float64), not an average of batch statistics.
+        ``"batch_mean"``: the count-weighted mean of the batch means and of the batches'
+        unbiased variances (what training-time normalization saw; with virtual batches,
+        of the groups'). Nothing else about the layer changes.
+        """
+        check_convention(convention)
+        if not self.track_running_stats:
+            raise ValueError("precise_statistics needs running statistics "
+                             "(track_running_stats=True)")
+        if self._pooled is not None:
+            raise RuntimeError("precise_statistics is already active on this layer")
+        self._pooled = PooledStatistics(self.running_mean, self.num_features)
+        try:
+            yield self
+            self._pooled.store(self.running_mean, self.running_var, convention)
+        finally:
+            self._pooled = None
+
+    def _normalize(self, call, mean, var, epilogue):
+        """y from the statistics this forward normalizes with, and batch renorm's (r, d) (None:
+        plain batch norm)."""
+        return normalize(call, mean, var, self.weight, self.bias, self.eps,
+                         epilogue=epilogue), None
+
     def _plain(self):
-        """Whether this layer's batch is its input (the hooks below not extended)."""
+        """Whether this layer's batch is its input, whole (the hooks here not extended, no
+        virtual batches, no precise statistics): what the fused small-call path computes."""
         return (type(self)._batch_stats is BatchNorm._batch_stats
-                and type(self)._reduce_sums is BatchNorm._reduce_sums)
+                and type(self)._reduce_sums is BatchNorm._reduce_sums
+                and type(self)._normalize is BatchNorm._normalize
+                and self.virtual_batch_size is None and self._pooled is None)
 
     def _small_forward(self, x):
         """``forward`` with batch statistics, no epilogue, in one compiled call where the
@@ -213,14 +281,20 @@ class BatchNorm:
         be = self._backend(dy=dy, x=saved.call.like)
         call, mean, var = saved.call, saved.mean, saved.var
         gate3 = None if saved.mask is None else be.view(call, saved.mask)
+        weight = self.weight
+        if saved.renorm is not None:  # batch renorm's dx: batch norm's with weight * r
+            weight = be.renorm_weight(self.weight, saved.renorm[0])
         dx, sums, dresidual = gradients(
-            call, required(dy, "dy"), mean, var, self.weight, self.eps, saved.count,
+            call, required(dy, "dy"), mean, var, weight, self.eps, saved.count,
             saved.batch_stats, None, gate3, saved.residual,
             lambda sum_dy, sum_dy_xmu: self._reduce_sums(be, sum_dy, sum_dy_xmu,
                                                          saved.batch_stats))
         grads = (None, None)
-        if self.weight is not None:
+        if self.weight is not None and saved.renorm is None:
             grads = be.param_grads(self.weight, self.weight, var, self.eps, *sums)
+        elif self.weight is not None:
+            grads = be.renorm_grads(self.weight, self.weight, var, *saved.renorm, self.eps,
+                                    *sums)
         with self._lock:
             self.grad_weight, self.grad_bias = grads
             self.grad_residual = dresidual
@@ -232,10 +306,11 @@ class BatchNorm:
     # the call's backend ``be`` (host or device) and return vectors on the same side.
 
     def _batch_stats(self, be, call):
-        """``(count, mean, var)`` per channel of the batch: values per channel, float64
-        mean and biased variance. Here the batch is ``call.x``; a synchronized layer
-        merges the moments of every shard of the batch."""
-        return (call.plan.count, *be.batch_moments(call, variance=True))
+        """``(count, mean, var)`` per channel of the batch: values per channel (per virtual
+        batch but the last, with virtual batches), float64 mean and biased variance. Here
+        the batch is ``call.x``; a synchronized layer merges the moments of every shard of
+        the batch."""
+        return (call.plan.group_count, *be.batch_moments(call, variance=True))
 
     def _reduce_sums(self, be, sum_dy, sum_dy_xmu, batch_stats):
         """The backward pass's per-channel ``sum(dy)``, ``sum(dy * (x - mean))`` over the
@@ -288,3 +363,52 @@ class BatchNorm:
                 np.copyto(self.num_batches_tracked, value, casting="unsafe")
             else:
                 be.assign(getattr(self, name), value)
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization (Ioffe 2017): ``BatchNorm``'s interface, with batch renorm in
+    training.
+
+    Training normalizes with the batch statistics corrected towards the running ones,
+    ``y = weight * ((x - mean) / sigma_b * r + d) + bias``, ``r = clip(sigma_b / sigma,
+    1/rmax, rmax)``, ``d = clip((mean - running_mean) / sigma, -dmax, dmax)`` (r, d
+    constant for the gradient), then updates the running buffers as batch norm does;
+    evaluation is batch norm with the running buffers. ``rmax``/``dmax`` are attributes,
+    so a trainer can run the paper's warm-up schedule (rmax from 1 to 3, dmax from 0 to
+    5); ``rmax=1, dmax=0`` is batch norm.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.01, affine=True, *, rmax=3.0,
+                 dmax=5.0, axis=1, dtype=np.float32, device="cpu", activation=None):
+        super().__init__(num_features, eps, momentum, affine, True, axis=axis, dtype=dtype,
+                         device=device, activation=activation)
+        self.rmax, self.dmax = rmax, dmax
+
+    @property
+    def rmax(self):
+        return self._rmax
+
+    @rmax.setter
+    def rmax(self, value):
+        self._rmax = _layout.check_renorm_limits(value, 0.0)[0]
+
+    @property
+    def dmax(self):
+        return self._dmax
+
+    @dmax.setter
+    def dmax(self, value):
+        self._dmax = _layout.check_renorm_limits(1.0, value)[1]
+
+    def __repr__(self):
+        return (f"BatchRenorm({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, rmax={self.rmax}, "
+                f"dmax={self.dmax}, axis={self.axis}" + self._options() + ")")
+
+    def _normalize(self, call, mean, var, epilogue):
+        if not self.training:
+            return super()._normalize(call, mean, var, epilogue)
+        y, r, d = renorm_forward(call, mean, var, self.running_mean, self.running_var,
+                                 self.weight, self.bias, self.rmax, self.dmax, self.eps,
+                                 epilogue=epilogue)
+        return y, (r, d)

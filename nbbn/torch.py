@@ -25,6 +25,11 @@ does. Install with the ``nbbn[torch]`` extra.
   on their device and the results are CUDA tensors. nbbn's CUDA work is queued
   on Numba's default stream, PyTorch's on its current stream: the two agree
   unless the caller switched PyTorch to a side stream.
+- Small batches: ``virtual_batch_size=`` (ghost batch norm) on the batch-norm
+  modules; :class:`BatchRenorm1d`, :class:`BatchRenorm2d`, :class:`BatchRenorm3d`
+  (batch renormalization, subclasses of the ``BatchNorm*d`` classes: same state
+  dict, batch norm in evaluation); :func:`recompute_batch_norm_stats` (exact
+  inference statistics, "precise BN", for any model's batch norms).
 
 bfloat16 tensors are computed by nbbn too: on the CPU they cross to NumPy as
 ``ml_dtypes.bfloat16`` arrays (a view of their bits, no copy). Inputs nbbn cannot
@@ -38,10 +43,12 @@ from torch import nn
 
 import nbbn
 from nbbn import _layout
-from nbbn.batchnorm import forward_and_update
+from nbbn.batchnorm import PooledStatistics, check_convention, forward_and_update
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
-           "BatchNormAct3d", "BatchNormFunction", "batch_norm", "convert"]
+           "BatchNormAct3d", "BatchNormFunction", "BatchRenorm1d", "BatchRenorm2d",
+           "BatchRenorm3d", "BatchRenormFunction", "batch_norm", "convert",
+           "recompute_batch_norm_stats"]
 
 _NUMPY_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -77,24 +84,44 @@ def _tensor(a, like):
     return torch.as_tensor(a, device=like.device)  # a Numba/CuPy device array
 
 
-def _check_batch_size(x):
-    """PyTorch's check: batch statistics need more than one value per channel."""
-    n = x.shape[0]
-    for s in x.shape[2:]:
-        n *= s
-    if n == 1:
+def _check_batch_size(x, virtual_batch_size=None):
+    """PyTorch's check: batch statistics need more than one value per channel (in each
+    virtual batch)."""
+    counts = _group_counts(x, virtual_batch_size)
+    if counts and min(counts) == 1:
         raise ValueError("Expected more than 1 value per channel when training, "
-                         f"got input size {x.size()}")
+                         f"got input size {x.size()}"
+                         + ("" if virtual_batch_size is None else
+                            f" in virtual batches of {virtual_batch_size}"))
+
+
+def _group_counts(x, virtual_batch_size):
+    """Values per channel in each virtual batch (one group: the whole batch)."""
+    batch = x.shape[0]
+    per_sample = 1
+    for s in x.shape[2:]:
+        per_sample *= s
+    size = max(batch, 1) if virtual_batch_size is None else virtual_batch_size
+    return [min(size, batch - start) * per_sample for start in range(0, batch, size)]
 
 
 # ---- the autograd Function -----------------------------------------------------------------
 
 
-def _differentiable_grads(x, weight, mean, var, eps, use_batch_stats, dy):
+def _differentiable_grads(x, weight, mean, var, eps, use_batch_stats, dy,
+                          virtual_batch_size=None):
     """(dx, dweight, dbias) written with PyTorch operations, so that autograd can
     differentiate them again (double backward: gradient penalties, MAML). With batch
-    statistics, mean and var are recomputed from ``x``: they depend on it. ``dy``: the
-    gradient w.r.t. BN's output (behind a ReLU, already masked)."""
+    statistics, mean and var are recomputed from ``x``: they depend on it (per virtual
+    batch: each group of ``virtual_batch_size`` samples on its own). ``dy``: the gradient
+    w.r.t. BN's output (behind a ReLU, already masked)."""
+    if virtual_batch_size is not None and x.shape[0] > virtual_batch_size:
+        parts = [_differentiable_grads(xg, weight, None, None, eps, True, dyg)
+                 for xg, dyg in zip(x.split(virtual_batch_size), dy.split(virtual_batch_size))]
+        dx = torch.cat([p[0] for p in parts])
+        if weight is None:
+            return dx, None, None
+        return dx, sum(p[1] for p in parts), sum(p[2] for p in parts)
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
     if use_batch_stats:
@@ -119,9 +146,10 @@ class BatchNormFunction(torch.autograd.Function):
     """Batch norm over dim 1 of ``x`` with nbbn's kernels; returns ``y``.
 
     ``apply(x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
-    residual=None, activation=None)``: with ``use_batch_stats`` it normalizes with the
-    batch statistics and, where running buffers are given, updates them in place (as
-    ``nbbn.batch_norm``: unbiased variance, factor ``momentum``); otherwise it
+    residual=None, activation=None, virtual_batch_size=None)``: with ``use_batch_stats``
+    it normalizes with the batch statistics (per virtual batch where
+    ``virtual_batch_size`` is not None) and, where running buffers are given, updates them
+    in place (as ``nbbn.batch_norm``: unbiased variance, factor ``momentum``); otherwise it
     normalizes with the running buffers. ``residual`` is added and ``activation``
     ("relu") applied in the same pass. Differentiable in ``x``, ``weight``, ``bias``
     and ``residual``: the backward is
@@ -132,16 +160,23 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
-                residual=None, activation=None):
+                residual=None, activation=None, virtual_batch_size=None):
         xa, wa, ba = _arr(x), _arr(weight), _arr(bias)
         epilogue = dict(residual=_arr(residual), activation=activation)
         ctx.eps = eps
         ctx.use_batch_stats = use_batch_stats
         ctx.activation = activation
+        ctx.virtual_batch_size = virtual_batch_size
         if use_batch_stats:
-            # The running buffers updated in the same call (not where the batch is empty).
-            ya, mean, var = forward_and_update(xa, _arr(running_mean), _arr(running_var), wa, ba,
-                                               momentum, eps, axis=1, **epilogue)
+            if virtual_batch_size is None:  # the running buffers updated in the same call
+                ya, mean, var = forward_and_update(xa, _arr(running_mean), _arr(running_var), wa,
+                                                   ba, momentum, eps, axis=1, **epilogue)
+            else:
+                ya, mean, var = nbbn.batch_norm_forward(xa, wa, ba, eps, axis=1, **epilogue,
+                                                        virtual_batch_size=virtual_batch_size)
+                if running_mean is not None and x.numel():  # an empty batch updates nothing
+                    nbbn.ema_update(_arr(running_mean), _arr(running_var), mean, var,
+                                    _group_counts(x, virtual_batch_size), momentum)
             if running_mean is not None and x.numel():
                 # Written through a NumPy view: tell autograd, as an in-place op would.
                 torch.autograd.graph.increment_version([running_mean, running_var])
@@ -165,15 +200,16 @@ class BatchNormFunction(torch.autograd.Function):
             if y is not None:
                 dy = dy * (y > 0)
             dx, dw, db = _differentiable_grads(x, weight, mean, var, ctx.eps,
-                                               ctx.use_batch_stats, dy)
+                                               ctx.use_batch_stats, dy, ctx.virtual_batch_size)
             return (dx if need_x else None, dw if need_w else None, db if need_b else None,
-                    None, None, None, None, None, dy if need_r else None, None)
+                    None, None, None, None, None, dy if need_r else None, None, None)
         dya, xa, wa = _arr(dy), _arr(x), _arr(weight)
         dx = dw = db = dr = None
         if ctx.use_batch_stats:
             dx, dw, db, *dr = nbbn.batch_norm_backward(
                 dya, xa, _arr(mean), _arr(var), wa, ctx.eps, axis=1, y=_arr(y),
-                activation=ctx.activation, residual_grad=need_r)
+                activation=ctx.activation, residual_grad=need_r,
+                virtual_batch_size=ctx.virtual_batch_size)
             dr = dr[0] if dr else None
         else:
             if y is not None:  # the ReLU's gradient, then the affine map's
@@ -195,7 +231,7 @@ class BatchNormFunction(torch.autograd.Function):
         dw = _tensor(dw, x) if need_w else None
         db = _tensor(db, x) if need_b else None
         dr = _tensor(dr, x) if need_r else None
-        return dx, dw, db, None, None, None, None, None, dr, None
+        return dx, dw, db, None, None, None, None, None, dr, None, None
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -203,6 +239,36 @@ class BatchNormFunction(torch.autograd.Function):
             "nbbn.torch batch norm does not support forward-mode AD (torch.func.jvp, "
             "torch.autograd.forward_ad); use torch.nn.functional.batch_norm there")
 
+
+class BatchRenormFunction(torch.autograd.Function):
+    """Batch renormalization (training) over dim 1 of ``x`` with nbbn's kernels; returns ``y``.
+
+    ``apply(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps)``:
+    ``nbbn.batch_renorm_forward`` (running buffers updated in place) and
+    ``nbbn.batch_renorm_backward`` (r, d constant). Differentiable in ``x``,
+    ``weight`` and ``bias`` (once); forward-mode AD raises NotImplementedError.
+    """
+
+    jvp = staticmethod(BatchNormFunction.jvp)
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps):
+        ya, *stats = nbbn.batch_renorm_forward(_arr(x), _arr(running_mean), _arr(running_var),
+                                               _arr(weight), _arr(bias), rmax=rmax, dmax=dmax,
+                                               momentum=momentum, eps=eps, axis=1)
+        torch.autograd.graph.increment_version([running_mean, running_var])
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, *(_tensor(v, x) for v in stats))
+        return _tensor(ya, x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, *stats = ctx.saved_tensors
+        grads = nbbn.batch_renorm_backward(_arr(dy), _arr(x), *map(_arr, stats), _arr(weight),
+                                           ctx.eps, axis=1)
+        return (*(_tensor(g, x) if need else None
+                  for g, need in zip(grads, ctx.needs_input_grad[:3])), *(None,) * 6)
 
 
 def _check_arguments(x, running_mean, running_var, weight, bias, residual=None,
@@ -245,31 +311,54 @@ def _composed(x, running_mean, running_var, weight, bias, training, momentum, ep
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, residual=None, activation=None):
+               momentum=0.1, eps=1e-5, *, residual=None, activation=None,
+               virtual_batch_size=None):
     """Drop-in for ``torch.nn.functional.batch_norm`` computing with nbbn's kernels;
     ``residual`` (shaped like x) and ``activation`` ("relu") give ``relu(BN(x) + residual)``
-    in the same pass."""
+    in the same pass; ``virtual_batch_size`` (training): ghost batch norm."""
     _check_arguments(x, running_mean, running_var, weight, bias, residual, activation)
     if getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
         raise NotImplementedError(
             "nbbn.torch batch norm does not support torch.func transforms (vmap, grad, jacrev, "
             "...); use torch.nn.functional.batch_norm there")
     if training:
-        _check_batch_size(x)
+        _check_batch_size(x, virtual_batch_size)
     if not _supported(x) or x.dim() < 2:
+        if virtual_batch_size is not None and training:
+            raise TypeError(f"nbbn.torch: virtual batches need a float16/bfloat16/32/64 CPU "
+                            f"or CUDA tensor of 2 or more dimensions, got {x.dtype} on "
+                            f"{x.device}")
         return _composed(x, running_mean, running_var, weight, bias, training, momentum, eps,
                          residual, activation)
     if not training and (running_mean is None or running_var is None):
         raise ValueError("running_mean and running_var are required when training=False")
     return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, bool(training),
-                                   float(momentum), float(eps), residual, activation)
+                                   float(momentum), float(eps), residual, activation,
+                                   virtual_batch_size if training else None)
 
 
 # ---- modules -------------------------------------------------------------------------------
 
 
 class _NbbnBatchNorm:
-    """``forward`` of PyTorch's ``_BatchNorm``, with the arithmetic done by nbbn."""
+    """``forward`` of PyTorch's ``_BatchNorm``, with the arithmetic done by nbbn.
+
+    ``virtual_batch_size`` (keyword, default None): ghost batch norm in training, as
+    ``nbbn.BatchNorm``'s. Inside ``recompute_batch_norm_stats`` a training forward pools
+    its batch statistics (``_nbbn_pooled``) instead of moving the running buffers.
+    """
+
+    virtual_batch_size = None  # also for modules that ``convert`` swapped in
+    _nbbn_pooled = None
+
+    def __init__(self, *args, virtual_batch_size=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if virtual_batch_size is not None:
+            self.virtual_batch_size = _layout.check_virtual_batch_size(virtual_batch_size)
+
+    def extra_repr(self):
+        vbs = self.virtual_batch_size
+        return super().extra_repr() + ("" if vbs is None else f", virtual_batch_size={vbs}")
 
     def forward(self, input):
         return self._normalized(input)
@@ -277,22 +366,42 @@ class _NbbnBatchNorm:
     def _normalized(self, input, residual=None, activation=None):
         self._check_input_dim(input)
         _check_arguments(input, None, None, None, None, residual, activation)
-        factor = 0.0 if self.momentum is None else self.momentum
         # Batch statistics in training, and in evaluation when there are no running ones.
         use_batch_stats = self.training or (self.running_mean is None and
                                             self.running_var is None)
+        vbs = self.virtual_batch_size if self.training else None
         if use_batch_stats:
-            _check_batch_size(input)  # before the counter moves: a failed call changes nothing
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
+            # before the counter moves: a failed call changes nothing
+            _check_batch_size(input, vbs)
+        if self.training and self._nbbn_pooled is not None:
+            return self._pooled_forward(input, vbs, residual, activation)
+        factor = self._count_batch()
         # Running buffers are updated in training only when tracked; read in evaluation.
         track = not self.training or self.track_running_stats
         return batch_norm(input, self.running_mean if track else None,
                           self.running_var if track else None, self.weight, self.bias,
                           use_batch_stats, factor, self.eps, residual=residual,
-                          activation=activation)
+                          activation=activation, virtual_batch_size=vbs)
+
+    def _count_batch(self):
+        """PyTorch's bookkeeping of a forward: count a training batch (tracked), and return the
+        running buffers' factor (``momentum``, or 1/count for the cumulative average)."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                      else self.momentum)
+        return factor
+
+    def _pooled_forward(self, input, vbs, residual=None, activation=None):
+        """Training forward under ``recompute_batch_norm_stats`` (no autograd): the output, the
+        batch statistics pooled, the running buffers and counter untouched."""
+        y, mean, var = nbbn.batch_norm_forward(_arr(input), _arr(self.weight), _arr(self.bias),
+                                               self.eps, axis=1, residual=_arr(residual),
+                                               activation=activation, virtual_batch_size=vbs)
+        counts = _group_counts(input, vbs)
+        self._nbbn_pooled.add(mean, var, counts[0], counts[-1])
+        return _tensor(y, input)
 
 
 class BatchNorm1d(_NbbnBatchNorm, nn.BatchNorm1d):
@@ -337,6 +446,59 @@ class BatchNormAct3d(_NbbnBatchNormAct, nn.BatchNorm3d):
     """``BatchNorm3d`` then ``+ residual`` and ReLU, fused (input ``(N, C, D, H, W)``)."""
 
 
+class _NbbnBatchRenorm(_NbbnBatchNorm):
+    """Batch renormalization (Ioffe 2017) in training, batch norm in evaluation: as
+    ``nbbn.BatchRenorm``, with ``rmax``/``dmax`` attributes for warm-up schedules and the
+    running buffers always tracked. State dict, ``isinstance`` and evaluation are those of
+    the ``torch.nn.BatchNorm*d`` it subclasses."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.01, affine=True, *, rmax=3.0,
+                 dmax=5.0, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
+        self.rmax, self.dmax = _layout.check_renorm_limits(rmax, dmax)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}"
+
+    def forward(self, input):
+        if not self.training:
+            return super().forward(input)
+        self._check_input_dim(input)
+        _check_batch_size(input)
+        if not _supported(input):
+            raise TypeError(f"nbbn.torch.{type(self).__name__} computes on float16, bfloat16, "
+                            f"float32 and float64 CPU or CUDA tensors, got {input.dtype} on "
+                            f"{input.device}")
+        if self._nbbn_pooled is not None:
+            return self._pooled_forward(input, None)
+        rmax, dmax = _layout.check_renorm_limits(self.rmax, self.dmax)
+        return BatchRenormFunction.apply(input, self.weight, self.bias, self.running_mean,
+                                         self.running_var, rmax, dmax, self._count_batch(),
+                                         self.eps)
+
+    def _pooled_forward(self, input, vbs):
+        # renormalized against the running buffers, which stay as they are (copies move)
+        rmax, dmax = _layout.check_renorm_limits(self.rmax, self.dmax)
+        running = (_arr(self.running_mean.clone()), _arr(self.running_var.clone()))
+        y, mean, var, _, _ = nbbn.batch_renorm_forward(
+            _arr(input), *running, _arr(self.weight), _arr(self.bias), rmax=rmax, dmax=dmax,
+            momentum=0.0, eps=self.eps, axis=1)
+        self._nbbn_pooled.add(mean, var, input.numel() // input.shape[1])
+        return _tensor(y, input)
+
+
+class BatchRenorm1d(_NbbnBatchRenorm, nn.BatchNorm1d):
+    """Batch renorm over ``(N, C)`` or ``(N, C, L)``: a ``torch.nn.BatchNorm1d``."""
+
+
+class BatchRenorm2d(_NbbnBatchRenorm, nn.BatchNorm2d):
+    """Batch renorm over ``(N, C, H, W)`` (any memory format): a ``torch.nn.BatchNorm2d``."""
+
+
+class BatchRenorm3d(_NbbnBatchRenorm, nn.BatchNorm3d):
+    """Batch renorm over ``(N, C, D, H, W)``: a ``torch.nn.BatchNorm3d``."""
+
+
 _SWAPS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 
 
@@ -357,3 +519,67 @@ def convert(module):
         if swap is not None:
             m.__class__ = swap
     return module
+
+
+# ---- exact inference statistics ("precise BN") --------------------------------------------
+
+
+def recompute_batch_norm_stats(model, batches, *, convention="population", forward=None):
+    """Set every batch norm's running statistics in ``model`` to the exact statistics of
+    ``batches`` ("precise BN"); returns ``model``.
+
+    Runs ``forward(model, batch)`` (default ``model(batch)``) for each batch under
+    ``torch.no_grad()`` in training mode: each batch-norm layer normalizes with its
+    batch statistics, as in training, and pools them. Then its running buffers are set:
+    ``convention="population"``: the mean and unbiased variance of all values it saw,
+    merged exactly (Chan et al., float64), not an average of batch statistics;
+    ``"batch_mean"``: the count-weighted mean of the batch means and of the batches'
+    unbiased variances (per virtual batch with ``virtual_batch_size``). Works on
+    ``torch.nn.BatchNorm1d/2d/3d`` (computed by nbbn while it runs) and nbbn's modules
+    alike; other batch-norm subclasses are read by a forward pre-hook. Parameters,
+    ``num_batches_tracked`` and the modules' training modes are left as they were.
+    """
+    check_convention(convention)
+    forward = (lambda m, batch: m(batch)) if forward is None else forward
+    norms = [(m, type(m), PooledStatistics(_arr(m.running_mean), m.num_features))
+             for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    modes = [(m, m.training) for m in model.modules()]
+    counters = [(m, m.num_batches_tracked.clone()) for m, _, _ in norms
+                if m.num_batches_tracked is not None]
+    hooks = []
+    try:
+        for m, cls, pooled in norms:
+            m.__class__ = _SWAPS.get(cls, cls)  # torch.nn's modules run on nbbn meanwhile
+            if isinstance(m, _NbbnBatchNorm):
+                m._nbbn_pooled = pooled
+            else:
+                hooks.append(m.register_forward_pre_hook(_pool_input(pooled)))
+        model.train()
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch)
+        for m, _, pooled in norms:
+            pooled.store(_arr(m.running_mean), _arr(m.running_var), convention)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, cls, _ in norms:
+            m.__class__ = cls
+            m.__dict__.pop("_nbbn_pooled", None)
+        for m, counter in counters:
+            m.num_batches_tracked.copy_(counter)
+        for m, training in modes:
+            m.training = training
+    return model
+
+
+def _pool_input(pooled):
+    """A forward pre-hook pooling the batch statistics of a batch-norm module's input (for
+    batch-norm classes nbbn does not compute)."""
+    def hook(module, args):
+        x = args[0]
+        m = nbbn.moments(_arr(x), axis=(0, *range(2, x.dim())))
+        if m.count:
+            pooled.add(m.mean, m.m2 / m.count, m.count)
+    return hook

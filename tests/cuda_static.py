@@ -35,8 +35,8 @@ def specializations(t):
     floats = (t.float16, bf16, f4, f8)
     out = []
     for idx in (t.uint32, t.uint64):
-        rows_shape = t.Tuple((idx, i8, idx))
-        cols_shape = t.Tuple((idx, i8))
+        rows_shape = t.Tuple((idx, i8, idx, idx))  # (outer, C, inner, rows per group)
+        cols_shape = t.Tuple((idx, i8, idx))
         s3, s2 = t.UniTuple(idx, 3), t.UniTuple(idx, 2)
         for x, acc, stats in ((t.float16, f4, f4), (bf16, f4, bf16), (f4, f8, f4),
                               (f8, f8, f8), (i8, f8, f8), (t.boolean, f8, f8)):
@@ -50,7 +50,7 @@ def specializations(t):
                                                     arr(i4), fin)))
                 if x not in floats:
                     continue
-                grad = t.Tuple((p, p, p, arr(f8), arr(f8), f8, i8, f8))
+                grad = t.Tuple((p, p, p, arr(f8), arr(f8), t.Tuple((f8, f8, i8)), i8, f8))
                 for kind, sx, shape in (("rows", s3, rows_shape), ("columns", s2, cols_shape)):
                     # The epilogue's optional operands: none; a residual and the ReLU; and
                     # what a layer keeps besides (x's copy, the ReLU's mask).
@@ -78,6 +78,15 @@ def specializations(t):
         out.append(("ema", "ema", (p, p, arr(f8), arr(f8), f8, f8)))
         out.append(("ema", "ema", (p, p, p, p, f8, f8)))
         out.append(("strided", "fill_kernel", (arr(p_dtype), f8)))
+        for w in (p, arr(f8)):  # weight/bias given, or None (a dummy float64 vector)
+            out.append(("renorm", "renorm_coefficients", (arr(f8), arr(f8), p, p, w, w, i8, f8,
+                                                         f8, f8, arr(f8), arr(f8), arr(acc),
+                                                         arr(acc))))
+            for r in (p, arr(f8)):  # r as returned by the forward (float64 in the layers)
+                out.append(("renorm", "renorm_weight", (w, r, i8, arr(f8))))
+        out.append(("renorm", "renorm_grads", (arr(f8), arr(f8), p, p, p, f8, p, p)))
+        if p_dtype in (f4, f8):  # batch statistics as returned (at least float32)
+            out.append(("merge", "merge_batches", (arr(f8, 2), p, p, f8, f8)))
         for src in floats:
             out.append(("strided", "copy_strided", (arr(src), i8, t.UniTuple(i8, 2), p, i8,
                                                     t.UniTuple(i8, 2), t.UniTuple(i8, 2))))
@@ -86,9 +95,11 @@ def specializations(t):
 
 def planned_blocks(row):
     """Blocks per multiprocessor a kernel must reach: 2 for the elementwise kernels; the
-    reductions' ``launch.BLOCKS_PER_SM``, but less for the backward sums behind a ReLU with
-    64-bit indices (past 2**31 elements): 3 with the gate's offsets (66 registers), 2 when
-    they also write the residual's gradient (four operands' offsets, up to 85 registers).
+    reductions' ``launch.BLOCKS_PER_SM``, but less with 64-bit indices (past 2**31 elements):
+    the backward sums behind a ReLU plan 3 with the gate's offsets (66 registers), 2 when they
+    also write the residual's gradient (four operands' offsets, up to 85 registers); the
+    statistics plan 3 where the virtual batch's group (its first row and rows) beside the
+    walk takes the registers past 64: channels-last (72), rows with 64-bit indices (66).
     Issue 17's floor is 3 for reductions; the reduction's blocks need not be resident
     together, so fewer only runs slower."""
     from nbbn._cuda import launch
@@ -97,6 +108,9 @@ def planned_blocks(row):
     gating = row["sig"].rsplit("Tuple((", 1)[1]  # (gate, strides, dres, strides)
     if row["kernel"].startswith("sums_") and "uint64" in gating:
         return {0: 2, 1: 3}.get(gating.count("none"), launch.BLOCKS_PER_SM)
+    if row["kernel"] == "moments_columns" or (row["kernel"] == "moments_rows"
+                                              and "uint64" in row["sig"]):
+        return 3
     return launch.BLOCKS_PER_SM
 
 
@@ -182,9 +196,10 @@ def main():
 
     from nbbn._cuda import launch
     launch.USE_SHUFFLE = path == "shuffle"
-    from nbbn._cuda import arrays, backward, ema, moments, normalize, strided  # noqa: F401
-    modules = {m.__name__.rsplit(".", 1)[1]: m for m in (backward, ema, moments, normalize,
-                                                         strided)}
+    from nbbn._cuda import (arrays, backward, ema, merge, moments, normalize,  # noqa: F401
+                            renorm, strided)
+    modules = {m.__name__.rsplit(".", 1)[1]: m for m in (backward, ema, merge, moments,
+                                                         normalize, renorm, strided)}
     nvdisasm = find_nvdisasm() if want_sass else None
     if want_sass and nvdisasm is None:
         sys.exit("nvdisasm not found: pip install nvidia-cuda-nvdisasm (or put it on PATH)")

@@ -86,7 +86,8 @@ def _as_numpy(v, case):
     return v
 
 
-RESULT_PARTS = {"mean_var": 2, "forward": 1, "inference": 1, "backward": 3, "layer_step": 1}
+RESULT_PARTS = {"mean_var": 2, "forward": 1, "inference": 1, "backward": 3, "layer_step": 1,
+                "renorm_forward": 1, "renorm_backward": 3, "ghost_forward": 1, "ghost_backward": 1}
 
 
 @pytest.mark.parametrize("case", [c for c in registry.cases(shapes=registry.SMALL_SHAPES)

@@ -71,10 +71,11 @@ def test_occupancy_model():
 @pytest.mark.parametrize("path", ["shuffle", "shared"])
 def test_every_specialization_assembles_without_spills_at_the_planned_occupancy(path,
                                                                                toolchain):
-    from nbbn._cuda import backward, ema, moments, normalize, strided
+    from nbbn._cuda import backward, ema, merge, moments, normalize, renorm, strided
     table = _table(path)
-    every = {(m.__name__.rsplit(".", 1)[1], k) for m in (backward, ema, moments, normalize,
-                                                         strided) for k in m.KERNELS}
+    every = {(m.__name__.rsplit(".", 1)[1], k) for m in (backward, ema, merge, moments,
+                                                         normalize, renorm, strided)
+             for k in m.KERNELS}
     if path == "shared":  # only the reductions merge across threads (the shuffle path checks)
         every = {(m, k) for m, k in every if k in cuda_static.REDUCTIONS}
     compiled = {(row["module"], row["kernel"]) for row in table}

@@ -88,28 +88,36 @@ def test_entry_points_against_float64(shape, what, dtype, rng):
 @pytest.mark.parametrize("n_rows,nchan", [(4001, 300), (1027, 1024), (9, 5), (1, 7)])
 @pytest.mark.parametrize("nthreads", [1, 2, 3, 5])
 @pytest.mark.parametrize("parallel", [False, True])
-def test_column_kernels_every_split(n_rows, nchan, nthreads, parallel, rng):
-    """Threads with fewer rows than streams, leftovers in every thread; both builds."""
-    x, dy, coeffs = _data((n_rows, nchan), np.float64, rng)
-    mean, scale, shift, g, h = coeffs
+@pytest.mark.parametrize("group_rows", [None, 4, 333])
+def test_column_kernels_every_split(n_rows, nchan, nthreads, parallel, group_rows, rng):
+    """Threads with fewer rows than streams, leftovers in every thread, virtual batches
+    (groups of group_rows rows, the last shorter) across thread boundaries; both builds."""
+    x, dy, _ = _data((n_rows, nchan), np.float64, rng)
+    rows = n_rows if group_rows is None else group_rows
+    groups = -(-n_rows // rows)
+    mean, scale, shift, g, h = (rng.standard_normal((groups, nchan)) for _ in range(5))
     y, dx = np.empty_like(x), np.empty_like(x)
-    normalize.affine_columns(x, scale, shift, y, None, None, None, None, nthreads,
+    normalize.affine_columns(x, scale, shift, y, None, None, None, None, rows, nthreads,
                              parallel=parallel)
-    sums = backward.total_sums(backward.sums_columns(dy, x, mean, None, None, nthreads,
-                                                     parallel=parallel), parallel=False)
-    backward.dx_columns(dy, x, None, mean, g, h, scale, dx, nthreads, parallel=parallel)
-    _check(x, dy, coeffs, y, sums, dx)
+    sum_dy, sum_dxm = backward.total_sums(
+        backward.sums_columns(dy, x, mean, None, None, rows, nthreads, parallel=parallel)[:, None],
+        parallel=False)
+    backward.dx_columns(dy, x, None, mean, g, h, scale, dx, rows, nthreads, parallel=parallel)
+    for q in range(groups):
+        part = slice(q * rows, (q + 1) * rows)
+        _check(x[part], dy[part], [a[q] for a in (mean, scale, shift, g, h)], y[part],
+               (sum_dy[q], sum_dxm[q]), dx[part])
 
 
 @pytest.mark.parametrize("nthreads", [2, 3])
 def test_serial_and_parallel_builds_agree_exactly(nthreads, rng):
     """Both builds split the work into the same parts: identical bits."""
     x, dy, (mean, *_) = _data((30_001, 96), np.float32, rng)
-    sums = [backward.sums_columns(dy, x, mean, None, None, nthreads, parallel=p)
-            for p in (False, True)]
+    sums = [backward.sums_columns(dy, x, mean[None], None, None, x.shape[0], nthreads,
+                                  parallel=p) for p in (False, True)]
     np.testing.assert_array_equal(*sums)
     x3, dy3 = x[:30_000].reshape(3, 96, -1), dy[:30_000].reshape(3, 96, -1)
-    sums = [backward.sums_rows(dy3, x3, mean, None, None, nthreads, parallel=p)
+    sums = [backward.sums_rows(dy3, x3, mean[None], None, None, 3, nthreads, parallel=p)
             for p in (False, True)]
     np.testing.assert_array_equal(*sums)
 

@@ -151,8 +151,8 @@ def test_every_layout_of_every_operand(shape, axis, rng):
 def test_serial_and_parallel_builds_agree_exactly(view, nthreads, rng):
     """The epilogue's kernels, rows and columns, both builds: identical bits."""
     x, r, dy = (rng.standard_normal(view).astype(np.float32) for _ in range(3))
-    c = view[1]
-    scale, shift, mean = (rng.standard_normal(c) for _ in range(3))
+    c, rows = view[1], view[0]  # one group of every row: vectors (1, C)
+    scale, shift, mean = (rng.standard_normal((1, c)) for _ in range(3))
     results = []
     for parallel in (False, True):
         y, copy, dres = (np.empty_like(x) for _ in range(3))
@@ -160,10 +160,10 @@ def test_serial_and_parallel_builds_agree_exactly(view, nthreads, rng):
         kind = "rows" if view[2] > 1 else "columns"
         two = (lambda a: a) if kind == "rows" else (lambda a: a[:, :, 0])  # noqa: E731
         affine = getattr(normalize, f"affine_{kind}")
-        affine(two(x), scale, shift, two(y), two(r), True, two(copy), two(mask), nthreads,
-               parallel=parallel)
+        affine(two(x), scale, shift, two(y), two(r), True, two(copy), two(mask), rows,
+               nthreads, parallel=parallel)
         sums = getattr(backward, f"sums_{kind}")(two(dy), two(x), mean, two(y), two(dres),
-                                                 nthreads, parallel=parallel)
+                                                 rows, nthreads, parallel=parallel)
         results.append((y, copy, mask, sums, dres))
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
@@ -171,8 +171,8 @@ def test_serial_and_parallel_builds_agree_exactly(view, nthreads, rng):
     np.testing.assert_array_equal(copy, x)
     np.testing.assert_array_equal(mask, y > 0)
     np.testing.assert_array_equal(dres, np.where(y > 0, dy, 0))
-    np.testing.assert_allclose(y, np.maximum(x * scale[None, :, None] + shift[None, :, None]
-                                             + r, 0), rtol=2e-7, atol=1e-6)
+    np.testing.assert_allclose(y, np.maximum(x * scale[..., None] + shift[..., None] + r, 0),
+                               rtol=2e-7, atol=1e-6)
 
 
 # ---- the layer --------------------------------------------------------------------------------

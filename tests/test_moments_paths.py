@@ -63,9 +63,10 @@ def test_non_finite_in_any_block(shape, axis, bad, where, rng):
 def test_serial_and_parallel_builds_agree_exactly(x3):
     """Both builds split the work into the same parts: identical bits."""
     if x3.shape[2] == 1:
-        run = lambda parallel: moments.moments_columns(x3[:, :, 0], 2, parallel=parallel)  # noqa: E731
+        run = lambda parallel: moments.moments_columns(x3[:, :, 0], len(x3), 2,  # noqa: E731
+                                                       parallel=parallel)
     else:
-        run = lambda parallel: moments.moments_rows(x3, 2, parallel=parallel)  # noqa: E731
+        run = lambda parallel: moments.moments_rows(x3, len(x3), 2, parallel=parallel)  # noqa: E731
     (serial, _), (parallel, _) = run(False), run(True)
     np.testing.assert_array_equal(serial, parallel)
 
@@ -75,3 +76,39 @@ def test_many_channels_in_tiles(shape, axis, monkeypatch, rng):
     """More channels than CHANNEL_TILE: the kernels run on tiles of channels."""
     monkeypatch.setattr(moments, "CHANNEL_TILE", 5)
     _check(1e6 + rng.standard_normal(shape), axis)
+
+
+@pytest.mark.parametrize("shape", [(1003, 5, 1), (1003, 300, 1), (37, 3, 9), (37, 3, 2 * moments.BLOCK + 3)])
+@pytest.mark.parametrize("group_rows", [1, 4, 333, 1003])
+@pytest.mark.parametrize("nthreads", [1, 2, 3, 5])
+def test_virtual_batches_every_split(shape, group_rows, nthreads, rng):
+    """Per (group, channel) states over groups of outer rows (the last shorter) that threads'
+    shares cut anywhere: each group's moments, exactly those of its rows alone (the heads of
+    threads merged into their groups); a constant group stays exact."""
+    x3 = 1e3 + rng.standard_normal(shape)
+    x3[:group_rows] = 7.25  # the first group: constant data
+    kernel = moments.moments_columns if shape[2] == 1 else moments.moments_rows
+    data = x3[:, :, 0] if shape[2] == 1 else x3
+    states, finite = kernel(data, group_rows, nthreads, parallel=nthreads > 1)
+    assert finite and states.shape == (-(-shape[0] // group_rows), moments.FIELDS, shape[1])
+    for g, state in enumerate(states):
+        part = x3[g * group_rows:(g + 1) * group_rows]
+        np.testing.assert_array_equal(state[moments.COUNT], part[:, 0].size)
+        np.testing.assert_allclose(state[moments.MEAN], reference.mean(part, (0, 2)),
+                                   rtol=1e-14)
+        m2 = reference.var(part, (0, 2)) * part[:, 0].size
+        np.testing.assert_allclose(state[moments.M2], m2, rtol=1e-12, atol=1e-9)
+    assert np.all(states[0, moments.MEAN] == 7.25) and np.all(states[0, moments.M2] == 0)
+
+
+@pytest.mark.parametrize("group_rows", [4, 5, 333])
+def test_virtual_batches_regrouped(group_rows, rng):
+    """Few channels: wide rows of one group only (k divides group_rows, else no regrouping),
+    the leftover rows the last group's."""
+    x = 50 + rng.standard_normal((4003, 3))
+    mean, m2, _ = moments.channel_moments(x[:, :, None], group_rows)
+    for g in range(-(-len(x) // group_rows)):
+        part = x[g * group_rows:(g + 1) * group_rows]
+        np.testing.assert_allclose(mean[3 * g:3 * g + 3], reference.mean(part, 0), rtol=1e-14)
+        np.testing.assert_allclose(m2[3 * g:3 * g + 3], reference.var(part, 0) * len(part),
+                                   rtol=1e-12)

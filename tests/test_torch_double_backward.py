@@ -103,3 +103,25 @@ def test_functional_errors_name_the_argument():
         nt.batch_norm(x, None, None, torch.ones(4), training=True)
     with pytest.raises(ValueError, match="both be None or neither"):
         nt.batch_norm(x, torch.zeros(3), None, training=True)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (5, 2, 3)], ids=str)
+def test_gradgradcheck_virtual_batches(shape):
+    """Ghost batch norm's differentiable backward: each virtual batch (2, 2, 1 samples here:
+    the last one a single sample of a 3-D input) normalized on its own, to second order."""
+    m = _module(nt.BatchNorm1d, shape[1], True)
+    m.virtual_batch_size = 2
+    x = _input(shape, False)
+    if len(shape) == 2:
+        x = x[:4].detach().requires_grad_()  # (5, 3): the last group would hold one value
+
+    def f(x, *p):
+        return torch.func.functional_call(m, dict(zip(("weight", "bias"), p)), (x,))
+
+    inputs = (x, *m.parameters())
+    dy = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    recorded = torch.autograd.grad(f(*inputs), inputs, dy, create_graph=True)
+    kernels = torch.autograd.grad(f(*inputs), inputs, dy)  # nbbn's kernels
+    for a, b in zip(recorded, kernels):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradgradcheck(f, inputs)

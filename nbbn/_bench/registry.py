@@ -471,6 +471,99 @@ def _layer_torch(p):
     return run
 
 
+# --- small batches: batch renorm, virtual batches (ghost batch norm) ----------------------
+
+RMAX, DMAX = 3.0, 5.0
+VIRTUAL = 8  # samples per virtual batch
+
+
+def _renorm_nbbn(p):
+    x, rm, rv, w, b, ax = _get(p, "x", "running_mean", "running_var", "weight", "bias") + (p["case"].axis,)
+    return lambda: nbbn.batch_renorm_forward(x, rm, rv, w, b, rmax=RMAX, dmax=DMAX, axis=ax)
+
+
+def _np_renorm(x, rm, rv, w, b, case):
+    """Ioffe's batch renorm in NumPy: y, the batch statistics, r and d."""
+    mean, var = x.mean(axis=case.reduce_axes), x.var(axis=case.reduce_axes)
+    sigma = np.sqrt(rv + EPS)
+    r = np.clip(np.sqrt(var + EPS) / sigma, 1 / RMAX, RMAX)
+    d = np.clip((mean - rm) / sigma, -DMAX, DMAX)
+    scale = w * r / np.sqrt(var + EPS)
+    return (x * _channel_view(scale, case) + _channel_view(b + w * d - mean * scale, case),
+            mean, var, r, d)
+
+
+def _renorm_numpy(p):
+    case = p["case"]
+    x, rm, rv, w, b = (p[k] for k in ("x", "running_mean", "running_var", "weight", "bias"))
+
+    def run():
+        y, mean, var, _, _ = _np_renorm(x, rm, rv, w, b, case)
+        _np_ema(rm, rv, mean, var, p["count"])
+        return y
+
+    return run
+
+
+def _renorm_stats(p):
+    """The statistics, r and d of batch renorm on the case's input (for the backward)."""
+    return nbbn.batch_renorm_forward(p["x"], p["running_mean"].copy(), p["running_var"].copy(),
+                                     p["weight"], p["bias"], rmax=RMAX, dmax=DMAX,
+                                     axis=p["case"].axis)[1:]
+
+
+def _renorm_backward_nbbn(p):
+    dy, x, w, ax = p["dy"], p["x"], p["weight"], p["case"].axis
+    stats = _renorm_stats(p)
+    return lambda: nbbn.batch_renorm_backward(dy, x, *stats, w, EPS, axis=ax)
+
+
+def _renorm_backward_numpy(p):
+    case = p["case"]
+    dy, x, w = p["dy"], p["x"], p["weight"]
+    mean, var, r, d = _renorm_stats(p)
+
+    def run():  # batch norm's backward with the effective weight w * r
+        dx, dw, db = _np_backward(dy, x, mean, var, w * r, case.reduce_axes, case)
+        return dx, r * dw + d * db, db
+
+    return run
+
+
+def _ghost_nbbn(p):
+    x, w, b, ax = p["x"], p["weight"], p["bias"], p["case"].axis
+    return lambda: nbbn.batch_norm_forward(x, w, b, EPS, axis=ax, virtual_batch_size=VIRTUAL)
+
+
+def _ghost_numpy(p):
+    case, x, w, b = p["case"], p["x"], p["weight"], p["bias"]
+    return lambda: np.concatenate([_np_forward(x[i:i + VIRTUAL], w, b, case.reduce_axes, case)[0]
+                                   for i in range(0, len(x), VIRTUAL)])
+
+
+def _ghost_torch(p):
+    F = importlib.import_module("torch.nn.functional")
+    torch = _torch()
+    x, w, b = _t(p["x"], p["case"]), _t(p["weight"]), _t(p["bias"])
+    return lambda: torch.cat([F.batch_norm(part, None, None, w, b, training=True, eps=EPS)
+                              for part in x.split(VIRTUAL)])
+
+
+def _ghost_backward_nbbn(p):
+    dy, x, w, ax = p["dy"], p["x"], p["weight"], p["case"].axis
+    _, mean, var = nbbn.batch_norm_forward(x, w, None, EPS, axis=ax, virtual_batch_size=VIRTUAL)
+    return lambda: nbbn.batch_norm_backward(dy, x, mean, var, w, EPS, axis=ax,
+                                            virtual_batch_size=VIRTUAL)
+
+
+def _ghost_backward_numpy(p):
+    case, dy, x, w = p["case"], p["dy"], p["x"], p["weight"]
+    parts = [(x[i:i + VIRTUAL], dy[i:i + VIRTUAL]) for i in range(0, len(x), VIRTUAL)]
+    stats = [(xs.mean(axis=case.reduce_axes), xs.var(axis=case.reduce_axes)) for xs, _ in parts]
+    return lambda: np.concatenate([_np_backward(dys, xs, m, v, w, case.reduce_axes, case)[0]
+                                   for (xs, dys), (m, v) in zip(parts, stats)])
+
+
 # --- the registry --------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -519,6 +612,17 @@ OPS = _ops(
        only=("NCHW", "NC")),
     Op("layer_step", "BatchNorm layer: forward + backward", ("read", "copy", "read2", "axpy"),
        dict(nbbn=_layer_nbbn, numpy=_layer_numpy, torch=_layer_torch), requires=("BatchNorm",)),
+    Op("renorm_forward", "batch renorm forward (batch_renorm_forward)", ("read", "copy"),
+       dict(nbbn=_renorm_nbbn, numpy=_renorm_numpy), requires=("batch_renorm_forward",)),
+    Op("renorm_backward", "batch renorm backward (batch_renorm_backward)", ("read2", "axpy"),
+       dict(nbbn=_renorm_backward_nbbn, numpy=_renorm_backward_numpy),
+       requires=("batch_renorm_backward",)),
+    Op("ghost_forward", f"ghost batch norm forward (virtual batches of {VIRTUAL})",
+       ("read", "copy"), dict(nbbn=_ghost_nbbn, numpy=_ghost_numpy, torch=_ghost_torch),
+       requires=("batch_norm_forward",)),
+    Op("ghost_backward", f"ghost batch norm backward (virtual batches of {VIRTUAL})",
+       ("read2", "axpy"), dict(nbbn=_ghost_backward_nbbn, numpy=_ghost_backward_numpy),
+       requires=("batch_norm_backward",)),
     # Floors: the statistics read x; then x and the residual are read, y written.
     Op("fused_forward", "fused forward: relu(batch_norm_forward(x) + residual)",
        ("read", "axpy"),

@@ -16,6 +16,17 @@ With few channels a row is too short to vectorize, so contiguous rows are
 regrouped: (R, C) is viewed as (R // k, k*C) — k copies of each channel side by
 side — plus R % k leftover rows; each family folds the k copies back into C
 channels.
+
+Virtual batches (ghost batch norm) split the outer rows into groups of
+``group_rows`` consecutive rows (all rows: one group), each with its own
+statistics and coefficients: per-channel vectors become (groups, C) arrays. Row
+items find their group by one division per item. Channels-last kernels walk a
+thread's rows in runs of one group (``run_stop``), each run as lockstep streams
+with the group's coefficients. A reduction keeps the state of each thread's
+first run apart (``heads``: the only run a group may share with other threads)
+and writes the others straight into the group's state, which no other thread
+touches; the heads are merged in afterwards (``head_groups``). A regrouped row
+holds rows of one group only: k must divide group_rows.
 """
 import math
 
@@ -62,13 +73,15 @@ def short_rows(*arrays):
         return None
 
 
-def widen(*arrays):
+def widen(*arrays, group_rows=None):
     """``(k, wide, rest)`` for same-shaped 2-D (R, C) arrays (see the module docstring);
     None entries (a kernel's absent optional arrays) stay None.
 
     ``k == 1`` means no regrouping: ``wide`` are the arrays themselves.
     Otherwise ``wide`` are (R // k, k*C) views and ``rest`` the leftover
-    (R % k, C) rows, or None when there are none.
+    (R % k, C) rows, or None when there are none. With virtual batches of
+    ``group_rows`` rows, only where k divides it (a group is then group_rows // k
+    wide rows, and the leftover rows are the last group's).
     """
     n_rows, nchan = arrays[0].shape
     given = [a for a in arrays if a is not None]
@@ -77,6 +90,8 @@ def widen(*arrays):
     k = -(-MIN_ROW_WIDTH // nchan)
     step = ROW_QUANTUM // math.gcd(nchan, ROW_QUANTUM)  # k*C a whole number of quanta
     k = -(-k // step) * step
+    if group_rows is not None and group_rows % k:  # a virtual batch must be whole wide rows
+        return 1, arrays, None
     cut = n_rows - n_rows % k
     # Rows that follow each other in memory merge: these reshapes are views.
     wide = tuple(None if a is None else a[:cut].reshape(cut // k, k * nchan) for a in arrays)
@@ -92,8 +107,9 @@ def regroups(n_rows, nchan):
 
 
 def tiled(a, k):
-    """Per-channel coefficients for k regrouped copies of each channel (see ``widen``)."""
-    return a if k == 1 else np.tile(a, k)
+    """Per-channel coefficients, (groups, C), for k regrouped copies of each channel (see
+    ``widen``): (groups, k*C)."""
+    return a if k == 1 else np.tile(a, (1, k))
 
 
 @helper
@@ -106,13 +122,26 @@ def row_block(item, nchan, blocks_per_row, n_inner):
 
 
 @helper
-def stream_split(t, nthreads, n_rows, n_streams):
-    """Thread t's rows as streams: ``(first, step, stop)``.
+def stream_step(first, stop, n_streams):
+    """Rows first:stop as n_streams streams: sweep ``r`` in ``range(first, first + step)``
+    covers rows r, r + step, ..., r + (n_streams - 1) * step; rows ``first + n_streams *
+    step`` to ``stop`` are left over, one stream each. Returns ``step``."""
+    return (stop - first) // n_streams
 
-    Sweep ``r`` in ``range(first, first + step)`` covers rows r, r + step, ...,
-    r + (n_streams - 1) * step; rows ``first + n_streams * step`` to ``stop``
-    are left over, one stream each.
-    """
-    first = t * n_rows // nthreads
-    stop = (t + 1) * n_rows // nthreads
-    return first, (stop - first) // n_streams, stop
+
+@helper
+def run_stop(r, stop, group_rows):
+    """Where the run of units (rows or row items) from r ends: at the end of r's group
+    (``group_rows`` units each) or at ``stop``."""
+    return min(stop, (r // group_rows + 1) * group_rows)
+
+
+@helper
+def head_groups(n_units, group_rows, nthreads):
+    """The group of each thread's first run (``heads``), -1 for threads without work,
+    when thread t takes units ``t * n_units // nthreads`` on."""
+    first = np.empty(nthreads, np.int64)
+    for t in range(nthreads):
+        start = t * n_units // nthreads
+        first[t] = start // group_rows if start < (t + 1) * n_units // nthreads else -1
+    return first

@@ -9,8 +9,10 @@ from ._jit import PARALLEL_MIN_ELEMENTS
 from .backward import backward_sums as _sums, grad_input as _grad_input
 from .elements import as_dtype, kernel_array, work_dtype
 from .ema import ema as _ema_kernel
+from .merge import merge_batches as _merge_kernel
 from .moments import CHANNEL_TILE, channel_moments
 from .normalize import affine as _affine_kernel
+from .renorm import renorm_factors as _renorm_factors
 from . import fused as _fused, pool
 
 
@@ -154,19 +156,38 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
 # ---- batch norm ------------------------------------------------------------------------------
 
 
+def _counts(plan, count):
+    """Values behind each statistic: ``count`` (a scalar) for one group; per (group,
+    channel) with virtual batches, ``count`` in each group but the last."""
+    if plan.groups == 1:
+        return count
+    counts = np.full((plan.groups, plan.nchan), float(count))
+    counts[-1] = plan.last_count
+    return counts.ravel()
+
+
+def _group_rows(plan):
+    """The kernels' ``group_rows``: outer rows per virtual batch, None for one group."""
+    return plan.group_rows if plan.groups > 1 else None
+
+
 def batch_moments(call, variance=False, mean_low=False):
     plan = call.plan
     if plan.count == 0 or plan.nchan == 0:
-        mean, second = np.full(plan.nchan, np.nan), np.full(plan.nchan, np.nan)
-        low = np.zeros(plan.nchan)
+        size = plan.groups * plan.nchan
+        mean, second, low = np.full(size, np.nan), np.full(size, np.nan), np.zeros(size)
     else:
-        mean, m2, low = channel_moments(call.x3)
-        second = m2 / plan.count if variance else m2
+        mean, m2, low = channel_moments(call.x3, _group_rows(plan))
+        second = m2 / _counts(plan, plan.group_count) if variance else m2
     return (mean, second, low) if mean_low else (mean, second)
 
 
 def _as64(p, default, n):
-    return np.full(n, default) if p is None else np.asarray(p, np.float64)
+    """Per-channel ``p`` in float64 over n values (groups x channels), ``default`` if None."""
+    if p is None:
+        return np.full(n, default)
+    p = np.asarray(p, np.float64)
+    return p if p.shape[0] == n else np.tile(p, n // p.shape[0])
 
 
 def _invstd(var, eps):
@@ -208,7 +229,8 @@ def _written(call, a):
 
 
 def _working(call, *vectors):
-    """Per-channel vectors in the working dtype of x's elementwise kernels."""
+    """Per-channel (per group and channel) vectors in the working dtype of x's elementwise
+    kernels."""
     work = work_dtype(call.plan.dtype)
     return tuple(np.asarray(v, work) for v in vectors)
 
@@ -225,7 +247,7 @@ def affine(call, scale, shift, out, epilogue):
     if call.plan.size:
         _affine_kernel(call.x3, *_working(call, scale, shift), view3, epilogue.residual,
                        True if epilogue.relu else None, _written(call, epilogue.copy),
-                       _written(call, epilogue.mask))
+                       _written(call, epilogue.mask), _group_rows(call.plan))
     return finish()
 
 
@@ -257,9 +279,10 @@ def backward_sums(call, dy3, mean, gate3, dresidual):
     plan = call.plan
     target, finish = _output(call, None) if dresidual else (None, None)
     if plan.size == 0:
-        sums = np.zeros(plan.nchan), np.zeros(plan.nchan)
+        sums = np.zeros(plan.groups * plan.nchan), np.zeros(plan.groups * plan.nchan)
     else:
-        sums = _sums(dy3, call.x3, np.asarray(mean, np.float64), gate3, target)
+        sums = _sums(dy3, call.x3, np.asarray(mean, np.float64), gate3, target,
+                     _group_rows(plan))
     return sums if finish is None else (*sums, finish())
 
 
@@ -268,21 +291,30 @@ def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, bat
     view3, finish = _output(call, out)
     if call.plan.size == 0:
         return finish()
-    nchan = call.plan.nchan
+    n = len(var)
     invstd = _invstd(var, eps)
-    g = invstd * _as64(weight, 1.0, nchan)
+    g = invstd * _as64(weight, 1.0, n)
     if batch_stats:
         # The mean and variance depend on x too: their gradients, folded per channel.
+        count = _counts(call.plan, count)
         h = -g * invstd * invstd * sum_dy_xmu / count
         k = -g * sum_dy / count
     else:
-        h = k = np.zeros(nchan)
-    _grad_input(dy3, call.x3, *_working(call, mean, g, h, k), view3, gate3)
+        h = k = np.zeros(n)
+    _grad_input(dy3, call.x3, *_working(call, mean, g, h, k), view3, gate3,
+                _group_rows(call.plan))
     return finish()
 
 
+def _channel_sum(v, nchan):
+    """Per-(group, channel) ``v`` summed over the groups."""
+    return v if len(v) == nchan else v.reshape(-1, nchan).sum(axis=0)
+
+
 def param_grads(like, weight, var, eps, sum_dy, sum_dy_xmu):
-    return as_dtype(sum_dy_xmu * _invstd(var, eps), weight.dtype), as_dtype(sum_dy, weight.dtype)
+    nchan = weight.shape[0]
+    return (as_dtype(_channel_sum(sum_dy_xmu * _invstd(var, eps), nchan), weight.dtype),
+            as_dtype(_channel_sum(sum_dy, nchan), weight.dtype))
 
 
 def folded(w, b, scale, shift, b_dtype):
@@ -290,6 +322,34 @@ def folded(w, b, scale, shift, b_dtype):
     w_folded = w.astype(np.float64) * scale.reshape((-1,) + (1,) * (w.ndim - 1))
     b_folded = shift if b is None else b.astype(np.float64) * scale + shift
     return as_dtype(w_folded, w.dtype), as_dtype(b_folded, b_dtype)
+
+
+# ---- small batches ---------------------------------------------------------------------------
+
+
+def renorm_coefficients(dtype, mean, var, running_mean, running_var, weight, bias, rmax, dmax,
+                        eps):
+    n = len(var)
+    r, d = np.empty(n), np.empty(n)
+    _renorm_factors(*(np.asarray(v, np.float64) for v in (mean, var, running_mean, running_var)),
+                    rmax, dmax, eps, r, d, parallel=False)
+    w = _as64(weight, 1.0, n)
+    return (r, d, *coefficients(dtype, mean, var, w * r, _as64(bias, 0.0, n) + w * d, eps))
+
+
+def renorm_weight(weight, r):
+    return _as64(weight, 1.0, len(r)) * np.asarray(r, np.float64)
+
+
+def renorm_grads(like, weight, var, r, d, eps, sum_dy, sum_dy_xmu):
+    dweight = (np.asarray(r, np.float64) * sum_dy_xmu * _invstd(var, eps)
+               + np.asarray(d, np.float64) * sum_dy)
+    return as_dtype(dweight, weight.dtype), as_dtype(sum_dy, weight.dtype)
+
+
+def merge_batches(state, mean, var, count, last_count):
+    _merge_kernel(state, np.asarray(mean, np.float64), np.asarray(var, np.float64),
+                  float(count), float(last_count), parallel=False)
 
 
 # ---- small calls, one compiled call each -----------------------------------------------------
@@ -314,13 +374,14 @@ class _Small(NamedTuple):
 
 
 def fused(plan, x):
-    """Arrays the serial kernels handle whole (half the size at which a backward goes
-    parallel, so every pass would run serially anyway), in plain axis order with a view,
-    of a dtype read as it is, without channel tiles, regrouped rows (``_blocks.widen``) or
-    short rows read as columns (``_blocks.short_rows``)."""
+    """Arrays of one batch (no virtual batches) the serial kernels handle whole (half the
+    size at which a backward goes parallel, so every pass would run serially anyway), in
+    plain axis order with a view, of a dtype read as it is, without channel tiles, regrouped
+    rows (``_blocks.widen``) or short rows read as columns (``_blocks.short_rows``)."""
     layout = plan.layout
     n_outer, nchan, n_inner = layout.shape3
-    if (x.dtype not in _NATIVE_FLOATS or not 0 < 2 * plan.size < PARALLEL_MIN_ELEMENTS
+    if (plan.groups > 1 or x.dtype not in _NATIVE_FLOATS
+            or not 0 < 2 * plan.size < PARALLEL_MIN_ELEMENTS
             or nchan > CHANNEL_TILE or layout.order != tuple(range(len(plan.shape)))
             or layout.strides3(x.strides) is None
             or n_inner == 1 and regroups(n_outer, nchan) or 1 < n_inner <= SHORT_ROW):

@@ -10,7 +10,9 @@ which covers training (batch statistics) and evaluation (running statistics: H =
 alike. ``g`` is dy, or, behind a ReLU, dy where the forward's output was positive
 (``gate``: y or a layer's kept mask; None: no ReLU), computed in both passes from dy and
 the gate, never stored, unless the reduction is asked to write it (``dres``: the
-residual's gradient, which the dx pass may then read as its dy).
+residual's gradient, which the dx pass may then read as its dy). With virtual batches,
+sums, statistics and coefficients are per (group, channel): (groups, C) arrays indexed
+by a row's group (see ``_blocks``).
 """
 import numba
 import numpy as np
@@ -18,8 +20,8 @@ from numba import prange
 
 from .. import _math
 from ._jit import helper, kernel, thread_plan
-from ._blocks import (BLOCK, GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, row_block, short_rows,
-                      stream_split, tiled, widen)
+from ._blocks import (BLOCK, GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, head_groups, row_block,
+                      run_stop, short_rows, stream_step, tiled, widen)
 from .elements import gated, part, store, store_if, wide
 from .moments import CHUNK, COLUMN_BLOCK_SWEEPS, STRIDED_CHUNK
 
@@ -46,17 +48,37 @@ def add_sums(sums, c, s_dy, s_dxm):
                                                         s_dxm)
 
 
+@helper
+def add_part(total, c, part_):
+    """Add channel c of the (4, C) double-double sums ``part_`` into ``total``'s."""
+    add_sums(total, c, part_[DY_HI, c], part_[DXM_HI, c])
+    total[DY_LO, c] += part_[DY_LO, c]
+    total[DXM_LO, c] += part_[DXM_LO, c]
+
+
+@helper
+def add_heads(sums, heads, first_groups):
+    """Each thread's first run's double-double sums into its group's (see ``_blocks``): the
+    result."""
+    for t in range(heads.shape[0]):
+        if first_groups[t] >= 0:
+            for c in range(sums.shape[2]):
+                add_part(sums[first_groups[t]], c, heads[t])
+    return sums
+
+
 @kernel
 def total_sums(partial):
-    """Per-channel (sum(dy), sum(dy * (x - mean))) of (P, 4, C) double-double sums, added
-    in double-double (a plain sum of the parts' hi would round as often as P)."""
-    total = np.zeros((4, partial.shape[2]))
-    for p in range(partial.shape[0]):
-        for c in range(partial.shape[2]):
-            add_sums(total, c, partial[p, DY_HI, c], partial[p, DXM_HI, c])
-            total[DY_LO, c] += partial[p, DY_LO, c]
-            total[DXM_LO, c] += partial[p, DXM_LO, c]
-    return total[DY_HI] + total[DY_LO], total[DXM_HI] + total[DXM_LO]
+    """Per-(group, channel) (sum(dy), sum(dy * (x - mean))), (groups, C) each, of (groups,
+    P, 4, C) double-double sums, added in double-double (a plain sum of the parts' hi would
+    round as often as P)."""
+    groups, n_parts, _, nchan = partial.shape
+    total = np.zeros((groups, 4, nchan))
+    for q in range(groups):
+        for p in range(n_parts):
+            for c in range(nchan):
+                add_part(total[q], c, partial[q, p])
+    return total[:, DY_HI] + total[:, DY_LO], total[:, DXM_HI] + total[:, DXM_LO]
 
 
 @numba.njit(fastmath=False, cache=False)
@@ -99,14 +121,24 @@ def chunk_sums(g, v, gate, dres, m):
 
 
 @kernel
-def sums_rows(dy, x, mean, gate, dres, nthreads):
+def sums_rows(dy, x, mean, gate, dres, group_rows, nthreads):
+    """(groups, 4, C) double-double sums over row items, per group of ``group_rows`` outer
+    rows."""
     n_outer, nchan, n_inner = x.shape
-    n_items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
-    partial = np.zeros((nthreads, 4, nchan))
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    n_items = n_outer * nchan * blocks_per_row
+    group_items = group_rows * nchan * blocks_per_row
+    sums = np.zeros((mean.shape[0], 4, nchan))
+    heads = np.zeros((nthreads, 4, nchan))
     for t in prange(nthreads):
-        sums_items(dy, x, mean, gate, dres, t * n_items // nthreads,
-                   (t + 1) * n_items // nthreads, partial[t])
-    return partial
+        first, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
+        item = first
+        while item < last:
+            end = run_stop(item, last, group_items)
+            sums_items(dy, x, mean[item // group_items], gate, dres, item, end,
+                       heads[t] if item == first else sums[item // group_items])
+            item = end
+    return add_heads(sums, heads, head_groups(n_items, group_items, nthreads))
 
 
 @helper
@@ -125,10 +157,10 @@ def sums_sweep(dy, x, gate, dres, r, step, n_streams, mean, s_dy, s_dxm):
 
 
 @helper
-def sums_walk(dy, x, gate, dres, t, nthreads, n_streams, mean, s_dy, s_dxm, sums):
-    """Thread t's rows as n_streams lockstep streams (``_blocks.stream_split``), in blocks of
+def sums_walk(dy, x, gate, dres, first, stop, n_streams, mean, s_dy, s_dxm, sums):
+    """Rows first:stop as n_streams lockstep streams (``_blocks.stream_step``), in blocks of
     COLUMN_BLOCK_SWEEPS sweeps whose sums go into the double-double ``sums``."""
-    first, step, stop = stream_split(t, nthreads, x.shape[0], n_streams)
+    step = stream_step(first, stop, n_streams)
     for r0 in range(first, first + step, COLUMN_BLOCK_SWEEPS):
         s_dy[:] = 0.0
         s_dxm[:] = 0.0
@@ -144,26 +176,35 @@ def sums_walk(dy, x, gate, dres, t, nthreads, n_streams, mean, s_dy, s_dxm, sums
 
 
 @helper
-def sums_share(dy, x, mean, gate, dres, t, nthreads, sums):
-    """Thread t's sums over channels-last rows into the (4, C) double-double ``sums``."""
+def sums_share(dy, x, mean, gate, dres, first, stop, sums):
+    """The sums over channels-last rows first:stop into the (4, C) double-double ``sums``."""
     nchan = x.shape[1]
-    # The thread's own accumulators: fresh arrays, so the compiler knows that
+    # The run's own accumulators: fresh arrays, so the compiler knows that
     # nothing else writes them and vectorizes the sweep without alias checks.
     s_dy = np.zeros(nchan)
     s_dxm = np.zeros(nchan)
     if nchan >= WIDE_ROW:  # each call with its constant: the sweep's loop unrolls
-        sums_walk(dy, x, gate, dres, t, nthreads, SUMS_STREAMS[1], mean, s_dy, s_dxm, sums)
+        sums_walk(dy, x, gate, dres, first, stop, SUMS_STREAMS[1], mean, s_dy, s_dxm, sums)
     else:
-        sums_walk(dy, x, gate, dres, t, nthreads, SUMS_STREAMS[0], mean, s_dy, s_dxm, sums)
+        sums_walk(dy, x, gate, dres, first, stop, SUMS_STREAMS[0], mean, s_dy, s_dxm, sums)
 
 
 @kernel
-def sums_columns(dy, x, mean, gate, dres, nthreads):
-    """Per-thread double-double sums over channels-last rows."""
-    partial = np.zeros((nthreads, 4, x.shape[1]))
+def sums_columns(dy, x, mean, gate, dres, group_rows, nthreads):
+    """(groups, 4, C) double-double sums over channels-last rows: thread t's share in runs
+    of one group."""
+    n_rows, nchan = x.shape
+    sums = np.zeros((mean.shape[0], 4, nchan))
+    heads = np.zeros((nthreads, 4, nchan))
     for t in prange(nthreads):
-        sums_share(dy, x, mean, gate, dres, t, nthreads, partial[t])
-    return partial
+        first, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
+        r = first
+        while r < stop:
+            end = run_stop(r, stop, group_rows)
+            sums_share(dy, x, mean[r // group_rows], gate, dres, r, end,
+                       heads[t] if r == first else sums[r // group_rows])
+            r = end
+    return add_heads(sums, heads, head_groups(n_rows, group_rows, nthreads))
 
 
 @helper
@@ -188,12 +229,19 @@ def dx_items(dy, x, gate, mean, g, h, k, dx, first, last):
 
 
 @kernel
-def dx_rows(dy, x, gate, mean, g, h, k, dx, nthreads):
+def dx_rows(dy, x, gate, mean, g, h, k, dx, group_rows, nthreads):
+    """dx over row items: thread t's share in runs of one group."""
     n_outer, nchan, n_inner = x.shape
-    n_items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    n_items = n_outer * nchan * blocks_per_row
+    group_items = group_rows * nchan * blocks_per_row
     for t in prange(nthreads):
-        dx_items(dy, x, gate, mean, g, h, k, dx, t * n_items // nthreads,
-                 (t + 1) * n_items // nthreads)
+        item, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
+        while item < last:
+            end = run_stop(item, last, group_items)
+            q = item // group_items
+            dx_items(dy, x, gate, mean[q], g[q], h[q], k[q], dx, item, end)
+            item = end
 
 
 @helper
@@ -207,9 +255,9 @@ def dx_sweep(dy, x, gate, r, step, n_streams, mean, g, h, k, dx):
 
 
 @helper
-def dx_walk(dy, x, gate, t, nthreads, n_streams, mean, g, h, k, dx):
-    """Thread t's rows as n_streams lockstep streams (``_blocks.stream_split``)."""
-    first, step, stop = stream_split(t, nthreads, x.shape[0], n_streams)
+def dx_walk(dy, x, gate, first, stop, n_streams, mean, g, h, k, dx):
+    """Rows first:stop as n_streams lockstep streams (``_blocks.stream_step``)."""
+    step = stream_step(first, stop, n_streams)
     for r in range(first, first + step):
         dx_sweep(dy, x, gate, r, step, n_streams, mean, g, h, k, dx)
     for r in range(first + n_streams * step, stop):
@@ -217,19 +265,25 @@ def dx_walk(dy, x, gate, t, nthreads, n_streams, mean, g, h, k, dx):
 
 
 @helper
-def dx_share(dy, x, gate, mean, g, h, k, dx, t, nthreads):
-    """Thread t's share of dx over channels-last rows."""
+def dx_share(dy, x, gate, mean, g, h, k, dx, first, stop):
+    """dx over channels-last rows first:stop."""
     if x.shape[1] >= WIDE_ROW:
-        dx_walk(dy, x, gate, t, nthreads, GRAD_STREAMS[1], mean, g, h, k, dx)
+        dx_walk(dy, x, gate, first, stop, GRAD_STREAMS[1], mean, g, h, k, dx)
     else:
-        dx_walk(dy, x, gate, t, nthreads, GRAD_STREAMS[0], mean, g, h, k, dx)
+        dx_walk(dy, x, gate, first, stop, GRAD_STREAMS[0], mean, g, h, k, dx)
 
 
 @kernel
-def dx_columns(dy, x, gate, mean, g, h, k, dx, nthreads):
-    """dx over channels-last rows."""
+def dx_columns(dy, x, gate, mean, g, h, k, dx, group_rows, nthreads):
+    """dx over channels-last rows: thread t's share in runs of one group."""
+    n_rows = x.shape[0]
     for t in prange(nthreads):
-        dx_share(dy, x, gate, mean, g, h, k, dx, t, nthreads)
+        r, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
+        while r < stop:
+            end = run_stop(r, stop, group_rows)
+            q = r // group_rows
+            dx_share(dy, x, gate, mean[q], g[q], h[q], k[q], dx, r, end)
+            r = end
 
 
 def _rows_plan(x):
@@ -245,55 +299,72 @@ def _plane(a):
     return None if a is None else a[:, :, 0]
 
 
-def _columns(arrays, *vectors):
+def _group_rows(x, group_rows):
+    """(the kernels' group_rows, widen's): None (one group) is all rows."""
+    return (max(x.shape[0], 1), None) if group_rows is None else (group_rows, group_rows)
+
+
+def _columns(arrays, vectors, grouped):
     """``(n_inner, planes, vectors)``: 3-D views read as channels-last columns (``widen``'s
-    2-D planes; short rows as ``short_rows``' planes, the per-channel vectors repeated per
-    row element), or None where they are read as rows."""
-    short = short_rows(*arrays)
+    2-D planes; short rows, where not grouped, as ``short_rows``' planes, the (groups, C)
+    vectors repeated per row element), or None where they are read as rows."""
+    short = None if grouped else short_rows(*arrays)
     if short is not None:
         n_inner, planes = short
-        return n_inner, planes, [np.repeat(v, n_inner) for v in vectors]
+        return n_inner, planes, [np.repeat(v, n_inner, axis=1) for v in vectors]
     if arrays[0].shape[2] > 1:
         return None
     return 1, tuple(_plane(a) for a in arrays), list(vectors)
 
 
-def backward_sums(dy, x, mean, gate=None, dres=None):
-    """(sum(g), sum(g * (x - mean))) per channel of 3-D views, float64[C] each; g = dy
-    through the ``gate`` (3-D view or None), written into ``dres`` (3-D view or None)."""
-    columns = _columns((dy, x, gate, dres), mean)
+def backward_sums(dy, x, mean, gate=None, dres=None, group_rows=None):
+    """(sum(g), sum(g * (x - mean))) of 3-D views per (group, channel), float64 groups * C
+    values each (group-major), as ``mean``, per group of ``group_rows`` outer rows (None:
+    one group); g = dy through the ``gate`` (3-D view or None), written into ``dres`` (3-D
+    view or None)."""
+    rows, grouping = _group_rows(x, group_rows)
+    mean = mean.reshape(-1, x.shape[1])
+    columns = _columns((dy, x, gate, dres), (mean,), group_rows is not None)
     if columns is None:
         nthreads, parallel = _rows_plan(x)
-        return total_sums(sums_rows(dy, x, mean, gate, dres, nthreads, parallel=parallel),
-                          parallel=False)
-    n_inner, planes, (mean,) = columns
-    ncols = planes[1].shape[1]
-    k, (dyw, xw, gw, rw), rest = widen(*planes)
-    nthreads, parallel = _columns_plan(xw)
-    partial = sums_columns(dyw, xw, tiled(mean, k), gw, rw, nthreads, parallel=parallel)
-    partial = partial.reshape(nthreads, 4, k, ncols).transpose(0, 2, 1, 3).reshape(-1, 4, ncols)
-    if rest:
-        dyr, xr, gr, rr = rest
-        partial = np.concatenate([partial, sums_columns(dyr, xr, mean, gr, rr, 1,
-                                                        parallel=False)])
-    if n_inner > 1:  # a channel's columns: more parts of its sums
-        partial = partial.reshape(-1, 4, ncols // n_inner, n_inner).transpose(0, 3, 1, 2) \
-            .reshape(-1, 4, ncols // n_inner)
-    return total_sums(partial, parallel=False)
+        parts = sums_rows(dy, x, mean, gate, dres, rows, nthreads, parallel=parallel)[:, None]
+    else:
+        n_inner, planes, (mean,) = columns
+        groups, ncols = mean.shape
+        k, (dyw, xw, gw, rw), rest = widen(*planes, group_rows=grouping)
+        nthreads, parallel = _columns_plan(xw)
+        sums = sums_columns(dyw, xw, tiled(mean, k), gw, rw, max(rows // k, 1), nthreads,
+                            parallel=parallel)
+        # The parts of a group's sums: the k regrouped copies of each column, the rest rows.
+        parts = np.zeros((groups, k + 1, 4, ncols))
+        parts[:, :k] = sums.reshape(groups, 4, k, ncols).transpose(0, 2, 1, 3)
+        if rest:
+            dyr, xr, gr, rr = rest
+            parts[-1, k] = sums_columns(dyr, xr, mean[-1:], gr, rr, xr.shape[0], 1,
+                                        parallel=False)[0]
+        if n_inner > 1:  # a channel's columns: more parts of its sums
+            parts = parts.reshape(groups, k + 1, 4, ncols // n_inner, n_inner) \
+                .transpose(0, 1, 4, 2, 3).reshape(groups, -1, 4, ncols // n_inner)
+    sum_dy, sum_dy_xmu = total_sums(parts, parallel=False)
+    return sum_dy.ravel(), sum_dy_xmu.ravel()
 
 
-def grad_input(dy, x, mean, g, h, k, dx, gate=None):
+def grad_input(dy, x, mean, g, h, k, dx, gate=None, group_rows=None):
     """dx = G*g + H*(x - mean) + K over 3-D views (g: dy through the ``gate``, 3-D view or
-    None), per-channel coefficients in the working dtype."""
-    columns = _columns((dy, x, gate, dx), mean, g, h, k)
+    None), coefficients per (group, channel), groups * C values, in the working dtype, per
+    group of ``group_rows`` outer rows (None: one group)."""
+    rows, grouping = _group_rows(x, group_rows)
+    coeffs = [a.reshape(-1, x.shape[1]) for a in (mean, g, h, k)]
+    columns = _columns((dy, x, gate, dx), coeffs, group_rows is not None)
     if columns is None:
         nthreads, parallel = _rows_plan(x)
-        dx_rows(dy, x, gate, mean, g, h, k, dx, nthreads, parallel=parallel)
+        dx_rows(dy, x, gate, *coeffs, dx, rows, nthreads, parallel=parallel)
         return
     _, planes, coeffs = columns
-    copies, wide_, rest = widen(*planes)
+    copies, wide_, rest = widen(*planes, group_rows=grouping)
     nthreads, parallel = _columns_plan(wide_[1])
-    dx_columns(*wide_[:3], *(tiled(a, copies) for a in coeffs), wide_[3], nthreads,
-               parallel=parallel)
+    dx_columns(*wide_[:3], *(tiled(a, copies) for a in coeffs), wide_[3],
+               max(rows // copies, 1), nthreads, parallel=parallel)
     if rest:
-        dx_columns(*rest[:3], *coeffs, rest[3], 1, parallel=False)
+        dx_columns(*rest[:3], *(a[-1:] for a in coeffs), rest[3], rest[1].shape[0], 1,
+                   parallel=False)

@@ -59,10 +59,12 @@ def affine_all(x, scale, shift, y, copy):
 @overload(affine_all, inline="always")
 def _affine_all(x, scale, shift, y, copy):
     if x.ndim == 3:
-        return lambda x, scale, shift, y, copy: affine_items(x, scale, shift, y, None, None,
-                                                             copy, None, 0, _items(x))
-    return lambda x, scale, shift, y, copy: affine_stream_share(x, scale, shift, y, None, None,
-                                                                copy, None, 0, 1)
+        return lambda x, scale, shift, y, copy: affine_items(
+            x, scale.reshape((1, scale.size)), shift.reshape((1, shift.size)), y, None, None,
+            copy, None, max(x.shape[0], 1), 0, _items(x))
+    return lambda x, scale, shift, y, copy: affine_stream_share(
+        x, scale.reshape((1, scale.size)), shift.reshape((1, shift.size)), y, None, None, copy,
+        None, max(x.shape[0], 1), 0, 1)
 
 
 def sums_all(dy, x, mean):
@@ -90,7 +92,7 @@ def _sums_all(dy, x, mean):
 
     def columns(dy, x, mean):
         sums = np.zeros((4, x.shape[1]))
-        sums_share(dy, x, mean, None, None, 0, 1, sums)
+        sums_share(dy, x, mean, None, None, 0, x.shape[0], sums)
         return _totals(sums)
     return columns
 
@@ -104,7 +106,7 @@ def _dx_all(dy, x, mean, g, h, k, dx):
     if x.ndim == 3:
         return lambda dy, x, mean, g, h, k, dx: dx_items(dy, x, None, mean, g, h, k, dx, 0,
                                                          _items(x))
-    return lambda dy, x, mean, g, h, k, dx: dx_share(dy, x, None, mean, g, h, k, dx, 0, 1)
+    return lambda dy, x, mean, g, h, k, dx: dx_share(dy, x, None, mean, g, h, k, dx, 0, x.shape[0])
 
 
 def value_or(a, c, default):

@@ -32,6 +32,16 @@ STREAMS rows, and the hardware prefetchers see long streams. Measured on one
 thread, 51 MB: adjacent rows read in lockstep (short streams, restarted every
 sweep) were 2-4x slower; sums held in registers over a tile of columns, each
 tile swept down the rows, 2-6x slower (every row read in pieces, out of order).
+
+Virtual batches: the state is per (group, channel), (groups, FIELDS, C); a
+thread walks its share in runs of one group, each run summed as a thread's
+share is otherwise (its own shifts, sampled from the run), its state kept apart
+for the thread's first run and written into the group's otherwise (``_blocks``).
+Channels-last runs of at most SHORT_RUN rows (small virtual batches of features)
+take plain float64 sums shifted by the run's first row (``short_run_state``): a
+few rows' sums need no double-double (for float32 data s1 is exact), and its
+per-column steps vectorize, where the double-double state costs about 140
+cycles per column (measured: 40x the rows' own sums for runs of 8 rows).
 """
 import math
 
@@ -39,7 +49,7 @@ import numpy as np
 from numba import prange
 
 from .. import _math
-from ._blocks import BLOCK, row_block, widen
+from ._blocks import BLOCK, head_groups, row_block, run_stop, widen
 from .elements import as_float64, wide
 from ._jit import helper, kernel, thread_plan
 
@@ -63,6 +73,8 @@ COLUMN_BLOCK_SWEEPS = 64
 # channel, which for many channels of little data each (the last axis of a large
 # array reduced) would rival the data itself.
 CHANNEL_TILE = 4096
+# Rows per channels-last run of a virtual batch at or below which ``short_run_state`` sums it.
+SHORT_RUN = 256
 # Rows of a (FIELDS, C) channel state: count, mean (double-double), m2.
 COUNT, MEAN, MEAN_LOW, M2 = range(4)
 FIELDS = 4
@@ -170,6 +182,28 @@ def merge_states(states):
 
 
 @helper
+def merge_heads(states, heads, first_groups):
+    """(states, finite): the (groups, FIELDS, C) states with each thread's first run's state
+    (``heads``, (P, FIELDS, C)) merged into its group's (see ``_blocks``), pairwise."""
+    scratch = np.empty((heads.shape[0] + 1, FIELDS, heads.shape[2]))
+    t = 0
+    while t < heads.shape[0]:
+        g = first_groups[t]
+        end = t + 1
+        while end < heads.shape[0] and first_groups[end] == g:
+            end += 1
+        if g >= 0:
+            scratch[0] = states[g]
+            scratch[1:end - t + 1] = heads[t:end]
+            states[g] = merge_states(scratch[:end - t + 1])[0]
+        t = end
+    finite = True
+    for g in range(states.shape[0]):
+        finite &= checked(states[g])[1]
+    return states, finite
+
+
+@helper
 def rows_shift(x, c, first, last, samples):
     """Channel c's shift for work items first:last, from values sampled in blocks
     spread over the items (a channel's data may drift: its first value may lie
@@ -238,18 +272,35 @@ def rows_state(x, first, last, state):
 
 
 @kernel
-def moments_rows(x, nthreads):
-    """(state, finite) over axes 0 and 2 of x[outer, C, inner] (see ``checked``).
+def moments_rows(x, group_rows, nthreads):
+    """(states, finite) over axes 0 and 2 of x[outer, C, inner] per group of ``group_rows``
+    outer rows: (groups, FIELDS, C) (see ``merge_heads``).
 
     Work items are (row, block) pairs in memory order; thread t takes the
-    t-th contiguous share.
+    t-th contiguous share, in runs of one group.
     """
     n_outer, nchan, n_inner = x.shape
-    n_items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
-    states = np.zeros((nthreads, FIELDS, nchan))
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    n_items = n_outer * nchan * blocks_per_row
+    group_items = group_rows * nchan * blocks_per_row
+    states = np.zeros(((n_outer + group_rows - 1) // group_rows, FIELDS, nchan))
+    heads = np.zeros((nthreads, FIELDS, nchan))
     for t in prange(nthreads):
-        rows_state(x, t * n_items // nthreads, (t + 1) * n_items // nthreads, states[t])
-    return merge_states(states)
+        first, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
+        work = np.empty((9, nchan))  # one allocation: shifts, counts, sums, pending sums
+        k, counts, sums, pending = work[0], work[1], work[2:6], work[6:]
+        samples = np.empty(SAMPLES)
+        a = first
+        while a < last:
+            b = run_stop(a, last, group_items)
+            state = heads[t] if a == first else states[a // group_items]
+            for attempt in range(2):  # a second pass only where the shift was too far
+                rows_pass(x, a, b, k, attempt == 0, counts, sums, pending, samples)
+                if not thread_state(counts, k, sums, state):
+                    break
+                k[:] = state[MEAN]
+            a = b
+    return merge_heads(states, heads, head_groups(n_items, group_items, nthreads))
 
 
 @helper
@@ -310,6 +361,32 @@ def columns_pass(x, r0, r1, k, sums, s1, s2):
 
 
 @helper
+def short_run_state(x, r0, r1, k, s1, s2, state):
+    """The (FIELDS, C) state of rows r0:r1 (a short run of a virtual batch) from plain
+    float64 sums shifted by the first row, again shifted by the means where that cancelled
+    too much (see CANCELLATION); mean_low is 0 (a group's statistics are not merged)."""
+    n = np.float64(r1 - r0)
+    for j in range(k.shape[0]):
+        k[j] = wide(x[r0, j])
+    for _ in range(2):
+        s1[:] = 0.0
+        s2[:] = 0.0
+        for r in range(r0, r1):
+            add_row(x[r], k, s1, s2)
+        again = False
+        for j in range(k.shape[0]):
+            q = s1[j] / n
+            state[COUNT, j] = n
+            state[MEAN, j] = k[j] + q
+            state[MEAN_LOW, j] = 0.0
+            state[M2, j] = s2[j] - s1[j] * q
+            again |= s1[j] * q > CANCELLATION * s2[j]
+        if not again:
+            return
+        k[:] = state[MEAN]
+
+
+@helper
 def columns_state(x, r0, r1, state):
     """Fill the (FIELDS, C) ``state`` from rows r0:r1 of x[rows, C], shifted per column
     by a value sampled from rows spread over them (see ``central``)."""
@@ -330,69 +407,120 @@ def columns_state(x, r0, r1, state):
 
 
 @kernel
-def moments_columns(x, nthreads):
-    """(state, finite) over axis 0 of x[rows, C] (a vertical reduction, channels-last);
-    thread t takes the t-th contiguous share of the rows."""
+def moments_columns(x, group_rows, nthreads):
+    """(states, finite) over axis 0 of x[rows, C] (a vertical reduction, channels-last) per
+    group of ``group_rows`` rows: (groups, FIELDS, C) (see ``merge_heads``).
+
+    Thread t takes the t-th contiguous share of the rows, in runs of one group,
+    each shifted per column by a value sampled from rows spread over the run
+    (see ``central``).
+    """
     n_rows, nchan = x.shape
-    states = np.zeros((nthreads, FIELDS, nchan))
+    states = np.zeros(((n_rows + group_rows - 1) // group_rows, FIELDS, nchan))
+    heads = np.zeros((nthreads, FIELDS, nchan))
     for t in prange(nthreads):
-        columns_state(x, t * n_rows // nthreads, (t + 1) * n_rows // nthreads, states[t])
-    return merge_states(states)
+        first, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
+        work = np.empty((8, nchan))  # one allocation: shifts, counts, sums, block sums
+        k, counts, sums, s1, s2 = work[0], work[1], work[2:6], work[6], work[7]
+        samples = np.empty(SAMPLES)
+        # Short runs' shifts and sums: fresh arrays, so the compiler knows that nothing else
+        # writes them and vectorizes their loops without alias checks.
+        short_k, short_s1, short_s2 = np.empty(nchan), np.empty(nchan), np.empty(nchan)
+        r0 = first
+        while r0 < stop:
+            r1 = run_stop(r0, stop, group_rows)
+            state = heads[t] if r0 == first else states[r0 // group_rows]
+            if group_rows < n_rows and group_rows <= SHORT_RUN:
+                short_run_state(x, r0, r1, short_k, short_s1, short_s2, state)
+                r0 = r1
+                continue
+            counts[:] = r1 - r0
+            for j in range(nchan):  # from rows spread over r0:r1
+                for s in range(SAMPLES):
+                    samples[s] = wide(x[r0 + s * (r1 - r0) // SAMPLES, j])
+                k[j] = central(samples)
+            for _ in range(2):  # a second pass only where the shift was too far
+                columns_pass(x, r0, r1, k, sums, s1, s2)
+                if not thread_state(counts, k, sums, state):
+                    break
+                k[:] = state[MEAN]
+            r0 = r1
+    return merge_heads(states, heads, head_groups(n_rows, group_rows, nthreads))
 
 
 @kernel
-def fold_columns(wide, tail):
-    """Channel states from regrouped columns: column g * C + c of ``wide`` holds channel c.
+def fold_columns(wide, tail, groups):
+    """Channel states from regrouped columns: column j * C + c of ``wide`` holds channel c.
 
-    ``wide`` and ``tail`` are (FIELDS, k * C) and (FIELDS, C) states: the
-    regrouped rows and the rows left over that did not fill a regrouped row.
+    ``wide`` and ``tail`` are (groups', FIELDS, k * C) and (1, FIELDS, C) states: the
+    regrouped rows and the rows left over that did not fill a regrouped row (the last
+    group's, which may lie in the tail alone: groups' = groups - 1).
     """
-    nchan = tail.shape[1]
-    states = np.empty((wide.shape[1] // nchan + 1, FIELDS, nchan))
-    states[0] = tail
-    for g in range(wide.shape[1] // nchan):
-        states[g + 1] = wide[:, g * nchan:(g + 1) * nchan]
-    return merge_states(states)
+    nchan = tail.shape[2]
+    copies = wide.shape[2] // nchan
+    out = np.empty((groups, FIELDS, nchan))
+    finite = True
+    states = np.empty((copies + 1, FIELDS, nchan))
+    for g in range(groups):
+        states[:] = 0.0
+        if g == groups - 1:
+            states[0] = tail[0]
+        if g < wide.shape[0]:
+            for j in range(copies):
+                states[j + 1] = wide[g, :, j * nchan:(j + 1) * nchan]
+        merged, ok = merge_states(states)
+        out[g] = merged
+        finite &= ok
+    return out, finite
 
 
-def column_moments(x):
-    """(state, finite): the (FIELDS, C) state over axis 0 of a 2-D (rows, C) view, and
-    whether its means and m2 are all finite.
+def column_moments(x, group_rows=None):
+    """(states, finite): the (groups, FIELDS, C) states over axis 0 of a 2-D (rows, C)
+    view per group of ``group_rows`` rows (None: one group), and whether their means and
+    m2 are all finite.
 
     Few channels: contiguous rows are regrouped into wide rows (``_blocks.widen``)
     so that the vector loop runs across many columns; ``fold_columns`` merges the
     k copies of each channel and the leftover rows afterwards.
     """
-    k, (wide,), rest = widen(x)
+    n_rows = x.shape[0]
+    k, (wide,), rest = widen(x, group_rows=group_rows)
+    rows = n_rows if group_rows is None else group_rows
     nthreads, parallel = thread_plan(x.size, wide.shape[0])
-    state, finite = moments_columns(wide, nthreads, parallel=parallel)
+    states, finite = moments_columns(wide, max(rows // k, 1), nthreads, parallel=parallel)
     if k == 1:
-        return state, finite
-    tail = (np.zeros((FIELDS, x.shape[1])) if rest is None
-            else moments_columns(rest[0], 1, parallel=False)[0])
-    return fold_columns(state, tail, parallel=False)
+        return states, finite
+    tail = (np.zeros((1, FIELDS, x.shape[1])) if rest is None
+            else moments_columns(rest[0], rest[0].shape[0], 1, parallel=False)[0])
+    return fold_columns(states, tail, (n_rows + rows - 1) // rows, parallel=False)
 
 
-def channel_moments(x):
-    """(mean[C], m2[C], mean_low[C]) in float64 of a 3-D (outer, C, inner) view; the count
-    is outer * inner. ``mean + mean_low`` is the mean as a double-double (``mean``
-    correctly rounded), for merges that must keep it exact (``Moments``)."""
+def channel_moments(x, group_rows=None):
+    """(mean, m2, mean_low) in float64 of a 3-D (outer, C, inner) view, (groups * C,) each,
+    group-major, per group of ``group_rows`` outer rows (None: one group, the count outer *
+    inner). ``mean + mean_low`` is the mean as a double-double (``mean`` correctly
+    rounded), for merges that must keep it exact (``Moments``)."""
     n_outer, nchan, n_inner = x.shape
+    rows = max(n_outer, 1) if group_rows is None else group_rows
+    groups = (n_outer + rows - 1) // rows
     if nchan > CHANNEL_TILE:
-        out = np.empty((3, nchan))
+        out = np.empty((3, groups, nchan))
         for c0 in range(0, nchan, CHANNEL_TILE):
-            out[:, c0:c0 + CHANNEL_TILE] = channel_moments(x[:, c0:c0 + CHANNEL_TILE])
-        return out[0], out[1], out[2]
+            tile = channel_moments(x[:, c0:c0 + CHANNEL_TILE], group_rows)
+            for f in range(3):
+                out[f, :, c0:c0 + CHANNEL_TILE] = tile[f].reshape(groups, -1)
+        return out[0].ravel(), out[1].ravel(), out[2].ravel()
     if n_inner == 1:
-        state, finite = column_moments(x[:, :, 0])
+        states, finite = column_moments(x[:, :, 0], group_rows)
     else:
         items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
         nthreads, parallel = thread_plan(x.size, items)
-        state, finite = moments_rows(x, nthreads, parallel=parallel)
-    mean, mean_low, m2 = state[MEAN], state[MEAN_LOW], state[M2]
+        states, finite = moments_rows(x, rows, nthreads, parallel=parallel)
+    mean, mean_low, m2 = (states[:, f].ravel() for f in (MEAN, MEAN_LOW, M2))
     if not finite:
-        for c in np.flatnonzero(~(np.isfinite(mean) & np.isfinite(m2))):
-            mean[c], m2[c], mean_low[c] = nonfinite_channel(x[:, c, :])
+        for j in np.flatnonzero(~(np.isfinite(mean) & np.isfinite(m2))):
+            g, c = divmod(j, nchan)
+            mean[j], m2[j], mean_low[j] = nonfinite_channel(x[g * rows:(g + 1) * rows, c, :])
     return mean, m2, mean_low
 
 

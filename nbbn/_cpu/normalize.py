@@ -1,4 +1,5 @@
-"""The elementwise pass of batch norm: y = act(x * scale[c] + shift[c] + residual).
+"""The elementwise pass of batch norm: y = act(x * scale[g, c] + shift[g, c] + residual),
+g the row's group (virtual batches; one group otherwise: see ``_blocks``).
 
 Computed in ``elements.work_dtype`` (the coefficients come in it). The epilogue's
 arrays are optional (None: absent, pruned at compile time): a residual added before
@@ -10,14 +11,15 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, thread_plan
-from ._blocks import (AFFINE_STREAMS, BLOCK, row_block, short_rows, stream_split, tiled,
+from ._blocks import (AFFINE_STREAMS, BLOCK, row_block, run_stop, short_rows, stream_step, tiled,
                       widen)
 from .elements import epilogue, keep, part, store, wide
 
 
 @helper
-def affine_items(x, scale, shift, y, residual, relu, copy, mask, first, last):
-    """The affine pass over row items first:last (BLOCK-sized pieces of the rows)."""
+def affine_items(x, scale, shift, y, residual, relu, copy, mask, group_rows, first, last):
+    """The affine pass over row items first:last (BLOCK-sized pieces of the rows); scale and
+    shift (groups, C), group o // group_rows."""
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     for item in range(first, last):
@@ -27,8 +29,8 @@ def affine_items(x, scale, shift, y, residual, relu, copy, mask, first, last):
         res = part(residual, o, c, start, stop)
         kept = part(copy, o, c, start, stop)
         gate = part(mask, o, c, start, stop)
-        a = scale[c]
-        b = shift[c]
+        a = scale[o // group_rows, c]
+        b = shift[o // group_rows, c]
         for i in range(src.shape[0]):
             v = epilogue(wide(src[i]) * a + b, res, i, relu)
             store(dst, i, v)
@@ -36,13 +38,13 @@ def affine_items(x, scale, shift, y, residual, relu, copy, mask, first, last):
 
 
 @kernel
-def affine_rows(x, scale, shift, y, residual, relu, copy, mask, nthreads):
-    """y[o, c, i] = act(x[o, c, i] * scale[c] + shift[c] + residual[o, c, i]), rows split
-    into BLOCK-sized items."""
+def affine_rows(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthreads):
+    """y[o, c, i] = act(x[o, c, i] * scale[g, c] + shift[g, c] + residual[o, c, i]), g =
+    o // group_rows, rows split into BLOCK-sized items."""
     n_outer, nchan, n_inner = x.shape
     n_items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
     for t in prange(nthreads):
-        affine_items(x, scale, shift, y, residual, relu, copy, mask,
+        affine_items(x, scale, shift, y, residual, relu, copy, mask, group_rows,
                      t * n_items // nthreads, (t + 1) * n_items // nthreads)
 
 
@@ -60,50 +62,68 @@ def affine_sweep(x, r, step, n_streams, scale, shift, y, residual, relu, copy, m
 
 
 @helper
-def affine_stream_share(x, scale, shift, y, residual, relu, copy, mask, t, nthreads):
-    """Thread t's share of channels-last rows x[r, c] (``stream_split``)."""
-    first, step, stop = stream_split(t, nthreads, x.shape[0], AFFINE_STREAMS)
-    for r in range(first, first + step):
-        affine_sweep(x, r, step, AFFINE_STREAMS, scale, shift, y, residual, relu, copy, mask)
-    for r in range(first + AFFINE_STREAMS * step, stop):
-        affine_sweep(x, r, 0, 1, scale, shift, y, residual, relu, copy, mask)
+def affine_stream_share(x, scale, shift, y, residual, relu, copy, mask, group_rows, t,
+                        nthreads):
+    """Thread t's share of channels-last rows x[r, c], in runs of one group (scale and shift
+    (groups, C), group r // group_rows), each as lockstep streams (``_blocks``)."""
+    n_rows = x.shape[0]
+    r, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
+    while r < stop:
+        end = run_stop(r, stop, group_rows)
+        a = scale[r // group_rows]
+        b = shift[r // group_rows]
+        step = stream_step(r, end, AFFINE_STREAMS)
+        for q in range(r, r + step):
+            affine_sweep(x, q, step, AFFINE_STREAMS, a, b, y, residual, relu, copy, mask)
+        for q in range(r + AFFINE_STREAMS * step, end):
+            affine_sweep(x, q, 0, 1, a, b, y, residual, relu, copy, mask)
+        r = end
 
 
 @kernel
-def affine_columns(x, scale, shift, y, residual, relu, copy, mask, nthreads):
-    """The affine pass over channels-last rows x[r, c]."""
+def affine_columns(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthreads):
+    """The affine pass over channels-last rows x[r, c] (``affine_stream_share``)."""
     for t in prange(nthreads):
-        affine_stream_share(x, scale, shift, y, residual, relu, copy, mask, t, nthreads)
+        affine_stream_share(x, scale, shift, y, residual, relu, copy, mask, group_rows, t,
+                            nthreads)
 
 
-def _affine_columns(x, scale, shift, y, residual, relu, copy, mask):
+def _affine_columns(x, scale, shift, y, residual, relu, copy, mask, group_rows):
     nthreads, parallel = thread_plan(x.size, x.shape[0])
-    affine_columns(x, scale, shift, y, residual, relu, copy, mask, nthreads, parallel=parallel)
+    affine_columns(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthreads,
+                   parallel=parallel)
 
 
 def _plane(a):
     return None if a is None else a[:, :, 0]
 
 
-def affine(x, scale, shift, y, residual=None, relu=None, copy=None, mask=None):
-    """The affine pass over 3-D (outer, C, inner) views; scale/shift per channel in the
-    working dtype; residual/copy/mask: 3-D views or None, relu: None or True."""
+def affine(x, scale, shift, y, residual=None, relu=None, copy=None, mask=None,
+           group_rows=None):
+    """The affine pass over 3-D (outer, C, inner) views; scale/shift per (group, channel),
+    groups * C values (group-major), in the working dtype, per group of ``group_rows``
+    outer rows (None: one group); residual/copy/mask: 3-D views or None, relu: None or
+    True."""
+    n_outer, nchan, n_inner = x.shape
+    scale, shift = scale.reshape(-1, nchan), shift.reshape(-1, nchan)
+    grouped = group_rows is not None
+    group_rows = group_rows if grouped else max(n_outer, 1)
     arrays = (x, y, residual, copy, mask)
-    short = short_rows(*arrays)
+    short = None if grouped else short_rows(*arrays)
     if short is not None:  # columns of channel c's values, repeated per row element
         n_inner, planes = short
-        scale, shift = np.repeat(scale, n_inner), np.repeat(shift, n_inner)
-    elif x.shape[2] > 1:
-        n_outer, nchan, n_inner = x.shape
+        scale, shift = np.repeat(scale, n_inner, axis=1), np.repeat(shift, n_inner, axis=1)
+    elif n_inner > 1:
         items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
         nthreads, parallel = thread_plan(x.size, items)
-        affine_rows(x, scale, shift, y, residual, relu, copy, mask, nthreads,
+        affine_rows(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthreads,
                     parallel=parallel)
         return
     else:
         planes = tuple(_plane(a) for a in arrays)
-    k, (xw, yw, rw, cw, mw), rest = widen(*planes)
-    _affine_columns(xw, tiled(scale, k), tiled(shift, k), yw, rw, relu, cw, mw)
+    k, (xw, yw, rw, cw, mw), rest = widen(*planes, group_rows=group_rows if grouped else None)
+    _affine_columns(xw, tiled(scale, k), tiled(shift, k), yw, rw, relu, cw, mw,
+                    max(group_rows // k, 1))
     if rest:
         xr, yr, rr, cr, mr = rest
-        _affine_columns(xr, scale, shift, yr, rr, relu, cr, mr)
+        _affine_columns(xr, scale[-1:], shift[-1:], yr, rr, relu, cr, mr, xr.shape[0])

@@ -19,7 +19,8 @@ import numpy as np
 from numba import cuda
 
 from .. import _layout
-from . import arrays, backward, ema as ema_kernels, launch, moments as moment_kernels, normalize
+from . import (arrays, backward, ema as ema_kernels, launch, merge, moments as moment_kernels,
+               normalize, renorm)
 from .arrays import Family, operand, queue_of, to_numba
 from .launch import channels_config, columns_config, padded_parts, rows_config
 
@@ -45,15 +46,16 @@ def _flags(**named):
     return sum(flag for flag, on in named.values() if on)
 
 
-def _kernel_args(reduction, *ops, optional=()):
+def _kernel_args(reduction, *ops, optional=(), group_rows=None):
     """A rows or columns kernel over Operands ``ops`` (one shape): ``(columns, config,
     arguments, extra)``, the arguments being each operand's flat view and strides, then
-    the shape, in the operands' index type; ``extra``: the flat view and strides of each
-    ``optional`` Operand, (None, the first operand's strides) for None."""
+    the shape and ``group_rows`` (virtual batches; None: all rows, one group), in the
+    operands' index type; ``extra``: the flat view and strides of each ``optional``
+    Operand, (None, the first operand's strides) for None."""
     given = [op for op in (*ops, *optional) if op is not None]
     columns, config, shape, strides = _launch_plan(
         reduction, ops[0].shape, tuple(op.strides for op in given),
-        max(op.span for op in given), launch.settings())
+        max(op.span for op in given), group_rows, launch.settings())
     typed = iter(strides)
     pairs = [(op.flat, next(typed)) for op in ops]
     extra = tuple(x for op in optional
@@ -62,18 +64,21 @@ def _kernel_args(reduction, *ops, optional=()):
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_plan(reduction, shape3, strides, span, settings):
+def _launch_plan(reduction, shape3, strides, span, group_rows, settings):
     """What a kernel launch over operands of ``shape3``/``strides`` needs besides the arrays:
-    ``(columns, config, shape, strides)`` with sizes and strides in the index type."""
+    ``(columns, config, shape, strides)`` with sizes and strides in the index type; the
+    shape ends with the rows per group (``launch``: virtual batches)."""
     outer, nchan, inner = shape3
+    rows = max(outer, 1) if group_rows is None else group_rows
+    groups = max(1, launch.cdiv(outer, rows))
     idx = launch.index_type(span)
     typed = int if launch.SIMULATOR else idx
     if inner == 1:  # x[rows, C]: the channels-last kernels
-        config = columns_config(outer, nchan, reduction)
-        return (True, config, (typed(outer), int(nchan)),
+        config = columns_config(rows, nchan, reduction, groups)
+        return (True, config, (typed(outer), int(nchan), typed(rows)),
                 tuple((typed(s[0]), typed(s[1])) for s in strides))
-    config = rows_config(outer, nchan, inner, reduction)
-    return (False, config, (typed(outer), int(nchan), typed(inner)),
+    config = rows_config(rows, nchan, inner, reduction, groups)
+    return (False, config, (typed(outer), int(nchan), typed(inner), typed(rows)),
             tuple(tuple(typed(x) for x in s) for s in strides))
 
 
@@ -83,17 +88,20 @@ def _empty_operand(queue, nchan, dtype):
     return operand(queue.work("empty", (1,), dtype), (0, nchan, 1), (0, 0, 0))
 
 
-def _reduction(queue, kernels, depth, ops, before, after, optional=None):
+def _reduction(queue, kernels, depth, ops, before, after, optional=None, group_rows=None):
     """A rows or columns reduction (``kernels``) over Operands ``ops``, its blocks meeting in
-    the last block of each channel: one launch. The kernel's arguments: the operands,
-    ``before``, the partial states (``depth`` values per block) and tickets from the
-    queue's workspace, ``after``, then (where given) the ``optional`` operands' tuple."""
-    nchan = ops[0].shape[1]
-    columns, cfg, args, extra = _kernel_args(True, *ops, optional=optional or ())
-    partial = queue.work("partial", (nchan if cfg.parts > 1 else 1, depth,
+    the last block of each channel (each (group, channel) pair with virtual batches of
+    ``group_rows`` rows): one launch. The kernel's arguments: the operands, ``before``, the
+    partial states (``depth`` values per block) and tickets from the queue's workspace,
+    ``after``, then (where given) the ``optional`` operands' tuple."""
+    outer, nchan, _ = ops[0].shape
+    pairs = nchan * (1 if group_rows is None else launch.cdiv(outer, group_rows))
+    columns, cfg, args, extra = _kernel_args(True, *ops, optional=optional or (),
+                                             group_rows=group_rows)
+    partial = queue.work("partial", (pairs if cfg.parts > 1 else 1, depth,
                                      padded_parts(cfg.parts)), F8)
     queue.launch(kernels[1] if columns else kernels[0], cfg, *args, *before, partial,
-                 queue.tickets(nchan), *after, *(() if optional is None else (extra,)))
+                 queue.tickets(pairs), *after, *(() if optional is None else (extra,)))
 
 
 _MOMENTS = (moment_kernels.moments_rows, moment_kernels.moments_columns)
@@ -178,11 +186,13 @@ def _channel_result(queue, family, nchan, shape, dtype, out, purpose):
     return tmp, finish
 
 
-def _moments(queue, x3, nchan, dtype, fin):
-    """The per-channel reduction of x3 (None: an empty batch) writing ``fin``'s results."""
+def _moments(queue, x3, nchan, dtype, fin, group_rows=None):
+    """The per-channel (per (group, channel)) reduction of x3 (None: an empty batch) writing
+    ``fin``'s results."""
     if nchan:
         op = _empty_operand(queue, nchan, dtype) if x3 is None else x3
-        _reduction(queue, _MOMENTS, moment_kernels.FIELDS, (op,), (_zero(dtype),), (fin,))
+        _reduction(queue, _MOMENTS, moment_kernels.FIELDS, (op,), (_zero(dtype),), (fin,),
+                   group_rows=None if x3 is None else group_rows)
 
 
 def _fin(mode, ddof, mean, second, low, scale, shift=None, flags=0, eps=0.0, momentum=0.0,
@@ -219,21 +229,27 @@ def statistics(like, a, red, kinds, ddof, dtype, out):
 # ---- batch norm ------------------------------------------------------------------------------
 
 
+def _group_rows(plan):
+    """The kernels' rows per virtual batch: None for one group."""
+    return plan.group_rows if plan.groups > 1 else None
+
+
 def batch_moments(call, variance=False, mean_low=False):
     plan = call.plan
+    pairs = plan.groups * plan.nchan
     queue = queue_of(call.x)
-    shape = (plan.nchan,)
-    mean = queue.empty(shape, F8)
-    second = queue.empty(shape, F8)
-    low = queue.empty(shape, F8) if mean_low else queue.work("mean_low", shape, F8)
+    mean = queue.empty((pairs,), F8)
+    second = queue.empty((pairs,), F8)
+    low = queue.empty((pairs,), F8) if mean_low else queue.work("mean_low", (pairs,), F8)
     mode = moment_kernels.VARIANCE if variance else moment_kernels.RAW_M2
-    scale = queue.work("scale", (max(plan.nchan, 1),), _acc(plan.dtype))
-    _moments(queue, call.x3, plan.nchan, plan.dtype, _fin(mode, 0, mean, second, low, scale))
+    scale = queue.work("scale", (max(pairs, 1),), _acc(plan.dtype))
+    _moments(queue, call.x3, plan.nchan, plan.dtype, _fin(mode, 0, mean, second, low, scale),
+             _group_rows(plan))
     return (mean, second, low) if mean_low else (mean, second)
 
 
 def coefficients(dtype, mean, var, weight, bias, eps):
-    nchan = mean.shape[0]
+    nchan = mean.shape[0]  # per (group, channel) with virtual batches
     queue = queue_of(mean, var, weight, bias)
     scale = queue.work("scale", (nchan,), _acc(dtype))
     shift = queue.work("shift", (nchan,), _acc(dtype))
@@ -272,9 +288,10 @@ def _output(queue, plan, like, out, dtype=None):
 
 
 def _affine(queue, x3, scale, shift, zero, y3, residual=None, relu=False, copy=None,
-            mask=None):
+            mask=None, group_rows=None):
     """The affine pass (``normalize``) over Operands, with the epilogue's optional ones."""
-    columns, cfg, args, extra = _kernel_args(False, x3, y3, optional=(residual, copy, mask))
+    columns, cfg, args, extra = _kernel_args(False, x3, y3, optional=(residual, copy, mask),
+                                             group_rows=group_rows)
     res, s_res, cp, s_cp, mk, s_mk = extra
     queue.launch(normalize.affine_columns if columns else normalize.affine_rows, cfg, *args,
                  scale, shift, zero, (res, s_res, True if relu else None, cp, s_cp, mk, s_mk))
@@ -293,7 +310,8 @@ def _normalized(queue, call, scale, shift, out, epilogue):
     y3, finish = _output(queue, call.plan, call.like, out)
     if call.plan.size:
         _affine(queue, call.x3, scale, shift, _zero(call.plan.dtype), y3, epilogue.residual,
-                epilogue.relu, _written(call, epilogue.copy), _written(call, epilogue.mask))
+                epilogue.relu, _written(call, epilogue.copy), _written(call, epilogue.mask),
+                _group_rows(call.plan))
     return finish()
 
 
@@ -302,7 +320,7 @@ def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_fa
     """Two launches: the statistics, whose last block per channel writes the batch mean/var,
     scale/shift and the running-buffer update; then the affine pass."""
     plan = call.plan
-    nchan = plan.nchan
+    nchan = plan.groups * plan.nchan  # statistics per (group, channel)
     queue = queue_of(call.x)
     if stats_dtype is None:
         mean = queue.work("mean", (nchan,), F8)  # unused: written, never read
@@ -318,9 +336,9 @@ def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_fa
                    b=(moment_kernels.HAS_BIAS, bias is not None),
                    r=(moment_kernels.UPDATE_RUNNING, running is not None))
     fin = _fin(moment_kernels.VARIANCE, 0, to_numba(mean), to_numba(var),
-               queue.work("mean_low", (nchan,), F8), scale, shift, flags, eps, momentum,
+               queue.work("mean_low", (mean.shape[0],), F8), scale, shift, flags, eps, momentum,
                var_factor, weight, bias, running)
-    _moments(queue, call.x3, nchan, plan.dtype, fin)
+    _moments(queue, call.x3, plan.nchan, plan.dtype, fin, _group_rows(plan))
     return _normalized(queue, call, scale, shift, out, epilogue), mean, var
 
 
@@ -338,13 +356,14 @@ def backward_sums(call, dy3, mean, gate3, dresidual):
     plan = call.plan
     nchan = plan.nchan
     queue = queue_of(call.x)
-    sum_dy = queue.work("sum_dy", (nchan,), F8)
-    sum_dy_xmu = queue.work("sum_dy_xmu", (nchan,), F8)
+    sum_dy = queue.work("sum_dy", (plan.groups * nchan,), F8)
+    sum_dy_xmu = queue.work("sum_dy_xmu", (plan.groups * nchan,), F8)
     dres3, finish = _output(queue, plan, call.like, None) if dresidual else (None, None)
     if nchan:
         x3 = call.x3 if plan.size else _empty_operand(queue, nchan, plan.dtype)
         _reduction(queue, _SUMS, 2, (dy3 if plan.size else x3, x3), (mean, _zero(plan.dtype)),
-                   (sum_dy, sum_dy_xmu), (gate3, dres3))
+                   (sum_dy, sum_dy_xmu), (gate3, dres3),
+                   _group_rows(plan) if plan.size else None)
     return (sum_dy, sum_dy_xmu) if finish is None else (sum_dy, sum_dy_xmu, finish())
 
 
@@ -358,9 +377,11 @@ def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, bat
         flags = _flags(w=(backward.HAS_WEIGHT, weight is not None),
                        s=(backward.BATCH_STATS, batch_stats))
         weight = None if weight is None else to_numba(weight)
-        grad = (mean, var, _or(weight, var), sum_dy, sum_dy_xmu, float(count), flags,
-                float(eps))
-        columns, cfg, args, gating = _kernel_args(False, dy3, call.x3, dx3, optional=(gate3,))
+        last_pair = (plan.groups - 1) * plan.nchan  # the last group's counts differ
+        counts = (float(count), float(plan.last_count if last_pair else count), last_pair)
+        grad = (mean, var, _or(weight, var), sum_dy, sum_dy_xmu, counts, flags, float(eps))
+        columns, cfg, args, gating = _kernel_args(False, dy3, call.x3, dx3, optional=(gate3,),
+                                                  group_rows=_group_rows(plan))
         queue.launch(backward.dx_columns if columns else backward.dx_rows, cfg, *args, grad,
                      _zero(plan.dtype), gating)
     return finish()
@@ -376,6 +397,52 @@ def param_grads(like, weight, var, eps, sum_dy, sum_dy_xmu):
         queue.launch(backward.param_grads, channels_config(nchan), sum_dy, sum_dy_xmu,
                      to_numba(var), eps, to_numba(dweight), to_numba(dbias))
     return dweight, dbias
+
+
+def renorm_coefficients(dtype, mean, var, running_mean, running_var, weight, bias, rmax, dmax,
+                        eps):
+    """One per-channel kernel: r, d and the affine pass's coefficients."""
+    nchan = mean.shape[0]
+    queue = queue_of(mean, var, running_mean)
+    r, d = queue.empty((nchan,), F8), queue.empty((nchan,), F8)
+    scale = queue.work("scale", (nchan,), _acc(dtype))
+    shift = queue.work("shift", (nchan,), _acc(dtype))
+    if nchan:
+        flags = _flags(w=(normalize.HAS_WEIGHT, weight is not None),
+                       b=(normalize.HAS_BIAS, bias is not None))
+        queue.launch(renorm.renorm_coefficients, channels_config(nchan), mean, var,
+                     running_mean, running_var, _or(weight, mean), _or(bias, mean), flags, rmax,
+                     dmax, eps, r, d, scale, shift)
+    return r, d, scale, shift
+
+
+def renorm_weight(weight, r):
+    nchan = r.shape[0]
+    queue = queue_of(r)
+    weight_eff = queue.empty((nchan,), F8)
+    if nchan:
+        queue.launch(renorm.renorm_weight, channels_config(nchan), _or(weight, r),
+                     r, _flags(w=(normalize.HAS_WEIGHT, weight is not None)), weight_eff)
+    return weight_eff
+
+
+def renorm_grads(like, weight, var, r, d, eps, sum_dy, sum_dy_xmu):
+    nchan = var.shape[0]
+    queue = queue_of(sum_dy, to_numba(weight))
+    family = Family(like, queue)
+    dweight = family.empty((nchan,), weight.dtype)
+    dbias = family.empty((nchan,), weight.dtype)
+    if nchan:
+        queue.launch(renorm.renorm_grads, channels_config(nchan), sum_dy, sum_dy_xmu, var, r,
+                     d, eps, to_numba(dweight), to_numba(dbias))
+    return dweight, dbias
+
+
+def merge_batches(state, mean, var, count, last_count):
+    nchan = state.shape[1]
+    if nchan:
+        queue_of(state).launch(merge.merge_batches, channels_config(nchan), state, mean, var,
+                               float(count), float(last_count))
 
 
 def _scaled(queue, a, scale, shift, dtype):

@@ -19,8 +19,8 @@ from numba import cuda, float64
 
 from .elements import gated, load4_if, load_if, store, store_if, wide
 from .launch import (CHUNK_ROUNDS, ROUND0, advance, as_index, block_sum2, cast, column_start,
-                     column_walk, folded, four, four_rows, last_block, load4, load_partial,
-                     moved, operand_walk, plane_walk)
+                     folded, four, four_rows, group_column_walk, group_plane, last_block, load4,
+                     load_partial, moved, operand_walk, plane_walk)
 from .normalize import inv_sqrt
 
 # dx flags
@@ -69,19 +69,19 @@ def sums_rows(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_d
     """x, dy [outer, C, inner], flat with element strides: the walk of
     ``moments.moments_rows``; sum_dy[c] = sum(g), sum_dy_xmu[c] = sum(g * (x - mean)), g
     being dy through the gate."""
-    n_outer, nchan, n_inner = shape
+    n_outer, nchan, n_inner, group_rows = shape
     gate, s_gate, _, s_dres = gating
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     parts = cuda.gridDim.y
-    c = cuda.blockIdx.x
-    walk = plane_walk(n_outer, n_inner)
+    j, c, row0, rows = group_plane(nchan, group_rows, n_outer)
+    walk = plane_walk(rows, n_inner)
     q, _, i, step, _, step_i, plane, limit, _ = walk
-    off_dy, steps_dy = operand_walk(sdy, walk, c)
-    off_x, steps_x = operand_walk(sx, walk, c)
-    off_t, steps_t = operand_walk(s_gate, walk, c)
-    off_e, steps_e = operand_walk(s_dres, walk, c)
-    m = wide(mean[c], zero)
+    off_dy, steps_dy = operand_walk(sdy, walk, c, row0)
+    off_x, steps_x = operand_walk(sx, walk, c, row0)
+    off_t, steps_t = operand_walk(s_gate, walk, c, row0)
+    off_e, steps_e = operand_walk(s_dres, walk, c, row0)
+    m = wide(mean[j], zero)
     s_dy = zero
     s_dxm = zero
     h_dy = 0.0
@@ -113,37 +113,37 @@ def sums_rows(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_d
     s_dy, s_dxm = block_sum2(h_dy + float64(s_dy), h_dxm + float64(s_dxm), tid, nthreads, 1)
     if parts > 1:
         if tid == 0:
-            write_sums(partial[c, 0], partial[c, 1], cuda.blockIdx.y, s_dy, s_dxm)
-        if not last_block(tickets, c, parts, tid):
+            write_sums(partial[j, 0], partial[j, 1], cuda.blockIdx.y, s_dy, s_dxm)
+        if not last_block(tickets, j, parts, tid):
             return
-        s_dy, s_dxm = merged_sums(partial, c, tid, nthreads, parts)
+        s_dy, s_dxm = merged_sums(partial, j, tid, nthreads, parts)
         s_dy, s_dxm = block_sum2(s_dy, s_dxm, tid, nthreads, 1)
     if tid == 0:
-        write_sums(sum_dy, sum_dy_xmu, c, s_dy, s_dxm)
+        write_sums(sum_dy, sum_dy_xmu, j, s_dy, s_dxm)
 
 
 @cuda.jit(cache=True)
 def sums_columns(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, sum_dy_xmu,
                  gating):
     """x, dy [rows, C], channels-last: the walk of ``moments.moments_columns``."""
-    n_rows, nchan = shape
+    n_rows, nchan, group_rows = shape
     gate, s_gate, _, s_dres = gating
     ntx = cuda.blockDim.x
     nthreads = ntx * cuda.blockDim.y
     tid = cuda.threadIdx.y * ntx + cuda.threadIdx.x
     parts = cuda.gridDim.y
-    c, r, rstep, limit = column_walk(n_rows)
+    j, c, row0, rows, r, rstep, limit = group_column_walk(nchan, group_rows, n_rows)
     s_dy = zero
     s_dxm = zero
     h_dy = 0.0
     h_dxm = 0.0
     rounds = ROUND0
     if c < nchan:
-        m = wide(mean[c], zero)
-        off_dy, dy_step = column_start(sdy, r, c, rstep)
-        off_x, x_step = column_start(sx, r, c, rstep)
-        off_t, t_step = column_start(s_gate, r, c, rstep)
-        off_e, e_step = column_start(s_dres, r, c, rstep)
+        m = wide(mean[j], zero)
+        off_dy, dy_step = column_start(sdy, row0 + r, c, rstep)
+        off_x, x_step = column_start(sx, row0 + r, c, rstep)
+        off_t, t_step = column_start(s_gate, row0 + r, c, rstep)
+        off_e, e_step = column_start(s_dres, row0 + r, c, rstep)
         while r < limit:
             g0, g1, g2, g3, off_dy = four_rows(off_dy, dy_step)
             t0, t1, t2, t3, off_t = four_rows(off_t, t_step)
@@ -158,7 +158,7 @@ def sums_columns(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, su
                 h_dy, h_dxm, s_dy, s_dxm = folded(h_dy, h_dxm, s_dy, s_dxm)
                 rounds = ROUND0
             r = as_index(r + as_index(rstep * 4, rstep), rstep)
-        while r < n_rows:
+        while r < rows:
             s_dy, s_dxm = accumulate_sums(s_dy, s_dxm, dy[off_dy], x[off_x],
                                           load_if(gate, off_t, zero), off_e, m, zero, gating)
             off_dy = as_index(off_dy + dy_step, dy_step)
@@ -169,41 +169,53 @@ def sums_columns(dy, sdy, x, sx, shape, mean, zero, partial, tickets, sum_dy, su
     s_dy, s_dxm = block_sum2(h_dy + float64(s_dy), h_dxm + float64(s_dxm), tid, nthreads, ntx)
     if parts > 1:
         if tid < ntx and c < nchan:
-            write_sums(partial[c, 0], partial[c, 1], cuda.blockIdx.y, s_dy, s_dxm)
+            write_sums(partial[j, 0], partial[j, 1], cuda.blockIdx.y, s_dy, s_dxm)
         if not last_block(tickets, cuda.blockIdx.x, parts, tid):
             return
         s_dy = 0.0
         s_dxm = 0.0
         if c < nchan:
-            s_dy, s_dxm = merged_sums(partial, c, cuda.threadIdx.y, cuda.blockDim.y, parts)
+            s_dy, s_dxm = merged_sums(partial, j, cuda.threadIdx.y, cuda.blockDim.y, parts)
         s_dy, s_dxm = block_sum2(s_dy, s_dxm, tid, nthreads, ntx)
     if tid < ntx and c < nchan:
-        write_sums(sum_dy, sum_dy_xmu, c, s_dy, s_dxm)
+        write_sums(sum_dy, sum_dy_xmu, j, s_dy, s_dxm)
 
 
 @cuda.jit(device=True, cache=True)
-def dx_coefficients(c, grad, zero):
-    """dx's coefficients (g, h, k) and mean of channel c in zero's dtype; ``grad`` = (mean,
-    var, weight, sum_dy, sum_dy_xmu, count, flags, eps) (flags: HAS_WEIGHT|BATCH_STATS)."""
-    mean, var, weight, sum_dy, sum_dy_xmu, count, flags, eps = grad
-    invstd = inv_sqrt(wide(var[c], 0.0) + eps)
+def dx_coefficients(j, c, grad, zero):
+    """dx's coefficients (g, h, k) and mean of (group, channel) pair j of channel c in
+    zero's dtype; ``grad`` = (mean, var, weight, sum_dy, sum_dy_xmu, counts, flags, eps)
+    (flags: HAS_WEIGHT|BATCH_STATS), counts = (values behind a pair's statistics, those of
+    the last group's pairs, the last group's first pair)."""
+    mean, var, weight, sum_dy, sum_dy_xmu, counts, flags, eps = grad
+    count, last_count, last_pair = counts
+    if j >= last_pair:
+        count = last_count
+    invstd = inv_sqrt(wide(var[j], 0.0) + eps)
     g = invstd * (wide(weight[c], 0.0) if flags & HAS_WEIGHT else 1.0)
     h = 0.0
     k = 0.0
     if flags & BATCH_STATS and count > 0:
         # The mean and variance depend on x too: their gradients, folded per channel.
-        h = -g * invstd * invstd * sum_dy_xmu[c] / count
-        k = -g * sum_dy[c] / count
-    return cast(g, zero), cast(h, zero), cast(k, zero), wide(mean[c], zero)
+        h = -g * invstd * invstd * sum_dy_xmu[j] / count
+        k = -g * sum_dy[j] / count
+    return cast(g, zero), cast(h, zero), cast(k, zero), wide(mean[j], zero)
 
 
 @cuda.jit(cache=True)
 def param_grads(sum_dy, sum_dy_xmu, var, eps, dweight, dbias):
-    """dweight[c] = sum(dy*(x-mean))*invstd, dbias[c] = sum(dy)."""
+    """dweight[c] = sum(dy*(x-mean))*invstd, dbias[c] = sum(dy), summed over the (group,
+    channel) pairs j = g * C + c of virtual batches."""
     c = cuda.grid(1)
-    if c < var.shape[0]:
-        store(dweight, c, sum_dy_xmu[c] * inv_sqrt(wide(var[c], 0.0) + eps))
-        store(dbias, c, sum_dy[c])
+    nchan = dweight.shape[0]
+    if c < nchan:
+        dw = 0.0
+        db = 0.0
+        for j in range(c, var.shape[0], nchan):
+            dw += sum_dy_xmu[j] * inv_sqrt(wide(var[j], 0.0) + eps)
+            db += sum_dy[j]
+        store(dweight, c, dw)
+        store(dbias, c, db)
 
 
 @cuda.jit(device=True, cache=True)
@@ -227,16 +239,16 @@ def put_dx4(dx, offsets, dys, xs, ts, coefficients, zero, gate):
 def dx_rows(dy, sdy, x, sx, dx, sdx, shape, grad, zero, gating):
     """dx[outer, C, inner], threads as ``normalize.affine_rows``; ``gating``: (gate, its
     strides)."""
-    n_outer, nchan, n_inner = shape
+    n_outer, nchan, n_inner, group_rows = shape
     gate, s_gate = gating
-    c = cuda.blockIdx.x
-    walk = plane_walk(n_outer, n_inner)
+    j, c, row0, rows = group_plane(nchan, group_rows, n_outer)
+    walk = plane_walk(rows, n_inner)
     q, _, i, step, _, step_i, plane, limit, _ = walk
-    off_dy, steps_dy = operand_walk(sdy, walk, c)
-    off_x, steps_x = operand_walk(sx, walk, c)
-    off_t, steps_t = operand_walk(s_gate, walk, c)
-    off_dx, steps_dx = operand_walk(sdx, walk, c)
-    coefficients = dx_coefficients(c, grad, zero)
+    off_dy, steps_dy = operand_walk(sdy, walk, c, row0)
+    off_x, steps_x = operand_walk(sx, walk, c, row0)
+    off_t, steps_t = operand_walk(s_gate, walk, c, row0)
+    off_dx, steps_dx = operand_walk(sdx, walk, c, row0)
+    coefficients = dx_coefficients(j, c, grad, zero)
     while q < limit:
         g0, g1, g2, g3, off_dy, _ = four(off_dy, steps_dy, i, step_i, n_inner)
         x0, x1, x2, x3, off_x, _ = four(off_x, steps_x, i, step_i, n_inner)
@@ -259,16 +271,16 @@ def dx_rows(dy, sdy, x, sx, dx, sdx, shape, grad, zero, gating):
 @cuda.jit(cache=True)
 def dx_columns(dy, sdy, x, sx, dx, sdx, shape, grad, zero, gating):
     """dx[rows, C], channels-last, threads as ``normalize.affine_columns``."""
-    n_rows, nchan = shape
+    n_rows, nchan, group_rows = shape
     gate, s_gate = gating
-    c, r, rstep, limit = column_walk(n_rows)
+    j, c, row0, rows, r, rstep, limit = group_column_walk(nchan, group_rows, n_rows)
     if c >= nchan:
         return
-    off_dy, dy_step = column_start(sdy, r, c, rstep)
-    off_x, x_step = column_start(sx, r, c, rstep)
-    off_t, t_step = column_start(s_gate, r, c, rstep)
-    off_dx, dx_step = column_start(sdx, r, c, rstep)
-    coefficients = dx_coefficients(c, grad, zero)
+    off_dy, dy_step = column_start(sdy, row0 + r, c, rstep)
+    off_x, x_step = column_start(sx, row0 + r, c, rstep)
+    off_t, t_step = column_start(s_gate, row0 + r, c, rstep)
+    off_dx, dx_step = column_start(sdx, row0 + r, c, rstep)
+    coefficients = dx_coefficients(j, c, grad, zero)
     while r < limit:
         g0, g1, g2, g3, off_dy = four_rows(off_dy, dy_step)
         x0, x1, x2, x3, off_x = four_rows(off_x, x_step)
@@ -277,7 +289,7 @@ def dx_columns(dy, sdy, x, sx, dx, sdx, shape, grad, zero, gating):
         put_dx4(dx, (d0, d1, d2, d3), load4(dy, g0, g1, g2, g3), load4(x, x0, x1, x2, x3),
                 load4_if(gate, (t0, t1, t2, t3), zero), coefficients, zero, gate)
         r = as_index(r + as_index(rstep * 4, rstep), rstep)
-    while r < n_rows:
+    while r < rows:
         put_dx(dx, off_dx, dy[off_dy], x[off_x], load_if(gate, off_t, zero), coefficients,
                zero, gate)
         off_dy = as_index(off_dy + dy_step, dy_step)

@@ -9,6 +9,14 @@ element's row position and one memory offset per array, advanced by additions: n
 division in the loop. Columns kernels (channels-last ``x[rows, C]``) run (channel tiles,
 blocks along the rows), TX threads over consecutive channels.
 
+Virtual batches (ghost batch norm) split the outer rows into groups of ``group_rows``
+rows, each with its own statistics: the kernels then work on (group, channel) pairs
+``j = g * C + c`` as they work on channels otherwise, a rows block on one pair's plane
+(``group_plane``: grid (groups * C, blocks per pair)), a columns block on one group's
+rows of a channel tile (``group_column_walk``: grid (groups * tiles, blocks along the
+group)); per-pair vectors (statistics, sums, coefficients) are indexed by j, weight and
+bias by c. One group (``group_rows`` = all rows) is plain batch norm.
+
 Offsets are unsigned integers of the kernel's index type, 32-bit where every operand's
 span is below 2**31 elements, else 64-bit (``index_type``): the host passes the strides
 and sizes in that type and the kernels compute in it (``as_index``), one specialization
@@ -127,15 +135,16 @@ def threads():
     return THREADS if SIMULATOR else max(THREADS, WARP)
 
 
-def rows_config(n_outer, nchan, n_inner, reduction=True):
+def rows_config(n_outer, nchan, n_inner, reduction=True, groups=1):
     """Grid (channels, blocks per channel) over x[outer, C, inner]: a reduction spreads a
     channel over as many blocks as fill the device with at least MIN_WORK elements per
     thread; an elementwise pass gives each thread about UNROLL elements per round. One
     channel per block and no loop over channels: nothing of a channel's walk stays live
-    across the block merges, which keeps the registers at the planned occupancy."""
+    across the block merges, which keeps the registers at the planned occupancy. With
+    ``groups`` virtual batches of n_outer rows each: (groups * C, blocks per pair)."""
     t = threads()
     plane = n_outer * n_inner
-    nchan = max(1, nchan)
+    nchan = max(1, nchan * groups)
     if reduction:
         parts = min(max(1, target_blocks() // nchan), cdiv(plane, t * MIN_WORK))
     else:
@@ -144,13 +153,14 @@ def rows_config(n_outer, nchan, n_inner, reduction=True):
     return Config((nchan, parts), (t,), parts)
 
 
-def columns_config(n_rows, nchan, reduction=True):
+def columns_config(n_rows, nchan, reduction=True, groups=1):
     """x[rows, C] (channels-last): TX threads along C (coalesced), TY along rows; grid
-    (channel tiles, by): each channel's column split into by blocks (one tile per block)."""
+    (channel tiles, by): each channel's column split into by blocks (one tile per block).
+    With ``groups`` virtual batches of n_rows rows each: (groups * tiles, by)."""
     t = threads()
     tx = min(t, WARP if reduction else t, pow2_at_least(nchan))
     ty = t // tx
-    cx = max(1, cdiv(nchan, tx))
+    cx = max(1, cdiv(nchan, tx)) * groups
     if reduction:
         want = max(1, target_blocks() // cx)
         by = min(want, max(1, cdiv(n_rows, ty * MIN_WORK)), MAX_GRID_Y)
@@ -204,6 +214,7 @@ else:
         return cuda.ldcg(partial, (int64(c), int64(k), int64(p)))
 
 as_index = cast  # offsets: an integer in the kernel's index type (``like``: one of its operands)
+U32 = np.uint32(0)  # ``cast(v, U32)``: v in 32 unsigned bits (pair indices: a grid's x fits)
 
 
 @cuda.jit(device=True, cache=True)
@@ -223,12 +234,49 @@ def plane_walk(n_outer, n_inner):
 
 
 @cuda.jit(device=True, cache=True)
-def operand_walk(strides, walk, c):
-    """(offset of the walk's first element in channel c, (offset step of one grid stride,
-    extra offset when the row wraps)) for an operand of element ``strides``."""
+def group_plane(nchan, group_rows, n_outer):
+    """A rows block's (group, channel) pair: ``(j, c, first, rows)``, its index j = g * C +
+    c = blockIdx.x, its channel, and its group's first row and rows (the last group may
+    be shorter), in n_outer's index type."""
+    j = cuda.blockIdx.x
+    g = as_index(cast(j, U32) // cast(nchan, U32), n_outer)  # int64's division costs registers
+    first = as_index(g * group_rows, n_outer)
+    return j, j - g * nchan, first, min(group_rows, as_index(n_outer - first, n_outer))
+
+
+@cuda.jit(device=True, cache=True)
+def group_column(nchan):
+    """This thread's (group, channel) pair in a channels-last kernel: ``(g, j, c)``, j = g *
+    C + c (c may be past the last channel: no work; TX threads over consecutive channels)."""
+    tiles = (nchan + cuda.blockDim.x - 1) // cuda.blockDim.x
+    g = cuda.blockIdx.x // tiles
+    c = (cuda.blockIdx.x - g * tiles) * cuda.blockDim.x + cuda.threadIdx.x
+    return g, g * nchan + c, c
+
+
+@cuda.jit(device=True, cache=True)
+def group_column_walk(nchan, group_rows, n_rows):
+    """This thread's pair and rows in a channels-last kernel with virtual batches:
+    ``(j, c, first, rows, r0, rstep, limit)``: pair j and channel c (``group_column``), the
+    group's first row and rows, and the thread's rows r0 + k*rstep within the group (TY
+    threads over rows, grid row ``blockIdx.y`` of blocks), four at a time while r < limit."""
+    g, j, c = group_column(nchan)
+    first = as_index(as_index(g, n_rows) * group_rows, n_rows)
+    rows = min(group_rows, as_index(n_rows - first, n_rows))
+    r0 = as_index(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, n_rows)
+    rstep = as_index(cuda.gridDim.y * cuda.blockDim.y, n_rows)
+    return j, c, first, rows, r0, rstep, four_limit(rows, rstep)
+
+
+@cuda.jit(device=True, cache=True)
+def operand_walk(strides, walk, c, row0):
+    """(offset of the walk's first element in channel c of the plane from row ``row0``,
+    (offset step of one grid stride, extra offset when the row wraps)) for an operand of
+    element ``strides``."""
     _, o, i, _, step_o, step_i, _, _, n_inner = walk
     s_o, s_c, s_i = strides
-    first = as_index(as_index(o * s_o, s_i) + as_index(as_index(c, s_i) * s_c, s_i)
+    first = as_index(as_index(as_index(o + row0, s_i) * s_o, s_i)
+                     + as_index(as_index(c, s_i) * s_c, s_i)
                      + as_index(i * s_i, s_i), s_i)
     step = as_index(as_index(step_o * s_o, s_i) + as_index(step_i * s_i, s_i), s_i)
     return first, (step, as_index(s_o - as_index(n_inner * s_i, s_i), s_i))
@@ -273,18 +321,6 @@ def four_limit(plane, step):
     if plane > three:
         return as_index(plane - three, step)
     return as_index(0, step)
-
-
-@cuda.jit(device=True, cache=True)
-def column_walk(n_rows):
-    """This thread's channel and rows in a channels-last kernel over x[rows, C] (TX threads
-    over consecutive channels, TY over rows), in n_rows' index type: ``(c, r0, rstep,
-    limit)``: rows r0 + k*rstep (grid row ``blockIdx.y`` of blocks), four at a time while
-    r < limit."""
-    r0 = as_index(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, n_rows)
-    rstep = as_index(cuda.gridDim.y * cuda.blockDim.y, n_rows)
-    return (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, r0, rstep,
-            four_limit(n_rows, rstep))
 
 
 @cuda.jit(device=True, cache=True)

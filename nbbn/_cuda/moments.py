@@ -34,8 +34,9 @@ from numba import cuda, float64
 from .elements import store, wide
 from .ema import ema_step
 from .launch import (CHUNK_ROUNDS, ROUND0, advance, as_index, block_merge, column_start,
-                     column_walk, folded, four, four_rows, last_block, load4, load_partial,
-                     merge, moved, operand_walk, plane_walk, shifted_moments, two_sum)
+                     folded, four, four_rows, group_column_walk, group_plane, last_block, load4,
+                     load_partial, merge, moved, operand_walk, plane_walk, shifted_moments,
+                     two_sum)
 from .normalize import affine_coefficients
 
 # channel_result modes (the second statistic written)
@@ -99,34 +100,35 @@ def divide_m2(m2, n, ddof):
 
 
 @cuda.jit(device=True, cache=True)
-def channel_result(c, state, fin):
-    """Write channel c's results from its (n, mean, mean_low, m2) state: ``fin`` = (ddof, mode,
-    flags, eps, momentum, var_factor, mean_out, second_out, low_out, scale, shift, weight,
-    bias, running_mean, running_var): mean_out[c] (correctly rounded), low_out[c] the rest
-    of the mean; second_out[c] = m2, variance or std (mode, ddof); with COEFFICIENTS,
-    y = x*scale[c] + shift[c]'s coefficients from the biased variance (weight/bias per
-    HAS_WEIGHT/HAS_BIAS); with UPDATE_RUNNING, the running buffers."""
+def channel_result(j, c, state, fin):
+    """Write the results of (group, channel) pair j of channel c (j = c without virtual
+    batches) from its (n, mean, mean_low, m2) state: ``fin`` = (ddof, mode, flags, eps,
+    momentum, var_factor, mean_out, second_out, low_out, scale, shift, weight, bias,
+    running_mean, running_var): mean_out[j] (correctly rounded), low_out[j] the rest of the
+    mean; second_out[j] = m2, variance or std (mode, ddof); with COEFFICIENTS, y =
+    x*scale[j] + shift[j]'s coefficients from the biased variance (weight[c]/bias[c] per
+    HAS_WEIGHT/HAS_BIAS); with UPDATE_RUNNING (one group only), the running buffers."""
     (ddof, mode, flags, eps, momentum, var_factor, mean_out, second_out, low_out, scale,
      shift, weight, bias, running_mean, running_var) = fin
     n, mean, mean_low, m2 = state
     if n == 0.0:
         mean = math.nan
         m2 = math.nan
-    store(mean_out, c, mean)
-    low_out[c] = mean_low
+    store(mean_out, j, mean)
+    low_out[j] = mean_low
     if mode == RAW_M2:
-        store(second_out, c, m2)
+        store(second_out, j, m2)
     elif mode == VARIANCE:
-        store(second_out, c, divide_m2(m2, n, ddof))
+        store(second_out, j, divide_m2(m2, n, ddof))
     else:
-        store(second_out, c, math.sqrt(divide_m2(m2, n, ddof)))
+        store(second_out, j, math.sqrt(divide_m2(m2, n, ddof)))
     if flags & COEFFICIENTS:
         var = divide_m2(m2, n, 0.0)
         w = wide(weight[c], 0.0) if flags & HAS_WEIGHT else 1.0
         b = wide(bias[c], 0.0) if flags & HAS_BIAS else 0.0
         a, d = affine_coefficients(mean, var, w, b, eps)
-        scale[c] = a
-        shift[c] = d
+        scale[j] = a
+        shift[j] = d
         if flags & UPDATE_RUNNING:
             ema_step(running_mean, running_var, c, mean, var, momentum, var_factor)
 
@@ -175,14 +177,14 @@ def moments_rows(x, sx, shape, zero, partial, tickets, fin):
     """x[outer, C, inner] as a flat array with element strides sx (index type); grid
     (channels, parts): block (c, b) walks its share of channel c's plane, the last block of
     the channel writes its results (``channel_result``)."""
-    n_outer, nchan, n_inner = shape
+    n_outer, nchan, n_inner, group_rows = shape
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     parts = cuda.gridDim.y
-    c = cuda.blockIdx.x
-    walk = plane_walk(n_outer, n_inner)
+    j, c, row0, rows = group_plane(nchan, group_rows, n_outer)
+    walk = plane_walk(rows, n_inner)
     q, _, i, step, _, step_i, plane, limit, _ = walk
-    off, steps = operand_walk(sx, walk, c)
+    off, steps = operand_walk(sx, walk, c, row0)
     count = as_index(0, step)
     k = zero
     s1 = zero
@@ -210,13 +212,13 @@ def moments_rows(x, sx, shape, zero, partial, tickets, fin):
     state = block_merge(state, tid, nthreads, 1)
     if parts > 1:
         if tid == 0:
-            write_partial(partial, c, cuda.blockIdx.y, state)
-        if not last_block(tickets, c, parts, tid):
+            write_partial(partial, j, cuda.blockIdx.y, state)
+        if not last_block(tickets, j, parts, tid):
             return
-        state = block_merge(merged_partials(partial, c, True, tid, nthreads, parts, nthreads),
+        state = block_merge(merged_partials(partial, j, True, tid, nthreads, parts, nthreads),
                             tid, nthreads, 1)
     if tid == 0:
-        channel_result(c, state, fin)
+        channel_result(j, c, state, fin)
 
 
 @cuda.jit(cache=True)
@@ -224,12 +226,12 @@ def moments_columns(x, sx, shape, zero, partial, tickets, fin):
     """x[rows, C], channels-last, flat with element strides sx = (row, channel): thread tx
     of a block reads channel c (consecutive threads, consecutive channels: coalesced), rows
     r = part*TY + ty + k*parts*TY; the last block of a channel tile writes its results."""
-    n_rows, nchan = shape
+    n_rows, nchan, group_rows = shape
     ntx = cuda.blockDim.x
     nthreads = ntx * cuda.blockDim.y
     tid = cuda.threadIdx.y * ntx + cuda.threadIdx.x
     parts = cuda.gridDim.y
-    c, r, rstep, limit = column_walk(n_rows)
+    j, c, row0, rows, r, rstep, limit = group_column_walk(nchan, group_rows, n_rows)
     count = as_index(0, rstep)
     k = zero
     s1 = zero
@@ -237,9 +239,9 @@ def moments_columns(x, sx, shape, zero, partial, tickets, fin):
     h1 = 0.0
     h2 = 0.0
     rounds = ROUND0
-    if c < nchan and r < n_rows:
-        count = (n_rows - r + rstep - 1) // rstep
-        off, row_step = column_start(sx, r, c, rstep)
+    if c < nchan and r < rows:
+        count = (rows - r + rstep - 1) // rstep
+        off, row_step = column_start(sx, row0 + r, c, rstep)
         k = shift_of(x[off], zero)
         while r < limit:
             a, b, d, e, off = four_rows(off, row_step)
@@ -249,7 +251,7 @@ def moments_columns(x, sx, shape, zero, partial, tickets, fin):
                 h1, h2, s1, s2 = folded(h1, h2, s1, s2)
                 rounds = ROUND0
             r = as_index(r + as_index(rstep * 4, rstep), rstep)
-        while r < n_rows:
+        while r < rows:
             s1, s2 = accumulate(s1, s2, x[off], k, zero)
             off = as_index(off + row_step, row_step)
             r = as_index(r + rstep, rstep)
@@ -257,13 +259,13 @@ def moments_columns(x, sx, shape, zero, partial, tickets, fin):
     state = block_merge(state, tid, nthreads, ntx)
     if parts > 1:
         if tid < ntx and c < nchan:
-            write_partial(partial, c, cuda.blockIdx.y, state)
+            write_partial(partial, j, cuda.blockIdx.y, state)
         if not last_block(tickets, cuda.blockIdx.x, parts, tid):
             return
-        state = merged_partials(partial, c, c < nchan, cuda.threadIdx.y, cuda.blockDim.y,
+        state = merged_partials(partial, j, c < nchan, cuda.threadIdx.y, cuda.blockDim.y,
                                 parts, 1)
     if tid < ntx and c < nchan:
-        channel_result(c, state, fin)
+        channel_result(j, c, state, fin)
 
 
 KERNELS = ("moments_rows", "moments_columns")

@@ -14,8 +14,8 @@ import math
 from numba import cuda
 
 from .elements import epilogue, keep, load4_if, load_if, store, wide
-from .launch import (advance, as_index, column_start, column_walk, four, four_rows, load4,
-                     moved, operand_walk, plane_walk)
+from .launch import (advance, as_index, column_start, four, four_rows, group_column_walk,
+                     group_plane, load4, moved, operand_walk, plane_walk)
 
 HAS_WEIGHT, HAS_BIAS = 1, 2
 
@@ -39,14 +39,15 @@ def affine_coefficients(mean, var, w, b, eps):
 
 @cuda.jit(cache=True)
 def scale_shift(mean, var, weight, bias, flags, eps, scale, shift):
-    """scale[c], shift[c] from given statistics (evaluation; ``nbbn.fold``)."""
-    c = cuda.grid(1)
-    if c < mean.shape[0]:
-        w = wide(weight[c], 0.0) if flags & HAS_WEIGHT else 1.0
-        b = wide(bias[c], 0.0) if flags & HAS_BIAS else 0.0
-        a, d = affine_coefficients(wide(mean[c], 0.0), wide(var[c], 0.0), w, b, eps)
-        scale[c] = a
-        shift[c] = d
+    """scale[j], shift[j] from given statistics (evaluation; ``nbbn.fold``; per (group,
+    channel) pair j = g * C + c of virtual batches, weight and bias per channel)."""
+    j = cuda.grid(1)
+    if j < mean.shape[0]:
+        w = wide(weight[j % weight.shape[0]], 0.0) if flags & HAS_WEIGHT else 1.0
+        b = wide(bias[j % bias.shape[0]], 0.0) if flags & HAS_BIAS else 0.0
+        a, d = affine_coefficients(wide(mean[j], 0.0), wide(var[j], 0.0), w, b, eps)
+        scale[j] = a
+        shift[j] = d
 
 
 @cuda.jit(device=True, cache=True)
@@ -72,18 +73,18 @@ def put_affine4(y, ys, xs, rs, a, b, zero, epi, cs, ms):
 def affine_rows(x, sx, y, sy, shape, scale, shift, zero, epi):
     """x, y [outer, C, inner] as flat arrays with element strides sx, sy (index type); grid
     (channels, blocks per channel), each thread walking four elements of the plane at once."""
-    n_outer, nchan, n_inner = shape
+    n_outer, nchan, n_inner, group_rows = shape
     residual, s_res, _, copy, s_copy, mask, s_mask = epi
-    c = cuda.blockIdx.x
-    walk = plane_walk(n_outer, n_inner)
+    j, c, row0, rows = group_plane(nchan, group_rows, n_outer)
+    walk = plane_walk(rows, n_inner)
     q, _, i, step, _, step_i, plane, limit, _ = walk
-    off_x, steps_x = operand_walk(sx, walk, c)
-    off_y, steps_y = operand_walk(sy, walk, c)
-    off_r, steps_r = operand_walk(s_res, walk, c)
-    off_c, steps_c = operand_walk(s_copy, walk, c)
-    off_m, steps_m = operand_walk(s_mask, walk, c)
-    a = scale[c]
-    b = shift[c]
+    off_x, steps_x = operand_walk(sx, walk, c, row0)
+    off_y, steps_y = operand_walk(sy, walk, c, row0)
+    off_r, steps_r = operand_walk(s_res, walk, c, row0)
+    off_c, steps_c = operand_walk(s_copy, walk, c, row0)
+    off_m, steps_m = operand_walk(s_mask, walk, c, row0)
+    a = scale[j]
+    b = shift[j]
     while q < limit:
         x0, x1, x2, x3, off_x, _ = four(off_x, steps_x, i, step_i, n_inner)
         r0, r1, r2, r3, off_r, _ = four(off_r, steps_r, i, step_i, n_inner)
@@ -110,18 +111,18 @@ def affine_rows(x, sx, y, sy, shape, scale, shift, zero, epi):
 def affine_columns(x, sx, y, sy, shape, scale, shift, zero, epi):
     """x[rows, C], channels-last, flat with element strides (row, channel): TX threads along
     C (coalesced), TY along rows, four rows at once."""
-    n_rows, nchan = shape
+    n_rows, nchan, group_rows = shape
     residual, s_res, _, copy, s_copy, mask, s_mask = epi
-    c, r, rstep, limit = column_walk(n_rows)
+    j, c, row0, rows, r, rstep, limit = group_column_walk(nchan, group_rows, n_rows)
     if c >= nchan:
         return
-    off_x, x_step = column_start(sx, r, c, rstep)
-    off_y, y_step = column_start(sy, r, c, rstep)
-    off_r, r_step = column_start(s_res, r, c, rstep)
-    off_c, c_step = column_start(s_copy, r, c, rstep)
-    off_m, m_step = column_start(s_mask, r, c, rstep)
-    a = scale[c]
-    b = shift[c]
+    off_x, x_step = column_start(sx, row0 + r, c, rstep)
+    off_y, y_step = column_start(sy, row0 + r, c, rstep)
+    off_r, r_step = column_start(s_res, row0 + r, c, rstep)
+    off_c, c_step = column_start(s_copy, row0 + r, c, rstep)
+    off_m, m_step = column_start(s_mask, row0 + r, c, rstep)
+    a = scale[j]
+    b = shift[j]
     while r < limit:
         x0, x1, x2, x3, off_x = four_rows(off_x, x_step)
         r0, r1, r2, r3, off_r = four_rows(off_r, r_step)
@@ -132,7 +133,7 @@ def affine_columns(x, sx, y, sy, shape, scale, shift, zero, epi):
                     load4_if(residual, (r0, r1, r2, r3), zero), a, b, zero, epi,
                     (c0, c1, c2, c3), (m0, m1, m2, m3))
         r = as_index(r + as_index(rstep * 4, rstep), rstep)
-    while r < n_rows:
+    while r < rows:
         put_affine(y, off_y, x[off_x], load_if(residual, off_r, zero), a, b, zero, epi,
                    off_c, off_m)
         off_x = as_index(off_x + x_step, x_step)
