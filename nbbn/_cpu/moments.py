@@ -390,12 +390,16 @@ def short_run_state(x, r0, r1, k, s1, s2, state):
 def columns_state(x, r0, r1, state):
     """Fill the (FIELDS, C) ``state`` from rows r0:r1 of x[rows, C], shifted per column
     by a value sampled from rows spread over them (see ``central``)."""
-    nchan = x.shape[1]
-    work = np.empty((8, nchan))  # one allocation: shifts, counts, sums, block sums
+    columns_run_state(x, r0, r1, np.empty((8, x.shape[1])), np.empty(SAMPLES), state)
+
+
+@helper
+def columns_run_state(x, r0, r1, work, samples, state):
+    """``columns_state`` with its scratch given (a thread's, reused over its runs): ``work``
+    (8, C) for shifts, counts, sums and block sums (one allocation), ``samples``."""
     k, counts, sums, s1, s2 = work[0], work[1], work[2:6], work[6], work[7]
     counts[:] = r1 - r0
-    samples = np.empty(SAMPLES)
-    for j in range(nchan):
+    for j in range(x.shape[1]):
         for s in range(SAMPLES):
             samples[s] = wide(x[r0 + s * (r1 - r0) // SAMPLES, j])
         k[j] = central(samples)
@@ -420,9 +424,7 @@ def moments_columns(x, group_rows, nthreads):
     heads = np.zeros((nthreads, FIELDS, nchan))
     for t in prange(nthreads):
         first, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
-        work = np.empty((8, nchan))  # one allocation: shifts, counts, sums, block sums
-        k, counts, sums, s1, s2 = work[0], work[1], work[2:6], work[6], work[7]
-        samples = np.empty(SAMPLES)
+        work, samples = np.empty((8, nchan)), np.empty(SAMPLES)  # columns_run_state's
         # Short runs' shifts and sums: fresh arrays, so the compiler knows that nothing else
         # writes them and vectorizes their loops without alias checks.
         short_k, short_s1, short_s2 = np.empty(nchan), np.empty(nchan), np.empty(nchan)
@@ -434,16 +436,7 @@ def moments_columns(x, group_rows, nthreads):
                 short_run_state(x, r0, r1, short_k, short_s1, short_s2, state)
                 r0 = r1
                 continue
-            counts[:] = r1 - r0
-            for j in range(nchan):  # from rows spread over r0:r1
-                for s in range(SAMPLES):
-                    samples[s] = wide(x[r0 + s * (r1 - r0) // SAMPLES, j])
-                k[j] = central(samples)
-            for _ in range(2):  # a second pass only where the shift was too far
-                columns_pass(x, r0, r1, k, sums, s1, s2)
-                if not thread_state(counts, k, sums, state):
-                    break
-                k[:] = state[MEAN]
+            columns_run_state(x, r0, r1, work, samples, state)
             r0 = r1
     return merge_heads(states, heads, head_groups(n_rows, group_rows, nthreads))
 

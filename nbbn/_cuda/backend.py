@@ -248,14 +248,18 @@ def batch_moments(call, variance=False, mean_low=False):
     return (mean, second, low) if mean_low else (mean, second)
 
 
+def _affine_work(queue, nchan, dtype, weight, bias):
+    """The affine pass's (scale, shift) workspace and the kernels' weight/bias flags."""
+    return (queue.work("scale", (nchan,), _acc(dtype)), queue.work("shift", (nchan,), _acc(dtype)),
+            _flags(w=(normalize.HAS_WEIGHT, weight is not None),
+                   b=(normalize.HAS_BIAS, bias is not None)))
+
+
 def coefficients(dtype, mean, var, weight, bias, eps):
     nchan = mean.shape[0]  # per (group, channel) with virtual batches
     queue = queue_of(mean, var, weight, bias)
-    scale = queue.work("scale", (nchan,), _acc(dtype))
-    shift = queue.work("shift", (nchan,), _acc(dtype))
+    scale, shift, flags = _affine_work(queue, nchan, dtype, weight, bias)
     if nchan:
-        flags = _flags(w=(normalize.HAS_WEIGHT, weight is not None),
-                       b=(normalize.HAS_BIAS, bias is not None))
         queue.launch(normalize.scale_shift, channels_config(nchan), mean, var,
                      _or(weight, mean), _or(bias, mean), flags, eps, scale, shift)
     return scale, shift
@@ -405,11 +409,8 @@ def renorm_coefficients(dtype, mean, var, running_mean, running_var, weight, bia
     nchan = mean.shape[0]
     queue = queue_of(mean, var, running_mean)
     r, d = queue.empty((nchan,), F8), queue.empty((nchan,), F8)
-    scale = queue.work("scale", (nchan,), _acc(dtype))
-    shift = queue.work("shift", (nchan,), _acc(dtype))
+    scale, shift, flags = _affine_work(queue, nchan, dtype, weight, bias)
     if nchan:
-        flags = _flags(w=(normalize.HAS_WEIGHT, weight is not None),
-                       b=(normalize.HAS_BIAS, bias is not None))
         queue.launch(renorm.renorm_coefficients, channels_config(nchan), mean, var,
                      running_mean, running_var, _or(weight, mean), _or(bias, mean), flags, rmax,
                      dmax, eps, r, d, scale, shift)
