@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:  # workers share the cores: OpenMP threads wait asleep
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import copy
 import threading

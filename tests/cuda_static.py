@@ -98,16 +98,18 @@ def planned_blocks(row):
     reductions' ``launch.BLOCKS_PER_SM``, but less with 64-bit indices (past 2**31 elements):
     the backward sums behind a ReLU plan 3 with the gate's offsets (66 registers), 2 when they
     also write the residual's gradient (four operands' offsets, up to 85 registers); the
-    channels-last statistics plan 3 (the virtual batch's rows beside the walk: 66 registers for
-    some dtypes). Issue 17's floor is 3 for reductions; the reduction's blocks need not be
-    resident together, so fewer only runs slower."""
+    statistics plan 3 where the virtual batch's group (its first row and rows) beside the
+    walk takes the registers past 64: channels-last (72), rows with 64-bit indices (66).
+    Issue 17's floor is 3 for reductions; the reduction's blocks need not be resident
+    together, so fewer only runs slower."""
     from nbbn._cuda import launch
     if row["kernel"] not in REDUCTIONS:
         return 2
     gating = row["sig"].rsplit("Tuple((", 1)[1]  # (gate, strides, dres, strides)
     if row["kernel"].startswith("sums_") and "uint64" in gating:
         return {0: 2, 1: 3}.get(gating.count("none"), launch.BLOCKS_PER_SM)
-    if row["kernel"] == "moments_columns" and "uint64" in row["sig"]:
+    if row["kernel"] == "moments_columns" or (row["kernel"] == "moments_rows"
+                                              and "uint64" in row["sig"]):
         return 3
     return launch.BLOCKS_PER_SM
 
@@ -203,6 +205,8 @@ def main():
         sys.exit("nvdisasm not found: pip install nvidia-cuda-nvdisasm (or put it on PATH)")
     threads = launch.THREADS
     for module, name, sig in specializations(t):
+        if path == "shared" and name not in REDUCTIONS:
+            continue  # the switch only changes the reductions' block merges
         kernel = getattr(modules[module], name)
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0), fastmath=False)
         linker = Linker(ObjectCode.from_ptx(ptx.encode(), name=name),

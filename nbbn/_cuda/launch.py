@@ -214,6 +214,7 @@ else:
         return cuda.ldcg(partial, (int64(c), int64(k), int64(p)))
 
 as_index = cast  # offsets: an integer in the kernel's index type (``like``: one of its operands)
+U32 = np.uint32(0)  # ``cast(v, U32)``: v in 32 unsigned bits (pair indices: a grid's x fits)
 
 
 @cuda.jit(device=True, cache=True)
@@ -238,16 +239,15 @@ def group_plane(nchan, group_rows, n_outer):
     c = blockIdx.x, its channel, and its group's first row and rows (the last group may
     be shorter), in n_outer's index type."""
     j = cuda.blockIdx.x
-    g = j // nchan
-    first = as_index(as_index(g, n_outer) * group_rows, n_outer)
+    g = as_index(cast(j, U32) // cast(nchan, U32), n_outer)  # int64's division costs registers
+    first = as_index(g * group_rows, n_outer)
     return j, j - g * nchan, first, min(group_rows, as_index(n_outer - first, n_outer))
 
 
 @cuda.jit(device=True, cache=True)
 def group_column(nchan):
     """This thread's (group, channel) pair in a channels-last kernel: ``(g, j, c)``, j = g *
-    C + c (c may be past the last channel: no work; TX threads over consecutive channels).
-    Cheap to compute again after a loop rather than keep (registers)."""
+    C + c (c may be past the last channel: no work; TX threads over consecutive channels)."""
     tiles = (nchan + cuda.blockDim.x - 1) // cuda.blockDim.x
     g = cuda.blockIdx.x // tiles
     c = (cuda.blockIdx.x - g * tiles) * cuda.blockDim.x + cuda.threadIdx.x

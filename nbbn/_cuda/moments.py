@@ -231,7 +231,7 @@ def moments_columns(x, sx, shape, zero, partial, tickets, fin):
     nthreads = ntx * cuda.blockDim.y
     tid = cuda.threadIdx.y * ntx + cuda.threadIdx.x
     parts = cuda.gridDim.y
-    _, c, row0, rows, r, rstep, limit = group_column_walk(nchan, group_rows, n_rows)
+    j, c, row0, rows, r, rstep, limit = group_column_walk(nchan, group_rows, n_rows)
     count = as_index(0, rstep)
     k = zero
     s1 = zero
@@ -257,7 +257,6 @@ def moments_columns(x, sx, shape, zero, partial, tickets, fin):
             r = as_index(r + rstep, rstep)
     state = shifted_state(count, k, h1, h2, s1, s2)
     state = block_merge(state, tid, nthreads, ntx)
-    j, c, _, _, _, _, _ = group_column_walk(nchan, group_rows, n_rows)  # again: registers
     if parts > 1:
         if tid < ntx and c < nchan:
             write_partial(partial, j, cuda.blockIdx.y, state)
