@@ -117,6 +117,14 @@ class Backend(Protocol):
     def param_grads(self, like, weight, var, eps, sum_dy, sum_dy_xmu):
         """(dweight, dbias) in weight's dtype, in ``like``'s library (summed over groups)."""
 
+    def grouped_backward(self, call, dy3, mean, var, weight, eps, out, gate3, dresidual):
+        """The training backward over virtual batches (``call.plan.groups`` > 1, their batch
+        statistics) in one stage, where the backend has a faster way than ``backward_sums``,
+        ``grad_input`` and ``param_grads``: ``(dx, dweight, dbias, g)``, dweight and dbias
+        None where weight is None, ``g`` as ``backward_sums`` writes it with ``dresidual``
+        (else None); or None (declined: the general stages then run, and rewrite whatever
+        was written)."""
+
     def folded(self, w, b, scale, shift, b_dtype):
         """(w * scale per output channel (w's axis 0), b * scale + shift) as new arrays in
         w's dtype and ``b_dtype``, in w's library; ``w`` as given, ``b`` validated or None

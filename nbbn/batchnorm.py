@@ -415,11 +415,17 @@ def batch_norm_backward(dy, x, mean, var, weight=None, eps=1e-5, *, axis=1, out=
     gate3, read = gate(call, y, activation)
     target, deliver = call.output(out, like_x=(be.array(dy, "dy"), *read),
                                   vectors=(mean, var, weight))
-    dx, sums, dresidual = gradients(call, dy, mean, var, weight, eps, call.plan.group_count,
-                                    True, target, gate3, bool(residual_grad))
+    done = call.virtual and be.grouped_backward(call, call.like_x(dy, "dy"), mean, var, weight,
+                                                eps, target, gate3, bool(residual_grad))
+    if done:
+        dx, *grads, dresidual = done
+    else:
+        dx, sums, dresidual = gradients(call, dy, mean, var, weight, eps,
+                                        call.plan.group_count, True, target, gate3,
+                                        bool(residual_grad))
+        grads = (None, None) if weight is None else be.param_grads(call.like, weight, var,
+                                                                   eps, *sums)
     dx = deliver(dx)
-    grads = (None, None) if weight is None else be.param_grads(call.like, weight, var, eps,
-                                                               *sums)
     return (dx, *grads, dresidual) if residual_grad else (dx, *grads)
 
 

@@ -141,9 +141,15 @@ class BatchNorm:
         if call.plan.nchan != self.num_features:
             raise ValueError(f"x has {call.plan.nchan} channels on axis {self.axis}, expected "
                              f"{self.num_features}")
+        # Virtual batches of a layer whose hooks are not extended: the statistics and y in one
+        # stage (``Backend.forward``; the host does small groups a group at a time).
+        grouped = batch_stats and call.plan.groups > 1 and self._plain_hooks()
         if batch_stats:
             _layout.check_eps(self.eps, training=True)
-            count, mean, var = self._batch_stats(be, call)
+            if grouped:
+                count = call.plan.group_count
+            else:
+                count, mean, var = self._batch_stats(be, call)
             require_values(call, count)
         else:  # copies: backward must see the statistics this forward used
             count = call.plan.count
@@ -156,7 +162,13 @@ class BatchNorm:
         if epilogue.relu and call.plan.size:
             mask = earlier.mask if earlier is not None and earlier.mask is not None \
                 and earlier.call.plan is call.plan else be.kept(call, np.uint8)
-        y, renorm = self._normalize(call, mean, var, epilogue._replace(copy=copy, mask=mask))
+        epilogue = epilogue._replace(copy=copy, mask=mask)
+        if grouped:
+            y, mean, var = be.forward(call, self.weight, self.bias, self.eps, None, None, None,
+                                      0.0, 1.0, epilogue)
+            renorm = None
+        else:
+            y, renorm = self._normalize(call, mean, var, epilogue)
         if batch_stats and self.training and self.track_running_stats:
             with self._lock:
                 self._update_running(be, call, count, mean, var)
@@ -218,13 +230,16 @@ class BatchNorm:
         return normalize(call, mean, var, self.weight, self.bias, self.eps,
                          epilogue=epilogue), None
 
+    def _plain_hooks(self):
+        """Whether the hooks here are not extended (a synchronized or renorm layer's are)."""
+        return (type(self)._batch_stats is BatchNorm._batch_stats
+                and type(self)._reduce_sums is BatchNorm._reduce_sums
+                and type(self)._normalize is BatchNorm._normalize)
+
     def _plain(self):
         """Whether this layer's batch is its input, whole (the hooks here not extended, no
         virtual batches, no precise statistics): what the fused small-call path computes."""
-        return (type(self)._batch_stats is BatchNorm._batch_stats
-                and type(self)._reduce_sums is BatchNorm._reduce_sums
-                and type(self)._normalize is BatchNorm._normalize
-                and self.virtual_batch_size is None and self._pooled is None)
+        return self._plain_hooks() and self.virtual_batch_size is None and self._pooled is None
 
     def _small_forward(self, x):
         """``forward`` with batch statistics, no epilogue, in one compiled call where the
@@ -284,17 +299,24 @@ class BatchNorm:
         weight = self.weight
         if saved.renorm is not None:  # batch renorm's dx: batch norm's with weight * r
             weight = be.renorm_weight(self.weight, saved.renorm[0])
-        dx, sums, dresidual = gradients(
-            call, required(dy, "dy"), mean, var, weight, self.eps, saved.count,
-            saved.batch_stats, None, gate3, saved.residual,
-            lambda sum_dy, sum_dy_xmu: self._reduce_sums(be, sum_dy, sum_dy_xmu,
-                                                         saved.batch_stats))
-        grads = (None, None)
-        if self.weight is not None and saved.renorm is None:
-            grads = be.param_grads(self.weight, self.weight, var, self.eps, *sums)
-        elif self.weight is not None:
-            grads = be.renorm_grads(self.weight, self.weight, var, *saved.renorm, self.eps,
-                                    *sums)
+        required(dy, "dy")
+        done = (saved.batch_stats and call.plan.groups > 1 and self._plain_hooks()
+                and be.grouped_backward(call, call.like_x(dy, "dy"), mean, var, weight,
+                                        self.eps, None, gate3, saved.residual))
+        if done:
+            dx, *grads, dresidual = done
+        else:
+            dx, sums, dresidual = gradients(
+                call, dy, mean, var, weight, self.eps, saved.count, saved.batch_stats, None,
+                gate3, saved.residual,
+                lambda sum_dy, sum_dy_xmu: self._reduce_sums(be, sum_dy, sum_dy_xmu,
+                                                             saved.batch_stats))
+            grads = (None, None)
+            if self.weight is not None and saved.renorm is None:
+                grads = be.param_grads(self.weight, self.weight, var, self.eps, *sums)
+            elif self.weight is not None:
+                grads = be.renorm_grads(self.weight, self.weight, var, *saved.renorm, self.eps,
+                                        *sums)
         with self._lock:
             self.grad_weight, self.grad_bias = grads
             self.grad_residual = dresidual

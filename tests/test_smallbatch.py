@@ -437,6 +437,60 @@ def test_virtual_batches_large_threaded(rng):
         np.testing.assert_allclose(db, grads_ref[2], rtol=1e-9, atol=1e-8)
 
 
+def test_virtual_batches_of_features_a_group_at_a_time(rng):
+    """Small virtual batches of channels-last rows go a group at a time (``_cpu/groups.py``):
+    threaded, with the epilogue and the ReLU's backward, without weight, with 16-bit data
+    and statistics as given (other dtypes, other byte orders); out= in place; a group whose
+    statistics are not finite declines and the general path gives NumPy's results."""
+    shape, size = (4099, 40), 8  # a short last group
+    x = rng.standard_normal(shape) * 3 + 2
+    dy, res = rng.standard_normal(shape), rng.standard_normal(shape)
+    w, b = rng.random(40) + 0.5, rng.standard_normal(40)
+    xt, rt = t(x).requires_grad_(), t(res).requires_grad_()
+    wt, bt = t(w).requires_grad_(), t(b).requires_grad_()
+    y_ref = torch.relu(torch.cat([F.batch_norm(p, None, None, wt, bt, training=True)
+                                  for p in xt.split(size)]) + rt)
+    y_ref.backward(t(dy))
+    y, mean, var = nbbn.batch_norm_forward(x, w, b, residual=res, activation="relu",
+                                           virtual_batch_size=size)
+    np.testing.assert_allclose(y, y_ref.detach().numpy(), rtol=1e-12, atol=1e-12)
+    dx, dw, db, dres = nbbn.batch_norm_backward(dy, x, mean, var, w, y=y, activation="relu",
+                                                residual_grad=True, virtual_batch_size=size)
+    for got, want in ((dx, xt.grad), (dw, wt.grad), (db, bt.grad), (dres, rt.grad)):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-10)
+    swapped = [v.astype(v.dtype.newbyteorder()) for v in (mean, var)]
+    np.testing.assert_allclose(
+        nbbn.batch_norm_backward(dy, x, *swapped, w, y=y, activation="relu",
+                                 virtual_batch_size=size)[0], dx, rtol=1e-14, atol=1e-14)
+    y_ref, grads_ref, mean_ref, var_ref = ghost_reference(x, None, None, dy, size)
+    y, mean, var = nbbn.batch_norm_forward(x, virtual_batch_size=size)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    dx, dw, db = nbbn.batch_norm_backward(dy, x, mean, var, virtual_batch_size=size)
+    np.testing.assert_allclose(dx, grads_ref[0], rtol=1e-10, atol=1e-10)
+    assert dw is None and db is None
+    inplace = x.copy()
+    assert nbbn.batch_norm_forward(inplace, virtual_batch_size=size, out=inplace)[0] is inplace
+    np.testing.assert_allclose(inplace, y_ref, rtol=1e-12, atol=1e-12)
+    half = x.astype(np.float16)
+    y16, mean16, var16 = nbbn.batch_norm_forward(half, virtual_batch_size=size)
+    y_ref, grads_ref, _, _ = ghost_reference(half, None, None, dy.astype(np.float16), size)
+    np.testing.assert_allclose(y16.astype(np.float64), y_ref, rtol=2e-3, atol=2e-3)
+    dx16 = nbbn.batch_norm_backward(dy.astype(np.float16), half, mean16.astype(np.float16),
+                                    var16, virtual_batch_size=size)[0]
+    np.testing.assert_allclose(dx16.astype(np.float64), grads_ref[0], rtol=2e-2, atol=2e-2)
+    bad = x.copy()
+    bad[9, 3], bad[17, 5] = np.inf, 1.4e154  # the second group: an inf; the third: x**2 overflows
+    with np.errstate(invalid="ignore", over="ignore"):
+        y, mean, var = nbbn.batch_norm_forward(bad, virtual_batch_size=size)
+        dx = nbbn.batch_norm_backward(dy, bad, mean, var, virtual_batch_size=size)[0]
+    assert np.isnan(var[1, 3]) and mean[1, 3] == np.inf and np.isnan(y[8:16, 3]).all()
+    np.testing.assert_allclose(var[2, 5], np.ldexp(np.ldexp(bad[16:24, 5], -600).var(), 1200),
+                               rtol=1e-12)
+    assert np.isfinite(y[16:24, 5]).all() and np.isnan(dx[8:16, 3]).all()
+    np.testing.assert_allclose(y[:8], nbbn.batch_norm_forward(x[:8])[0], rtol=1e-12,
+                               atol=1e-12)
+
+
 def test_virtual_batches_far_apart_stay_exact(rng):
     """Virtual batches whose means lie far apart (non-i.i.d.), channels-last: a group's first
     tile is shifted by the previous group's mean where that is close, else computed exactly."""

@@ -13,7 +13,7 @@ from .merge import merge_batches as _merge_kernel
 from .moments import CHANNEL_TILE, channel_moments
 from .normalize import affine as _affine_kernel
 from .renorm import renorm_factors as _renorm_factors
-from . import fused as _fused, pool
+from . import fused as _fused, groups as _groups, pool
 
 
 # ---- arrays ----------------------------------------------------------------------------------
@@ -253,6 +253,9 @@ def affine(call, scale, shift, out, epilogue):
 
 def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_factor,
             epilogue):
+    done = _forward_by_groups(call, weight, bias, eps, out, stats_dtype, epilogue)
+    if done is not None:
+        return done
     mean, var = batch_moments(call, variance=True)
     y = affine(call, *coefficients(call.plan.dtype, mean, var, weight, bias, eps), out,
                epilogue)
@@ -261,6 +264,47 @@ def forward(call, weight, bias, eps, out, stats_dtype, running, momentum, var_fa
     if stats_dtype is None:
         return y, mean, var
     return y, mean.astype(stats_dtype, copy=False), var.astype(stats_dtype, copy=False)
+
+
+def _read64(v):
+    """Vector ``v`` (None allowed) as the kernels read it: float32/float64 as it is, other
+    dtypes as float64."""
+    return v if v is None or v.dtype in _NATIVE_FLOATS else np.asarray(v, np.float64)
+
+
+def _by_groups(call, out, *read):
+    """2-D x where small virtual batches of channels-last rows go a group at a time
+    (``groups``), else None: also where ``out`` shares memory with an array read (``read``,
+    None allowed), which the general path would read after a group declined."""
+    if not _groups.applies(call.plan) or out is not None and any(
+            a is not None and overlap(out, a) for a in (call.x, *read)):
+        return None
+    return call.x3[:, :, 0]
+
+
+def _plane(a):
+    return None if a is None else a[:, :, 0]
+
+
+def _forward_by_groups(call, weight, bias, eps, out, stats_dtype, epilogue):
+    """``forward`` a group at a time (``_by_groups``), or None."""
+    x = _by_groups(call, out, epilogue.residual)
+    if x is None:
+        return None
+    plan = call.plan
+    view3, finish = _output(call, out)
+    shape = (plan.groups, plan.nchan)  # an eighth of x for groups of 8 rows: fresh pages cost
+    mean, var = (pool.empty(shape, np.float64 if stats_dtype is None else stats_dtype)
+                 for _ in range(2))
+    nthreads, parallel = _groups.plan_groups(x, plan.group_rows)
+    if not _groups.forward_groups(
+            x, _read64(weight), _read64(bias), eps, view3[:, :, 0], mean, var,
+            _plane(epilogue.residual), True if epilogue.relu else None,
+            _plane(_written(call, epilogue.copy)), _plane(_written(call, epilogue.mask)),
+            plan.group_rows, np.empty((nthreads, 2, plan.nchan), work_dtype(plan.dtype)),
+            nthreads, parallel=parallel):
+        return None
+    return finish(), mean.ravel(), var.ravel()
 
 
 def ema(running_mean, running_var, mean, var, momentum, var_factor):
@@ -304,6 +348,28 @@ def grad_input(call, dy3, mean, var, weight, eps, sum_dy, sum_dy_xmu, count, bat
     _grad_input(dy3, call.x3, *_working(call, mean, g, h, k), view3, gate3,
                 _group_rows(call.plan))
     return finish()
+
+
+def grouped_backward(call, dy3, mean, var, weight, eps, out, gate3, dresidual):
+    x = _by_groups(call, out, dy3, gate3)
+    if x is None:
+        return None
+    plan = call.plan
+    view3, finish = _output(call, out)
+    g, finish_g = _output(call, None) if dresidual else (None, None)
+    shape = (plan.groups, plan.nchan)
+    nthreads, parallel = _groups.plan_groups(x, plan.group_rows)
+    grads = np.empty((nthreads, 2, plan.nchan))
+    if not _groups.backward_groups(
+            _plane(dy3), x, _plane(gate3), _plane(g), _read64(mean).reshape(shape),
+            _read64(var).reshape(shape), _read64(weight), eps, view3[:, :, 0], grads,
+            plan.group_rows, np.empty((nthreads, 4, plan.nchan), work_dtype(plan.dtype)),
+            nthreads, parallel=parallel):
+        return None
+    dweight = dbias = None
+    if weight is not None:
+        dweight, dbias = (as_dtype(v, weight.dtype) for v in grads.sum(axis=0))
+    return finish(), dweight, dbias, None if finish_g is None else finish_g()
 
 
 def _channel_sum(v, nchan):

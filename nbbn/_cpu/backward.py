@@ -176,14 +176,12 @@ def sums_walk(dy, x, gate, dres, first, stop, n_streams, mean, s_dy, s_dxm, sums
 
 
 @helper
-def sums_share(dy, x, mean, gate, dres, first, stop, sums):
-    """The sums over channels-last rows first:stop into the (4, C) double-double ``sums``."""
-    nchan = x.shape[1]
-    # The run's own accumulators: fresh arrays, so the compiler knows that
-    # nothing else writes them and vectorizes the sweep without alias checks.
-    s_dy = np.zeros(nchan)
-    s_dxm = np.zeros(nchan)
-    if nchan >= WIDE_ROW:  # each call with its constant: the sweep's loop unrolls
+def sums_share(dy, x, mean, gate, dres, first, stop, sums, s_dy, s_dxm):
+    """The sums over channels-last rows first:stop into the (4, C) double-double ``sums``;
+    ``s_dy``, ``s_dxm``: per-column accumulators, fresh arrays of the caller's, so that the
+    compiler knows that nothing else writes them and vectorizes the sweep without alias
+    checks."""
+    if x.shape[1] >= WIDE_ROW:  # each call with its constant: the sweep's loop unrolls
         sums_walk(dy, x, gate, dres, first, stop, SUMS_STREAMS[1], mean, s_dy, s_dxm, sums)
     else:
         sums_walk(dy, x, gate, dres, first, stop, SUMS_STREAMS[0], mean, s_dy, s_dxm, sums)
@@ -198,11 +196,12 @@ def sums_columns(dy, x, mean, gate, dres, group_rows, nthreads):
     heads = np.zeros((nthreads, 4, nchan))
     for t in prange(nthreads):
         first, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
+        s_dy, s_dxm = np.empty(nchan), np.empty(nchan)
         r = first
         while r < stop:
             end = run_stop(r, stop, group_rows)
             sums_share(dy, x, mean[r // group_rows], gate, dres, r, end,
-                       heads[t] if r == first else sums[r // group_rows])
+                       heads[t] if r == first else sums[r // group_rows], s_dy, s_dxm)
             r = end
     return add_heads(sums, heads, head_groups(n_rows, group_rows, nthreads))
 

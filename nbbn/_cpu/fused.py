@@ -92,7 +92,8 @@ def _sums_all(dy, x, mean):
 
     def columns(dy, x, mean):
         sums = np.zeros((4, x.shape[1]))
-        sums_share(dy, x, mean, None, None, 0, x.shape[0], sums)
+        sums_share(dy, x, mean, None, None, 0, x.shape[0], sums, np.empty(x.shape[1]),
+                   np.empty(x.shape[1]))
         return _totals(sums)
     return columns
 

@@ -363,15 +363,19 @@ def columns_pass(x, r0, r1, k, sums, s1, s2):
 @helper
 def short_run_state(x, r0, r1, k, s1, s2, state):
     """The (FIELDS, C) state of rows r0:r1 (a short run of a virtual batch) from plain
-    float64 sums shifted by the first row, again shifted by the means where that cancelled
-    too much (see CANCELLATION); mean_low is 0 (a group's statistics are not merged)."""
+    float64 sums (STREAMS rows a sweep) shifted by the first row, again shifted by the
+    means where that cancelled too much (see CANCELLATION); mean_low is 0 (a group's
+    statistics are not merged)."""
     n = np.float64(r1 - r0)
     for j in range(k.shape[0]):
         k[j] = wide(x[r0, j])
+    part = (r1 - r0) // STREAMS
     for _ in range(2):
         s1[:] = 0.0
         s2[:] = 0.0
-        for r in range(r0, r1):
+        for r in range(r0, r0 + part):
+            sweep(x, r, part, k, s1, s2)
+        for r in range(r0 + STREAMS * part, r1):
             add_row(x[r], k, s1, s2)
         again = False
         for j in range(k.shape[0]):
