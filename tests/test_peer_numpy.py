@@ -69,7 +69,8 @@ def numpy_report(tmp_path_factory):
     env = dict(os.environ, NBBN_PEER_REPORT=str(report),
                NBBN_PEER_EXPECTED=json.dumps(EXPECTED_FAILURES),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "tests.peer_plugin", "-p",
+    # -n 0: in one process (the plugin's report of what reached nbbn is that process's)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "tests.peer_plugin", "-p",
            "no:cacheprovider", "-m", "not slow", "-W", "ignore::DeprecationWarning",
            "--rootdir", str(NUMPY), *[str(NUMPY / s) for s in SELECTION]]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
