@@ -46,7 +46,7 @@ def specializations(t):
                                arr(acc), arr(acc), p, p, p, p))
                 for kernel, sx, shape in (("moments_rows", s3, rows_shape),
                                           ("moments_columns", s2, cols_shape)):
-                    out.append(("moments", kernel, (arr(x), sx, shape, acc, arr(f8, 3),
+                    out.append(("moments", kernel, (arr(x), sx, shape, acc, acc, arr(f8, 3),
                                                     arr(i4), fin)))
                 if x not in floats:
                     continue

@@ -182,7 +182,8 @@ def _moments(queue, x3, nchan, dtype, fin):
     """The per-channel reduction of x3 (None: an empty batch) writing ``fin``'s results."""
     if nchan:
         op = _empty_operand(queue, nchan, dtype) if x3 is None else x3
-        _reduction(queue, _MOMENTS, moment_kernels.FIELDS, (op,), (_zero(dtype),), (fin,))
+        _reduction(queue, _MOMENTS, moment_kernels.FIELDS, (op,),
+                   (_zero(dtype), moment_kernels.rescale(dtype, _acc(dtype))), (fin,))
 
 
 def _fin(mode, ddof, mean, second, low, scale, shift=None, flags=0, eps=0.0, momentum=0.0,
