@@ -217,13 +217,7 @@ def rescaled_sums(x, first, outer, inner, zero, scale):
     few registers)."""
     n_o, o, o_step, s_o = outer
     n_i, i0, i_step, s_i = inner
-    count = as_index(0, first)
-    k = zero
-    s1 = zero
-    s2 = zero
-    h1 = 0.0
-    h2 = 0.0
-    rounds = ROUND0
+    count, k, h1, h2, s1, s2, rounds = as_index(0, first), zero, 0.0, 0.0, zero, zero, ROUND0
     row = as_index(first + o * s_o, first)
     while o < n_o:
         i = i0
