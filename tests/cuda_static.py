@@ -190,6 +190,8 @@ def main():
         sys.exit("nvdisasm not found: pip install nvidia-cuda-nvdisasm (or put it on PATH)")
     threads = launch.THREADS
     for module, name, sig in specializations(t):
+        if path == "shared" and name not in REDUCTIONS:
+            continue  # the switch only changes the reductions' block merges
         kernel = getattr(modules[module], name)
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0), fastmath=False)
         linker = Linker(ObjectCode.from_ptx(ptx.encode(), name=name),
