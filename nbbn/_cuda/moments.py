@@ -334,10 +334,7 @@ def moments_columns(x, sx, shape, zero, scale, partial, tickets, fin):
             off = as_index(off + row_step, row_step)
             r = as_index(r + rstep, rstep)
     state = shifted_state(count, k, h1, h2, s1, s2)
-    # The shared-memory tree (no shuffles), here and in the second walk's merge: with
-    # shuffles there, the kernel took 66 registers (3 blocks per multiprocessor); here only,
-    # it held a second copy of block_merge's shared arrays (16 KB).
-    state = block_merge(state, tid, nthreads, ntx, False)
+    state = block_merge(state, tid, nthreads, ntx)
     if parts > 1:
         if tid < ntx and c < nchan:
             write_partial(partial, c, cuda.blockIdx.y, state)
@@ -358,6 +355,8 @@ def moments_columns(x, sx, shape, zero, scale, partial, tickets, fin):
             (n_rows if mine else as_index(0, n_rows), as_index(cuda.threadIdx.y, n_rows),
              as_index(cuda.blockDim.y, n_rows), s_r),
             (as_index(1, n_rows), as_index(0, n_rows), as_index(1, n_rows), s_c), zero, scale)
+        # The shared-memory tree (a second copy of block_merge's shared arrays: 16 KB): with
+        # shuffles here, the kernel took 66 registers (3 blocks per multiprocessor).
         state = block_merge(shifted_state(n, k, h1, h2, s1, s2), tid, nthreads, ntx, False)
         if tid < ntx and mine:
             channel_result(c, state, 1.0 / float64(scale), fin)
