@@ -22,13 +22,14 @@ Accurate as the host's (``_cpu/moments.py``), at the same cost in memory traffic
   squares near ``finfo.max``; float32 sums of 16-bit data and float64 sums of float32 or
   integer data cannot). Where a float64 channel's merged state is not finite, its last
   block sums the channel again with every value scaled by ``RESCALE`` (a power of two:
-  exact; ``rescaled_sums``: one value at a time, a slow path that costs the kernels no
-  register), and ``channel_result`` scales the results back after m2's division, so a
-  variance or std is finite wherever it is, even where m2 is not. No sum of scaled finite
-  values overflows, so inf and nan data come out of that walk by the host's rules
-  (``_cpu/moments.nonfinite_channel``): nan with any nan or both infinities, else the
-  infinity's sign and a nan m2. Such a float64 channel (inf/nan, or values near the
-  limit) is read twice, the second time by one block; no other costs anything.
+  exact; ``rescaled_sums``: one value at a time and no division, so that the kernels keep
+  4 blocks per multiprocessor), and ``channel_result`` scales the results back after m2's
+  division, so a variance or std is finite wherever it is, even where m2 is not. No sum
+  of scaled finite values overflows, so inf and nan data come out of that walk by the
+  host's rules (``_cpu/moments.nonfinite_channel``): nan with any nan or both infinities,
+  else the infinity's sign and a nan m2. Such a float64 channel (inf/nan, or values near
+  the limit) is read twice, the second time by one block; other data pays nothing but a
+  finiteness test per channel (and ``moments_columns`` 16 KB more static shared memory).
 
 The last block writes the channel's results (``channel_result``): statistics for
 ``nbbn.var`` & co (and the mean's low part, for mergeable ``Moments``), or the batch
