@@ -46,7 +46,7 @@ def specializations(t):
                                arr(acc), arr(acc), p, p, p, p))
                 for kernel, sx, shape in (("moments_rows", s3, rows_shape),
                                           ("moments_columns", s2, cols_shape)):
-                    out.append(("moments", kernel, (arr(x), sx, shape, acc, arr(f8, 3),
+                    out.append(("moments", kernel, (arr(x), sx, shape, acc, acc, arr(f8, 3),
                                                     arr(i4), fin)))
                 if x not in floats:
                     continue
@@ -95,12 +95,11 @@ def specializations(t):
 
 def planned_blocks(row):
     """Blocks per multiprocessor a kernel must reach: 2 for the elementwise kernels; the
-    reductions' ``launch.BLOCKS_PER_SM``, but less with 64-bit indices (past 2**31 elements):
-    the backward sums behind a ReLU plan 3 with the gate's offsets (66 registers), 2 when they
-    also write the residual's gradient (four operands' offsets, up to 85 registers); the
-    statistics plan 3 where the virtual batch's group (its first row and rows) beside the
-    walk takes the registers past 64: channels-last (72), rows with 64-bit indices (66).
-    Issue 17's floor is 3 for reductions; the reduction's blocks need not be resident
+    reductions' ``launch.BLOCKS_PER_SM``, but 3 for the channels-last statistics (the virtual
+    batch's group beside the walk and the overflow rescue's second walk: 74 registers) and
+    less for the backward sums behind a ReLU with 64-bit indices (past 2**31 elements): 3
+    with the gate's offsets (66 registers), 2 when they also write the residual's gradient
+    (four operands' offsets, up to 85 registers). Issue 17's floor is 3 for reductions; the reduction's blocks need not be resident
     together, so fewer only runs slower."""
     from nbbn._cuda import launch
     if row["kernel"] not in REDUCTIONS:
@@ -108,8 +107,7 @@ def planned_blocks(row):
     gating = row["sig"].rsplit("Tuple((", 1)[1]  # (gate, strides, dres, strides)
     if row["kernel"].startswith("sums_") and "uint64" in gating:
         return {0: 2, 1: 3}.get(gating.count("none"), launch.BLOCKS_PER_SM)
-    if row["kernel"] == "moments_columns" or (row["kernel"] == "moments_rows"
-                                              and "uint64" in row["sig"]):
+    if row["kernel"] == "moments_columns":
         return 3
     return launch.BLOCKS_PER_SM
 

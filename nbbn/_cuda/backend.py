@@ -191,7 +191,8 @@ def _moments(queue, x3, nchan, dtype, fin, group_rows=None):
     ``fin``'s results."""
     if nchan:
         op = _empty_operand(queue, nchan, dtype) if x3 is None else x3
-        _reduction(queue, _MOMENTS, moment_kernels.FIELDS, (op,), (_zero(dtype),), (fin,),
+        _reduction(queue, _MOMENTS, moment_kernels.FIELDS, (op,),
+                   (_zero(dtype), moment_kernels.rescale(dtype, _acc(dtype))), (fin,),
                    group_rows=None if x3 is None else group_rows)
 
 

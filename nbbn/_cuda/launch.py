@@ -380,11 +380,13 @@ def _tree_merge(sn, sh, sl, sq, tid, count, width):
 
 
 @cuda.jit(device=True, cache=True)
-def block_merge(state, tid, nthreads, width):
+def block_merge(state, tid, nthreads, width, shuffle=True):
     """Merge the (n, mean, mean_low, m2) states of threads with equal ``tid % width``.
 
     Returns the merged state, valid in threads ``tid < width``. Every thread of
     the block must call it (it synchronizes). nthreads and width are powers of 2.
+    ``shuffle=False``: the shared-memory tree even on a GPU (where the shuffles would cost
+    a kernel its occupancy: ``moments.moments_columns``).
     """
     sn = cuda.shared.array(MAX_THREADS, float64)
     sh = cuda.shared.array(MAX_THREADS, float64)
@@ -392,7 +394,7 @@ def block_merge(state, tid, nthreads, width):
     sq = cuda.shared.array(MAX_THREADS, float64)
     n, hi, lo, m2 = state
     cuda.syncthreads()  # the previous call's readers are done
-    if USE_SHUFFLE and width < WARP:
+    if USE_SHUFFLE and shuffle and width < WARP:
         off = WARP // 2
         while off >= width:
             n, hi, lo, m2 = merge(n, hi, lo, m2, cuda.shfl_down_sync(FULL_MASK, n, off),

@@ -5,10 +5,10 @@ Accurate as the host's (``_cpu/moments.py``), at the same cost in memory traffic
 
 * Shift. Each thread sums ``x - k`` and ``(x - k)**2``, ``k`` the first value it reads (a
   value of the channel: ``x - k`` is exact for data far from zero, and constant data sums
-  to exactly 0), or 0 where that value is not finite (then the sums are plain sums:
-  NumPy's inf/nan semantics with no second pass). The thread's values are spread over the
-  whole plane (a grid stride), so its first one lies within the channel's spread of the
-  mean and ``m2 = s2 - s1**2 / n`` cancels a few bits at most.
+  to exactly 0), or 0 where that value is not finite (then the sums are plain sums). The
+  thread's values are spread over the whole plane (a grid stride), so its first one lies
+  within the channel's spread of the mean and ``m2 = s2 - s1**2 / n`` cancels a few bits
+  at most.
 * Sums. ``launch.CHUNK_ROUNDS`` rounds of four values are summed plainly in the
   accumulation dtype (``accumulate``), then added into the thread's float64 sums by TwoSum
   (``launch.folded``), so rounding stays inside short chunks however many values a thread
@@ -18,6 +18,18 @@ Accurate as the host's (``_cpu/moments.py``), at the same cost in memory traffic
   last of them to finish (``launch.last_block``), pairwise over their partial states
   (``merged_partials``), merge with Chan's formula in double-double (``launch.merge``):
   the channel's mean comes out correctly rounded, its m2 within a few ulps.
+* Overflow. Sums of float64 data can overflow where the data is finite (``x - k`` and the
+  squares near ``finfo.max``; float32 sums of 16-bit data and float64 sums of float32 or
+  integer data cannot). Where a float64 channel's merged state is not finite, its last
+  block sums the channel again with every value scaled by ``RESCALE`` (a power of two:
+  exact; ``rescaled_sums``: one value at a time and no division, so that the kernels keep
+  4 blocks per multiprocessor), and ``channel_result`` scales the results back after m2's
+  division, so a variance or std is finite wherever it is, even where m2 is not. No sum
+  of scaled finite values overflows, so inf and nan data come out of that walk by the
+  host's rules (``_cpu/moments.nonfinite_channel``): nan with any nan or both infinities,
+  else the infinity's sign and a nan m2. Such a float64 channel (inf/nan, or values near
+  the limit) is read twice, the second time by one block; other data pays nothing but a
+  finiteness test per channel (and ``moments_columns`` 16 KB more static shared memory).
 
 The last block writes the channel's results (``channel_result``): statistics for
 ``nbbn.var`` & co (and the mean's low part, for mergeable ``Moments``), or the batch
@@ -29,11 +41,12 @@ and merge its state, and one more float64 shuffle per warp level (``block_merge`
 """
 import math
 
-from numba import cuda, float64
+import numpy as np
+from numba import cuda, float64, int32
 
 from .elements import store, wide
 from .ema import ema_step
-from .launch import (CHUNK_ROUNDS, ROUND0, advance, as_index, block_merge, column_start,
+from .launch import (CHUNK_ROUNDS, ROUND0, WARP, advance, as_index, block_merge, column_start,
                      folded, four, four_rows, group_column_walk, group_plane, last_block, load4,
                      load_partial, merge, moved, operand_walk, plane_walk, shifted_moments,
                      two_sum)
@@ -45,6 +58,11 @@ RAW_M2, VARIANCE, STD = 0, 1, 2
 COEFFICIENTS, HAS_WEIGHT, HAS_BIAS, UPDATE_RUNNING = 1, 2, 4, 8
 # Fields of a block's partial state (``write_partial``): count, mean, mean_low, m2.
 FIELDS = 4
+# The scale of a channel summed again (``rescaled_sums``, float64 sums): the largest float64
+# becomes < 2**450, its square < 2**902, and no sum of 2**64 such squares overflows.
+RESCALE = 2.0 ** -574
+# ``needs_rescue``'s flags: one per channel of a block (at most a warp's), then the block's.
+RESCUE_FLAGS = WARP + 1
 
 
 @cuda.jit(device=True, cache=True)
@@ -100,13 +118,15 @@ def divide_m2(m2, n, ddof):
 
 
 @cuda.jit(device=True, cache=True)
-def channel_result(j, c, state, fin):
+def channel_result(j, c, state, up, fin):
     """Write the results of (group, channel) pair j of channel c (j = c without virtual
-    batches) from its (n, mean, mean_low, m2) state: ``fin`` = (ddof, mode, flags, eps,
-    momentum, var_factor, mean_out, second_out, low_out, scale, shift, weight, bias,
-    running_mean, running_var): mean_out[j] (correctly rounded), low_out[j] the rest of the
-    mean; second_out[j] = m2, variance or std (mode, ddof); with COEFFICIENTS, y =
-    x*scale[j] + shift[j]'s coefficients from the biased variance (weight[c]/bias[c] per
+    batches) from its (n, mean, mean_low, m2) state of values divided by ``up`` (1, or
+    1 / RESCALE: multiplied back after m2's division, so that a variance or std is finite
+    wherever it is, even where m2 is not): ``fin`` = (ddof, mode, flags, eps, momentum,
+    var_factor, mean_out, second_out, low_out, scale, shift, weight, bias, running_mean,
+    running_var): mean_out[j] (correctly rounded), low_out[j] the rest of the mean;
+    second_out[j] = m2, variance or std (mode, ddof); with COEFFICIENTS, y = x*scale[j] +
+    shift[j]'s coefficients from the biased variance (weight[c]/bias[c] per
     HAS_WEIGHT/HAS_BIAS); with UPDATE_RUNNING (one group only), the running buffers."""
     (ddof, mode, flags, eps, momentum, var_factor, mean_out, second_out, low_out, scale,
      shift, weight, bias, running_mean, running_var) = fin
@@ -114,16 +134,17 @@ def channel_result(j, c, state, fin):
     if n == 0.0:
         mean = math.nan
         m2 = math.nan
+    mean = mean * up
     store(mean_out, j, mean)
-    low_out[j] = mean_low
+    low_out[j] = mean_low * up
     if mode == RAW_M2:
-        store(second_out, j, m2)
+        store(second_out, j, m2 * up * up)
     elif mode == VARIANCE:
-        store(second_out, j, divide_m2(m2, n, ddof))
+        store(second_out, j, divide_m2(m2, n, ddof) * up * up)
     else:
-        store(second_out, j, math.sqrt(divide_m2(m2, n, ddof)))
+        store(second_out, j, math.sqrt(divide_m2(m2, n, ddof)) * up)
     if flags & COEFFICIENTS:
-        var = divide_m2(m2, n, 0.0)
+        var = divide_m2(m2, n, 0.0) * up * up
         w = wide(weight[c], 0.0) if flags & HAS_WEIGHT else 1.0
         b = wide(bias[c], 0.0) if flags & HAS_BIAS else 0.0
         a, d = affine_coefficients(mean, var, w, b, eps)
@@ -172,11 +193,61 @@ def merged_partials(partial, c, valid, first, stride, parts, keep):
     return 0.0, 0.0, 0.0, 0.0
 
 
+@cuda.jit(device=True, cache=True)
+def needs_rescue(flags, state, tid, width):
+    """Whether any channel of the block must be summed again, its merged state (valid in
+    threads tid < width, as ``block_merge`` leaves it) not finite: then ``flags[tid %
+    width]`` says whether thread tid's channel must. Every thread must call it."""
+    if tid == 0:
+        flags[WARP] = 0
+    cuda.syncthreads()
+    if tid < width:
+        _, mean, _, m2 = state
+        bad = not (math.isfinite(mean) and math.isfinite(m2))
+        flags[tid] = 1 if bad else 0
+        if bad:
+            flags[WARP] = 1
+    cuda.syncthreads()
+    return flags[WARP] != 0
+
+
+@cuda.jit(device=True, cache=True)
+def rescaled_sums(x, first, outer, inner, zero, scale):
+    """The shifted sums, ``(count, k, h1, h2, s1, s2)`` for ``shifted_state``, of x's values
+    times ``scale`` at offsets ``first + o * s_o + i * s_i`` for o = o0, o0 + o_step, ... <
+    n_o and i = i0, i0 + i_step, ... < n_i (``outer``, ``inner``: (n, start, step, stride)
+    each): a channel summed again by one block, one value at a time (rare: no division,
+    few registers)."""
+    n_o, o, o_step, s_o = outer
+    n_i, i0, i_step, s_i = inner
+    count, k, h1, h2, s1, s2, rounds = as_index(0, first), zero, 0.0, 0.0, zero, zero, ROUND0
+    row = as_index(first + o * s_o, first)
+    while o < n_o:
+        i = i0
+        off = as_index(row + i * s_i, first)
+        while i < n_i:
+            v = wide(x[off], zero) * scale
+            if count == 0:
+                k = shift_of(v, zero)
+            s1, s2 = accumulate(s1, s2, v, k, zero)
+            count = as_index(count + 1, first)
+            rounds = as_index(rounds + 1, rounds)
+            if rounds == CHUNK_ROUNDS * 4:
+                h1, h2, s1, s2 = folded(h1, h2, s1, s2)
+                rounds = ROUND0
+            i = as_index(i + i_step, first)
+            off = as_index(off + i_step * s_i, first)
+        o = as_index(o + o_step, first)
+        row = as_index(row + o_step * s_o, first)
+    return count, k, h1, h2, s1, s2
+
+
 @cuda.jit(cache=True)
-def moments_rows(x, sx, shape, zero, partial, tickets, fin):
+def moments_rows(x, sx, shape, zero, scale, partial, tickets, fin):
     """x[outer, C, inner] as a flat array with element strides sx (index type); grid
     (channels, parts): block (c, b) walks its share of channel c's plane, the last block of
-    the channel writes its results (``channel_result``)."""
+    the channel writes its results (``channel_result``), summing the plane again times
+    ``scale`` where they are not finite (see the module's docstring)."""
     n_outer, nchan, n_inner, group_rows = shape
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
@@ -217,15 +288,26 @@ def moments_rows(x, sx, shape, zero, partial, tickets, fin):
             return
         state = block_merge(merged_partials(partial, j, True, tid, nthreads, parts, nthreads),
                             tid, nthreads, 1)
+    up = 1.0
+    if scale != 0 and needs_rescue(cuda.shared.array(RESCUE_FLAGS, int32), state, tid, 1):
+        s_o, s_c, s_i = sx
+        _, _, row0, rows = group_plane(nchan, group_rows, n_outer)
+        n, k, h1, h2, s1, s2 = rescaled_sums(
+            x, as_index(as_index(row0, s_i) * s_o + as_index(c, s_c) * s_c, s_c),
+            (rows, as_index(0, n_outer), as_index(1, n_outer), s_o),
+            (n_inner, as_index(tid, n_inner), as_index(nthreads, n_inner), s_i), zero, scale)
+        state = block_merge(shifted_state(n, k, h1, h2, s1, s2), tid, nthreads, 1)
+        up = 1.0 / float64(scale)
     if tid == 0:
-        channel_result(j, c, state, fin)
+        channel_result(j, c, state, up, fin)
 
 
 @cuda.jit(cache=True)
-def moments_columns(x, sx, shape, zero, partial, tickets, fin):
+def moments_columns(x, sx, shape, zero, scale, partial, tickets, fin):
     """x[rows, C], channels-last, flat with element strides sx = (row, channel): thread tx
     of a block reads channel c (consecutive threads, consecutive channels: coalesced), rows
-    r = part*TY + ty + k*parts*TY; the last block of a channel tile writes its results."""
+    r = part*TY + ty + k*parts*TY; the last block of a channel tile writes its results,
+    summing again, as ``moments_rows``, the channels whose results are not finite."""
     n_rows, nchan, group_rows = shape
     ntx = cuda.blockDim.x
     nthreads = ntx * cuda.blockDim.y
@@ -264,8 +346,31 @@ def moments_columns(x, sx, shape, zero, partial, tickets, fin):
             return
         state = merged_partials(partial, j, c < nchan, cuda.threadIdx.y, cuda.blockDim.y,
                                 parts, 1)
-    if tid < ntx and c < nchan:
-        channel_result(j, c, state, fin)
+    flags = cuda.shared.array(RESCUE_FLAGS, int32)
+    tx = cuda.threadIdx.x
+    again = scale != 0 and needs_rescue(flags, state, tid, ntx)
+    if tid < ntx and c < nchan and not (again and flags[tx] != 0):
+        channel_result(j, c, state, 1.0, fin)
+    if again:  # the tile's other channels sum nothing
+        s_r, s_c = sx
+        mine = c < nchan and flags[tx] != 0
+        _, _, row0, rows, _, _, _ = group_column_walk(nchan, group_rows, n_rows)
+        n, k, h1, h2, s1, s2 = rescaled_sums(
+            x, as_index(as_index(row0, s_r) * s_r + as_index(c, s_c) * s_c, s_c),
+            (rows if mine else as_index(0, n_rows), as_index(cuda.threadIdx.y, n_rows),
+             as_index(cuda.blockDim.y, n_rows), s_r),
+            (as_index(1, n_rows), as_index(0, n_rows), as_index(1, n_rows), s_c), zero, scale)
+        # The shared-memory tree (a second copy of block_merge's shared arrays: 16 KB): with
+        # shuffles here, the kernel took 66 registers (3 blocks per multiprocessor).
+        state = block_merge(shifted_state(n, k, h1, h2, s1, s2), tid, nthreads, ntx, False)
+        if tid < ntx and mine:
+            channel_result(j, c, state, 1.0 / float64(scale), fin)
+
+
+def rescale(dtype, acc):
+    """The kernels' ``scale`` (in the accumulation dtype ``acc``) for data of ``dtype``:
+    RESCALE for float64 data, 0 (no second walk) for data whose sums cannot overflow."""
+    return acc.type(RESCALE if dtype == np.float64 else 0.0)
 
 
 KERNELS = ("moments_rows", "moments_columns")
