@@ -153,13 +153,7 @@ def affine_coefficients(mean, var, weight, bias, eps):
     """(scale, shift) of batch norm as ``x * scale + shift``: ``scale = weight / sqrt(var +
     eps)`` as ``(1 / sqrt(var + eps)) * weight``, ``shift = bias - mean * scale``, each
     operation rounded as NumPy rounds it elementwise (no fused multiply-add)."""
-    return affine_of_std(mean, math.sqrt(var + eps), weight, bias)
-
-
-def affine_of_std(mean, std, weight, bias):
-    """``affine_coefficients`` from ``std = sqrt(var + eps)`` (a CPU loop taking the square
-    roots apart from the divisions vectorizes both: 2x faster measured)."""
-    scale = (1.0 / std) * weight
+    scale = (1.0 / math.sqrt(var + eps)) * weight
     return scale, bias - mean * scale
 
 
@@ -171,8 +165,8 @@ def grad_coefficients(var, weight, eps, sum_dy, sum_dy_xmu, count):
 
 
 def grad_of_std(std, weight, sum_dy, sum_dy_xmu, count, inverse):
-    """``grad_coefficients`` from ``std = sqrt(var + eps)`` (see ``affine_of_std``), the
-    divisions by count as ``per_count``'s."""
+    """``grad_coefficients`` from ``std = sqrt(var + eps)``, the divisions by count as
+    ``per_count``'s."""
     invstd = 1.0 / std
     g = invstd * weight
     return (g, per_count(-g * invstd * invstd * sum_dy_xmu, count, inverse),

@@ -45,6 +45,7 @@ cycles per column (measured: 40x the rows' own sums for runs of 8 rows).
 """
 import math
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -361,33 +362,54 @@ def columns_pass(x, r0, r1, k, sums, s1, s2):
 
 
 @helper
+def short_run_sums(x, r0, r1, k, s1, s2):
+    """Plain float64 sums of rows r0:r1 of x[rows, C] shifted by k per column, ``s1 = sum(x -
+    k)`` and ``s2 = sum((x - k)**2)``: STREAMS rows a sweep."""
+    s1[:] = 0.0
+    s2[:] = 0.0
+    part = (r1 - r0) // STREAMS
+    for r in range(r0, r0 + part):
+        sweep(x, r, part, k, s1, s2)
+    for r in range(r0 + STREAMS * part, r1):
+        add_row(x[r], k, s1, s2)
+
+
+@numba.njit(fastmath=False, error_model="numpy", cache=False)
+def short_moments(k, s1, s2, n, inverse):
+    """(mean, m2, whether the shift cancelled too much: see CANCELLATION) of n values from
+    their plain sums shifted by k (``short_run_sums``), ``inverse`` as ``_math.per_count``'s.
+    Loops that call it are strict and without Python's division-by-zero check (Numba's
+    default error model), which keeps a loop of divisions from vectorizing."""
+    q = _math.per_count(s1, n, inverse)
+    return k + q, _math.fma(-s1, q, s2), s1 * q > CANCELLATION * s2
+
+
+@helper
 def short_run_state(x, r0, r1, k, s1, s2, state):
     """The (FIELDS, C) state of rows r0:r1 (a short run of a virtual batch) from plain
-    float64 sums (STREAMS rows a sweep) shifted by the first row, again shifted by the
-    means where that cancelled too much (see CANCELLATION); mean_low is 0 (a group's
-    statistics are not merged)."""
-    n = np.float64(r1 - r0)
+    float64 sums shifted by the first row, again shifted by the means where that cancelled
+    too much; mean_low is 0 (a group's statistics are not merged)."""
     for j in range(k.shape[0]):
         k[j] = wide(x[r0, j])
-    part = (r1 - r0) // STREAMS
     for _ in range(2):
-        s1[:] = 0.0
-        s2[:] = 0.0
-        for r in range(r0, r0 + part):
-            sweep(x, r, part, k, s1, s2)
-        for r in range(r0 + STREAMS * part, r1):
-            add_row(x[r], k, s1, s2)
-        again = False
-        for j in range(k.shape[0]):
-            q = s1[j] / n
-            state[COUNT, j] = n
-            state[MEAN, j] = k[j] + q
-            state[MEAN_LOW, j] = 0.0
-            state[M2, j] = s2[j] - s1[j] * q
-            again |= s1[j] * q > CANCELLATION * s2[j]
-        if not again:
+        short_run_sums(x, r0, r1, k, s1, s2)
+        if not short_run_moments(k, s1, s2, r1 - r0, state):
             return
         k[:] = state[MEAN]
+
+
+@numba.njit(fastmath=False, error_model="numpy", cache=False)
+def short_run_moments(k, s1, s2, count, state):
+    """``short_run_state``'s state from the sums; whether to sum again."""
+    n = np.float64(count)
+    inverse = _math.exact_inverse(count)
+    again = False
+    for j in range(k.shape[0]):
+        state[COUNT, j] = n
+        state[MEAN, j], state[M2, j], cancelled = short_moments(k[j], s1[j], s2[j], n, inverse)
+        state[MEAN_LOW, j] = 0.0
+        again |= cancelled
+    return again
 
 
 @helper
