@@ -6,7 +6,9 @@ forwards they run. Interleaved, in one process (ratios mean more than times here
 Forward: ``batch_renorm_forward`` (running buffers updated) against ``batch_norm`` in
 training with the same buffers; ``batch_norm_forward(virtual_batch_size=V)`` against
 ``batch_norm_forward``. Backward: ``batch_renorm_backward`` and the ghost
-``batch_norm_backward`` against ``batch_norm_backward``. Then
+``batch_norm_backward`` against ``batch_norm_backward``. Layer step: forward and backward of
+``nbbn.BatchNorm(virtual_batch_size=V)`` (running buffers moved by the groups' statistics)
+against ``nbbn.BatchNorm``'s. Then
 ``nbbn.torch.recompute_batch_norm_stats`` over a small CNN against the same training-mode
 forwards under ``torch.no_grad()`` (the model computed by nbbn, as it is while
 recomputing, and by torch.nn).
@@ -24,7 +26,8 @@ from nbbn._bench import runner
 # then an eighth of the data).
 SHAPES = (("NCHW 64x64x56x56", (64, 64, 56, 56), 1, 8),
           ("NHWC 64x56x56x64", (64, 56, 56, 64), -1, 8),
-          ("NC 4096x1024", (4096, 1024), 1, 128), ("NC 4096x1024", (4096, 1024), 1, 8))
+          ("NC 4096x1024", (4096, 1024), 1, 128), ("NC 4096x1024", (4096, 1024), 1, 8),
+          ("NC 4096x256", (4096, 256), 1, 8))
 
 
 def kernels(shape, axis, virtual, rng):
@@ -51,7 +54,10 @@ def kernels(shape, axis, virtual, rng):
         f"ghost {virtual}": lambda: nbbn.batch_norm_backward(dy, x, gm, gv, w, axis=axis,
                                                              virtual_batch_size=virtual),
     }
-    return forward, backward
+    layers = {"bn": nbbn.BatchNorm(c, axis=axis),
+              f"ghost {virtual}": nbbn.BatchNorm(c, axis=axis, virtual_batch_size=virtual)}
+    step = {name: (lambda layer=layer: layer.backward(layer(x))) for name, layer in layers.items()}
+    return forward, backward, step
 
 
 def recompute_thunks(rng):
@@ -99,13 +105,16 @@ def main(argv=None):
     import numba
     print(f"threads {numba.get_num_threads()}, float32, min over {args.rounds} interleaved "
           "rounds")
-    for label, shape, axis, virtual in SHAPES[-2:] if args.quick else SHAPES:
-        forward, backward = kernels(shape, axis, virtual, rng)
+    for label, shape, axis, virtual in SHAPES:
+        if args.quick and not label.startswith("NC"):
+            continue
+        forward, backward, step = kernels(shape, axis, virtual, rng)
         print(label)
         times = runner.interleaved(forward, rounds=args.rounds, stat=min)
         show("forward", {k: times[k] for k in list(forward)[:2]}, "bn (training, buffers)")
         show("forward", {k: times[k] for k in list(forward)[2:]}, "bn forward")
         show("backward", runner.interleaved(backward, rounds=args.rounds, stat=min), "bn")
+        show("layer step", runner.interleaved(step, rounds=args.rounds, stat=min), "bn")
     try:
         thunks = recompute_thunks(rng)
     except ImportError:
