@@ -106,7 +106,7 @@ def main(argv=None):
     print(f"threads {numba.get_num_threads()}, float32, min over {args.rounds} interleaved "
           "rounds")
     for label, shape, axis, virtual in SHAPES:
-        if args.quick and not label.startswith("NC"):
+        if args.quick and len(shape) > 2:
             continue
         forward, backward, step = kernels(shape, axis, virtual, rng)
         print(label)
