@@ -1,10 +1,11 @@
 """Per-call cost: nbbn against PyTorch on small inputs, and the nbbn.torch module on a
-CIFAR ResNet-18's batch-norm shapes (batch 128) and [256, 1024].
+CIFAR ResNet-18's batch-norm shapes (batch 128, NCHW and channels-last) and [256, 1024].
 
-    python -m bench.overhead [--rounds 9] [--threads 1] [--only small|module]
+    python -m bench.overhead [--rounds 9] [--threads 1 2] [--only small|module]
 
 Each pair is timed interleaved in one process (``nbbn._bench.runner.interleaved``);
-the ratio is nbbn's time over PyTorch's (below 1: nbbn is faster).
+the ratio is nbbn's time over PyTorch's (below 1: nbbn is faster). The module case is
+a training-mode forward and ``y.backward(dy)`` in float32, a fresh ``x`` leaf each time.
 """
 import argparse
 import copy
@@ -70,12 +71,16 @@ def small_pairs(shape=(32, 64)):
 
 
 def module_pairs(shapes=RESNET18 + ((256, 1024),)):
-    """{label: {"nbbn": fn, "torch": fn}}: a training-mode module's forward + backward."""
+    """{label: {"nbbn": fn, "torch": fn}}: a training-mode module's forward + backward, on
+    each 4-D shape in NCHW and channels-last memory format."""
     pairs = {}
-    for shape in shapes:
+    cases = [(shape, fmt) for shape in shapes
+             for fmt in ((torch.contiguous_format, torch.channels_last) if len(shape) == 4
+                         else (torch.contiguous_format,))]
+    for shape, fmt in cases:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, generator=g)
-        dy = torch.randn(shape, generator=g)
+        x = torch.randn(shape, generator=g).contiguous(memory_format=fmt)
+        dy = torch.randn(shape, generator=g).contiguous(memory_format=fmt)
         cls = torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d
         ref = cls(shape[1])
         ours = nbbn_torch.convert(copy.deepcopy(ref))
@@ -86,7 +91,8 @@ def module_pairs(shapes=RESNET18 + ((256, 1024),)):
             module(xg).backward(dy)
             return xg.grad
 
-        pairs["module fwd+bwd " + "x".join(map(str, shape))] = {
+        label = "x".join(map(str, shape)) + (" NHWC" if fmt is torch.channels_last else "")
+        pairs["module fwd+bwd " + label] = {
             "nbbn": lambda m=ours, s=step: s(m), "torch": lambda m=ref, s=step: s(m)}
     return pairs
 
@@ -94,23 +100,24 @@ def module_pairs(shapes=RESNET18 + ((256, 1024),)):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, nargs="+", default=[None],
+                   help="thread counts (nbbn and PyTorch alike), one table each")
     p.add_argument("--only", choices=("small", "module"), default=None)
     args = p.parse_args(argv)
-    if args.threads:
-        import numba
-        torch.set_num_threads(args.threads)
-        numba.set_num_threads(args.threads)
     pairs = {}
     if args.only != "module":
         pairs.update(small_pairs())
     if args.only != "small":
         pairs.update(module_pairs())
-    print(f"{'case':48s} {'nbbn us':>10s} {'torch us':>10s} {'ratio':>6s}")
-    for label, thunks in pairs.items():
-        t = runner.interleaved(thunks, rounds=args.rounds, stat=min)
-        print(f"{label:48s} {t['nbbn'] * 1e6:10.1f} {t['torch'] * 1e6:10.1f} "
-              f"{t['nbbn'] / t['torch']:6.2f}", flush=True)
+    for threads in args.threads:
+        if threads:
+            runner.set_threads(threads)
+        print(f"{'case':48s} {'nbbn us':>10s} {'torch us':>10s} {'ratio':>6s}   "
+              f"({torch.get_num_threads()} threads)")
+        for label, thunks in pairs.items():
+            t = runner.interleaved(thunks, rounds=args.rounds, stat=min)
+            print(f"{label:48s} {t['nbbn'] * 1e6:10.1f} {t['torch'] * 1e6:10.1f} "
+                  f"{t['nbbn'] / t['torch']:6.2f}", flush=True)
 
 
 if __name__ == "__main__":

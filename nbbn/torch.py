@@ -36,6 +36,8 @@ bfloat16 tensors are computed by nbbn too: on the CPU they cross to NumPy as
 represent (complex, devices other than CPU and CUDA) fall back to PyTorch's
 operations, so a converted model still runs everywhere a PyTorch one does.
 """
+import math
+
 import ml_dtypes
 import numpy as np
 import torch
@@ -65,16 +67,17 @@ def _arr(t):
     """What nbbn is given for a tensor: a NumPy view (CPU) or the tensor itself (CUDA)."""
     if t is None:
         return None
-    t = t.detach()
     if t.is_cpu:
-        if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: ml_dtypes' over the same bits
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()  # shares memory, any strides
-    return t  # exposes __cuda_array_interface__; nbbn keeps the work and results on the device
+        if t.dtype is torch.bfloat16:  # NumPy has no bfloat16: ml_dtypes' over the same bits
+            return t.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy(force=True)  # detached; shares memory, any strides (never a copy here)
+    return t.detach()  # exposes __cuda_array_interface__; the work and results stay on the device
 
 
 def _tensor(a, like):
     """A tensor for an nbbn result, without a copy: NumPy -> CPU tensor, device array -> CUDA."""
+    if type(a) is np.ndarray and a.dtype.kind == "f":  # the common case first
+        return torch.from_numpy(a)
     if a is None or isinstance(a, torch.Tensor):
         return a
     if isinstance(a, np.ndarray):
@@ -87,8 +90,12 @@ def _tensor(a, like):
 def _check_batch_size(x, virtual_batch_size=None):
     """PyTorch's check: batch statistics need more than one value per channel (in each
     virtual batch)."""
-    counts = _group_counts(x, virtual_batch_size)
-    if counts and min(counts) == 1:
+    if virtual_batch_size is None:  # one group
+        single = x.shape[0] * math.prod(x.shape[2:]) == 1
+    else:
+        counts = _group_counts(x, virtual_batch_size)
+        single = bool(counts) and min(counts) == 1
+    if single:
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input size {x.size()}"
                          + ("" if virtual_batch_size is None else
@@ -162,7 +169,7 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
                 residual=None, activation=None, virtual_batch_size=None):
         xa, wa, ba = _arr(x), _arr(weight), _arr(bias)
-        epilogue = dict(residual=_arr(residual), activation=activation)
+        ra = None if residual is None else _arr(residual)
         ctx.eps = eps
         ctx.use_batch_stats = use_batch_stats
         ctx.activation = activation
@@ -170,9 +177,11 @@ class BatchNormFunction(torch.autograd.Function):
         if use_batch_stats:
             if virtual_batch_size is None:  # the running buffers updated in the same call
                 ya, mean, var = forward_and_update(xa, _arr(running_mean), _arr(running_var), wa,
-                                                   ba, momentum, eps, axis=1, **epilogue)
+                                                   ba, momentum, eps, axis=1, residual=ra,
+                                                   activation=activation)
             else:
-                ya, mean, var = nbbn.batch_norm_forward(xa, wa, ba, eps, axis=1, **epilogue,
+                ya, mean, var = nbbn.batch_norm_forward(xa, wa, ba, eps, axis=1, residual=ra,
+                                                        activation=activation,
                                                         virtual_batch_size=virtual_batch_size)
                 if running_mean is not None and x.numel():  # an empty batch updates nothing
                     nbbn.ema_update(_arr(running_mean), _arr(running_var), mean, var,
@@ -180,10 +189,14 @@ class BatchNormFunction(torch.autograd.Function):
             if running_mean is not None and x.numel():
                 # Written through a NumPy view: tell autograd, as an in-place op would.
                 torch.autograd.graph.increment_version([running_mean, running_var])
+            # The small arrays backward reads, as nbbn's (x only as a saved tensor: an
+            # array here would keep it alive as long as the graph).
+            ctx.arrays = wa, mean, var
             mean, var = _tensor(mean, x), _tensor(var, x)
         else:
             ya = nbbn.batch_norm(xa, _arr(running_mean), _arr(running_var), wa, ba,
-                                 training=False, eps=eps, axis=1, **epilogue)
+                                 training=False, eps=eps, axis=1, residual=ra,
+                                 activation=activation)
             # Saved as they are now: an in-place change before backward is reported by autograd.
             mean, var = running_mean, running_var
         y = _tensor(ya, x)
@@ -193,7 +206,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, var, y = ctx.saved_tensors
+        x, weight, mean, var, y = ctx.saved_tensors  # raises where they changed in place
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_r = len(ctx.needs_input_grad) > 8 and ctx.needs_input_grad[8]
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
@@ -203,15 +216,20 @@ class BatchNormFunction(torch.autograd.Function):
                                                ctx.use_batch_stats, dy, ctx.virtual_batch_size)
             return (dx if need_x else None, dw if need_w else None, db if need_b else None,
                     None, None, None, None, None, dy if need_r else None, None, None)
-        dya, xa, wa = _arr(dy), _arr(x), _arr(weight)
+        dya = _arr(dy)
         dx = dw = db = dr = None
         if ctx.use_batch_stats:
-            dx, dw, db, *dr = nbbn.batch_norm_backward(
-                dya, xa, _arr(mean), _arr(var), wa, ctx.eps, axis=1, y=_arr(y),
-                activation=ctx.activation, residual_grad=need_r,
-                virtual_batch_size=ctx.virtual_batch_size)
-            dr = dr[0] if dr else None
+            xa, (wa, ma, va) = _arr(x), ctx.arrays
+            if y is None and not need_r and ctx.virtual_batch_size is None:
+                dx, dw, db = nbbn.batch_norm_backward(dya, xa, ma, va, wa, ctx.eps)
+            else:
+                dx, dw, db, *dr = nbbn.batch_norm_backward(
+                    dya, xa, ma, va, wa, ctx.eps, axis=1, y=_arr(y),
+                    activation=ctx.activation, residual_grad=need_r,
+                    virtual_batch_size=ctx.virtual_batch_size)
+                dr = dr[0] if dr else None
         else:
+            xa, wa = _arr(x), _arr(weight)
             if y is not None:  # the ReLU's gradient, then the affine map's
                 dy = torch.where(y > 0, dy, 0)
                 dya = _arr(dy)
@@ -227,11 +245,9 @@ class BatchNormFunction(torch.autograd.Function):
                 # sums as the training backward, with the running statistics as "mean, var".
                 _, dw, db = nbbn.batch_norm_backward(dya, xa, _arr(mean), _arr(var), wa, ctx.eps,
                                                      axis=1)
-        dx = _tensor(dx, x) if need_x else None
-        dw = _tensor(dw, x) if need_w else None
-        db = _tensor(db, x) if need_b else None
-        dr = _tensor(dr, x) if need_r else None
-        return dx, dw, db, None, None, None, None, None, dr, None, None
+        return (_tensor(dx, x) if need_x else None, _tensor(dw, x) if need_w else None,
+                _tensor(db, x) if need_b else None, None, None, None, None, None,
+                _tensor(dr, x) if need_r else None, None, None)
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -317,12 +333,19 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     ``residual`` (shaped like x) and ``activation`` ("relu") give ``relu(BN(x) + residual)``
     in the same pass; ``virtual_batch_size`` (training): ghost batch norm."""
     _check_arguments(x, running_mean, running_var, weight, bias, residual, activation)
+    if training:
+        _check_batch_size(x, virtual_batch_size)
+    return _checked_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
+                               eps, residual, activation, virtual_batch_size)
+
+
+def _checked_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                        residual, activation, virtual_batch_size):
+    """``batch_norm`` once its arguments and (in training) the batch size are checked."""
     if getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
         raise NotImplementedError(
             "nbbn.torch batch norm does not support torch.func transforms (vmap, grad, jacrev, "
             "...); use torch.nn.functional.batch_norm there")
-    if training:
-        _check_batch_size(x, virtual_batch_size)
     if not _supported(x) or x.dim() < 2:
         if virtual_batch_size is not None and training:
             raise TypeError(f"nbbn.torch: virtual batches need a float16/bfloat16/32/64 CPU "
@@ -365,23 +388,23 @@ class _NbbnBatchNorm:
 
     def _normalized(self, input, residual=None, activation=None):
         self._check_input_dim(input)
-        _check_arguments(input, None, None, None, None, residual, activation)
+        training = self.training
+        running_mean, running_var = self.running_mean, self.running_var
+        weight, bias = self.weight, self.bias
+        _check_arguments(input, running_mean, running_var, weight, bias, residual, activation)
         # Batch statistics in training, and in evaluation when there are no running ones.
-        use_batch_stats = self.training or (self.running_mean is None and
-                                            self.running_var is None)
-        vbs = self.virtual_batch_size if self.training else None
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        vbs = self.virtual_batch_size if training else None
         if use_batch_stats:
             # before the counter moves: a failed call changes nothing
             _check_batch_size(input, vbs)
-        if self.training and self._nbbn_pooled is not None:
+        if training and self._nbbn_pooled is not None:
             return self._pooled_forward(input, vbs, residual, activation)
         factor = self._count_batch()
-        # Running buffers are updated in training only when tracked; read in evaluation.
-        track = not self.training or self.track_running_stats
-        return batch_norm(input, self.running_mean if track else None,
-                          self.running_var if track else None, self.weight, self.bias,
-                          use_batch_stats, factor, self.eps, residual=residual,
-                          activation=activation, virtual_batch_size=vbs)
+        if training and not self.track_running_stats:  # updated in training only when tracked
+            running_mean = running_var = None
+        return _checked_batch_norm(input, running_mean, running_var, weight, bias,
+                                   use_batch_stats, factor, self.eps, residual, activation, vbs)
 
     def _count_batch(self):
         """PyTorch's bookkeeping of a forward: count a training batch (tracked), and return the

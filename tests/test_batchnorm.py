@@ -312,3 +312,39 @@ def test_function_specific_errors(rng):
         nbbn.fold(rm, rv, eps=-1e-5)
     with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
         nbbn.fold(rm, rv, weight=np.ones(2))
+
+
+@pytest.mark.parametrize("shape, order", [((16, 64, 8, 8), (0, 1, 2, 3)),
+                                          ((16, 256, 4, 4), (0, 2, 3, 1)), ((256, 256), (0, 1))],
+                         ids=["NCHW", "NHWC", "NC"])
+def test_one_thread_takes_the_fused_call_with_the_general_results(shape, order, rng,
+                                                                   monkeypatch):
+    """On one Numba thread every pass runs serially, so arrays above the parallel threshold
+    (here 2x the backward's) take the fused one-call path too, channels-last included; it
+    gives the general path's results (out=) bit for bit."""
+    import numba
+    from nbbn._cpu import backend
+    used = []
+    for stage in ("fused_forward", "fused_backward"):
+        def spy(*args, _stage=getattr(backend, stage), **kwargs):
+            done = _stage(*args, **kwargs)
+            used.append(done is not None)
+            return done
+        monkeypatch.setattr(backend, stage, spy)
+    dims = [shape[i] for i in order]
+    x, dy = ((rng.standard_normal(dims) * 3 + 2).astype(np.float32).transpose(np.argsort(order))
+             for _ in range(2))
+    _, w, b = make(shape, np.float32, rng)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        y, mean, var = nbbn.batch_norm_forward(x, w, b)
+        grads = nbbn.batch_norm_backward(dy, x, mean, var, w)
+        y_out, mean_out, var_out = nbbn.batch_norm_forward(x, w, b, out=np.empty_like(x))
+        dx_out = nbbn.batch_norm_backward(dy, x, mean, var, w, out=np.empty_like(x))
+    finally:
+        numba.set_num_threads(threads)
+    assert used == [True, True]
+    assert y.strides == x.strides and grads[0].strides == x.strides  # x's memory layout
+    for got, want in zip((y, mean, var, *grads), (y_out, mean_out, var_out, *dx_out)):
+        np.testing.assert_array_equal(got, want)

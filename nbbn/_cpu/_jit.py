@@ -314,6 +314,11 @@ _compile_shared_math()
 PARALLEL_MIN_ELEMENTS = 1 << 17
 
 
+def serial(n_elements):
+    """Whether every kernel over at most n_elements runs serially (see ``thread_plan``)."""
+    return n_elements < PARALLEL_MIN_ELEMENTS or numba.get_num_threads() < 2
+
+
 def thread_plan(n_elements, n_items):
     """(nthreads, parallel) for a kernel over n_elements split into n_items.
 

@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 from .._layout import is_bfloat16
 from ._blocks import SHORT_ROW, regroups
-from ._jit import PARALLEL_MIN_ELEMENTS
+from ._jit import serial
 from .backward import backward_sums as _sums, grad_input as _grad_input
 from .elements import as_dtype, kernel_array, work_dtype
 from .ema import ema as _ema_kernel
@@ -426,13 +426,18 @@ _NATIVE_FLOATS = frozenset(map(np.dtype, (np.float32, np.float64)))
 
 
 class _Small(NamedTuple):
-    """What ``fused`` found for a plan: x's shape and dtype, the shape of the view the fused
-    kernels read (3-D rows, or the 2-D plane of channels-last data; None: x's own shape),
-    the number of channels, and the kernels' serial builds."""
+    """What ``fused`` found for a plan: x's shape and dtype, the layout's axis order and its
+    inverse (None: plain), x's shape in that order, the shape of the view the fused kernels read (3-D
+    rows, or the 2-D plane of channels-last data; None: the array as it is), x's size and
+    number of channels, and the kernels' serial builds."""
 
     shape: tuple
     dtype: object
+    order: tuple
+    inverse: tuple
+    ordered_shape: tuple
     view: tuple
+    size: int
     nchan: int
     forward: object
     inference: object
@@ -440,25 +445,41 @@ class _Small(NamedTuple):
 
 
 def fused(plan, x):
-    """Arrays of one batch (no virtual batches) the serial kernels handle whole (half the
-    size at which a backward goes parallel, so every pass would run serially anyway), in
-    plain axis order with a view, of a dtype read as it is, without channel tiles, regrouped
-    rows (``_blocks.widen``) or short rows read as columns (``_blocks.short_rows``)."""
+    """Arrays of one batch (no virtual batches) of a dtype read as it is, viewed in the
+    layout's order without a copy, without channel tiles, regrouped rows
+    (``_blocks.widen``) or short rows read as columns (``_blocks.short_rows``). Each call
+    then checks that every pass would run serially (``_serial``)."""
     layout = plan.layout
     n_outer, nchan, n_inner = layout.shape3
-    if (plan.groups > 1 or x.dtype not in _NATIVE_FLOATS
-            or not 0 < 2 * plan.size < PARALLEL_MIN_ELEMENTS
-            or nchan > CHANNEL_TILE or layout.order != tuple(range(len(plan.shape)))
-            or layout.strides3(x.strides) is None
+    if (plan.groups > 1 or x.dtype not in _NATIVE_FLOATS or plan.size == 0
+            or nchan > CHANNEL_TILE or layout.strides3(x.strides) is None
             or n_inner == 1 and regroups(n_outer, nchan) or 1 < n_inner <= SHORT_ROW):
         return None
+    order = None if layout.order == tuple(range(len(plan.shape))) else layout.order
+    ordered = tuple(plan.shape[i] for i in layout.order)
     view = layout.shape3 if n_inner > 1 else (n_outer, nchan)
-    return _Small(plan.shape, plan.dtype, None if view == plan.shape else view, nchan,
+    return _Small(plan.shape, plan.dtype, order, order and layout.inverse, ordered,
+                  None if view == ordered else view, plan.size, nchan,
                   *(k.build(False) for k in (_fused.forward, _fused.inference, _fused.backward)))
 
 
+def _serial(small):
+    """Whether the general path would run every pass of ``small``'s arrays serially (a
+    backward's size, the largest pass, below the parallel threshold, or one thread): the
+    fused serial kernels then compute the same, in one call."""
+    return serial(2 * small.size)
+
+
 def _view(small, a):
+    if small.order is not None:
+        a = a.transpose(small.order)
     return a if small.view is None else a.reshape(small.view)
+
+
+def _empty(small):
+    """A new output like x, laid out in the layout's order (large ones from the pool)."""
+    a = pool.empty(small.ordered_shape, small.dtype)
+    return a if small.order is None else a.transpose(small.inverse)
 
 
 def _read(v):
@@ -474,9 +495,9 @@ def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, st
         if not (running_mean.flags.writeable and running_var.flags.writeable
                 and running_mean.dtype in _NATIVE_FLOATS and running_var.dtype in _NATIVE_FLOATS):
             return None
-    if not (_read(weight) and _read(bias)):
+    if not (_read(weight) and _read(bias) and _serial(small)):
         return None
-    y = np.empty(small.shape, small.dtype)
+    y = _empty(small)
     mean = var = None
     if stats_dtype is not None:
         mean, var = np.empty(small.nchan, stats_dtype), np.empty(small.nchan, stats_dtype)
@@ -488,9 +509,10 @@ def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, st
 
 
 def fused_inference(small, x, running_mean, running_var, weight, bias, eps):
-    if not (_read(running_mean) and _read(running_var) and _read(weight) and _read(bias)):
+    if not (_read(running_mean) and _read(running_var) and _read(weight) and _read(bias)
+            and _serial(small)):
         return None
-    y = np.empty(small.shape, small.dtype)
+    y = _empty(small)
     if small.inference(_view(small, x), running_mean, running_var, weight, bias, eps,
                        _view(small, y)):
         return y
@@ -499,9 +521,9 @@ def fused_inference(small, x, running_mean, running_var, weight, bias, eps):
 
 def fused_backward(small, dy, x, mean, var, weight, eps):
     if not (dy.strides == x.strides and _read(dy) and _read(mean) and _read(var)
-            and _read(weight)):
+            and _read(weight) and _serial(small)):
         return None
-    dx = np.empty(small.shape, small.dtype)
+    dx = _empty(small)
     dweight = dbias = None
     if weight is not None:
         dweight, dbias = np.empty(small.nchan, weight.dtype), np.empty(small.nchan, weight.dtype)

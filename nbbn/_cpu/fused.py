@@ -1,8 +1,9 @@
-"""Small batch-norm calls in one compiled call each: statistics, coefficients, the
+"""Serial batch-norm calls in one compiled call each: statistics, coefficients, the
 elementwise pass and the running-statistics update together.
 
-Below the size where the kernels run serially, a call's time is its Python steps,
-not its arithmetic, so each of these does a whole forward, inference or backward.
+Below the size where the kernels run in parallel, a call's time is mostly its Python
+steps, so each of these does a whole forward, inference or backward; so they do on one
+thread at any size (cache-resident arrays, [256, 1024]: the steps were a third).
 They run the serial kernels' own per-thread helpers over the whole array (one
 "thread") and the coefficients' ``_math`` functions, so their results are those of
 the separate kernels, bit for bit. ``x`` is the 3-D (outer, C, inner) view, or for
