@@ -4,8 +4,7 @@ import numpy as np
 from typing import NamedTuple
 
 from .._layout import is_bfloat16
-from ._blocks import SHORT_ROW, regroups
-from ._jit import PARALLEL_MIN_ELEMENTS
+from ._blocks import AS_LAID_OUT
 from .backward import backward_sums as _sums, grad_input as _grad_input
 from .elements import as_dtype, kernel_array, work_dtype
 from .ema import ema as _ema_kernel
@@ -426,12 +425,17 @@ _NATIVE_FLOATS = frozenset(map(np.dtype, (np.float32, np.float64)))
 
 
 class _Small(NamedTuple):
-    """What ``fused`` found for a plan: x's shape and dtype, the shape of the view the fused
-    kernels read (3-D rows, or the 2-D plane of channels-last data; None: x's own shape),
-    the number of channels, and the kernels' serial builds."""
+    """What ``fused`` found for a plan: x's shape and dtype, its axes in memory order, the
+    inverse permutation and x's shape in that order (None: as they are), the shape of the
+    view the fused kernels read of an array so laid out (3-D rows, or the 2-D plane of
+    channels-last data; None: the array itself), the number of channels, and the kernels'
+    serial builds."""
 
     shape: tuple
     dtype: object
+    order: tuple
+    inverse: tuple
+    laid_out: tuple
     view: tuple
     nchan: int
     forward: object
@@ -440,25 +444,86 @@ class _Small(NamedTuple):
 
 
 def fused(plan, x):
-    """Arrays of one batch (no virtual batches) the serial kernels handle whole (half the
-    size at which a backward goes parallel, so every pass would run serially anyway), in
-    plain axis order with a view, of a dtype read as it is, without channel tiles, regrouped
-    rows (``_blocks.widen``) or short rows read as columns (``_blocks.short_rows``)."""
+    """Arrays of one batch (no virtual batches) the serial kernels handle whole (small:
+    ``_blocks.AS_LAID_OUT``, so every pass would run serially and read the array as it is
+    laid out anyway), of a dtype read as it is, with a 3-D view, without channel tiles."""
     layout = plan.layout
     n_outer, nchan, n_inner = layout.shape3
-    if (plan.groups > 1 or x.dtype not in _NATIVE_FLOATS
-            or not 0 < 2 * plan.size < PARALLEL_MIN_ELEMENTS
-            or nchan > CHANNEL_TILE or layout.order != tuple(range(len(plan.shape)))
-            or layout.strides3(x.strides) is None
-            or n_inner == 1 and regroups(n_outer, nchan) or 1 < n_inner <= SHORT_ROW):
+    if (plan.groups > 1 or x.dtype not in _NATIVE_FLOATS or not 0 < plan.size < AS_LAID_OUT
+            or nchan > CHANNEL_TILE or layout.strides3(x.strides) is None):
         return None
+    order = None if layout.order == tuple(range(x.ndim)) else layout.order
     view = layout.shape3 if n_inner > 1 else (n_outer, nchan)
-    return _Small(plan.shape, plan.dtype, None if view == plan.shape else view, nchan,
-                  *(k.build(False) for k in (_fused.forward, _fused.inference, _fused.backward)))
+    laid_out = order and tuple(plan.shape[i] for i in order)
+    small = _Small(plan.shape, plan.dtype, order, order and layout.inverse, laid_out,
+                   None if view == plan.shape else view, nchan,
+                   *(k.build(False) for k in (_fused.forward, _fused.inference, _fused.backward)))
+    try:  # x's view is one (a view's existence depends on the shape and strides only)
+        _view(small, x, copy=False)
+    except ValueError:
+        return None
+    return small
 
 
-def _view(small, a):
-    return a if small.view is None else a.reshape(small.view)
+def _view(small, a, copy=None):
+    """The kernels' view of x, dy or an array from ``_empty``."""
+    if small.order is not None:
+        a = a.transpose(small.order)
+    return a if small.view is None else a.reshape(small.view, copy=copy)
+
+
+def _empty(small):
+    """A new array shaped like x and laid out as x."""
+    if small.order is None:
+        return np.empty(small.shape, small.dtype)
+    return np.empty(small.laid_out, small.dtype).transpose(small.inverse)
+
+
+class _SmallReduction(NamedTuple):
+    """What ``fused_reduction`` found: the reduction, the dtype of its results, the shape of
+    the kernel's view of an array transposed to its order (3-D rows, or the 2-D plane of
+    channels-last data), and the kernel's serial build."""
+
+    red: object
+    dtype: object
+    view: tuple
+    statistics: object
+
+
+def fused_reduction(red, a):
+    """Small reductions (``_blocks.AS_LAID_OUT``) of float32/float64 data the kernels read
+    as it is: a view of ``a`` in the reduction's order, no negative stride to flip."""
+    layout = red.layout
+    n_outer, nchan, n_inner = layout.shape3
+    if (a.dtype not in _NATIVE_FLOATS or not a.dtype.isnative or not 0 < a.size < AS_LAID_OUT
+            or red.count == 0 or nchan > CHANNEL_TILE or any(s < 0 for s in a.strides)):
+        return None
+    small = _SmallReduction(red, a.dtype, layout.shape3 if n_inner > 1 else (n_outer, nchan),
+                            _fused.statistics.build(False))
+    try:  # a view (its existence depends on the shape and strides only)
+        a.transpose(layout.order).reshape(small.view, copy=False)
+    except ValueError:
+        return None
+    return small
+
+
+def fused_statistics(small, a, kinds, ddof):
+    red = small.red
+    values, finite = small.statistics(a.transpose(red.layout.order).reshape(small.view),
+                                      float(red.count - ddof), "std" in kinds)
+    if not finite:
+        return None
+    return tuple(_finish(values[0 if kind == "mean" else 1], red.shape, small.dtype, None)
+                 for kind in kinds)
+
+
+def fused_ema(running_mean, running_var, mean, var, momentum, var_factor):
+    vectors = (running_mean, running_var, mean, var)
+    if not (all(v is not None and v.ndim == 1 and v.dtype in _NATIVE_FLOATS for v in vectors)
+            and running_mean.shape == running_var.shape == mean.shape == var.shape
+            and running_mean.flags.writeable and running_var.flags.writeable):
+        return None
+    return _fused.running_update.build(False)(*vectors, momentum, var_factor) or None
 
 
 def _read(v):
@@ -476,7 +541,7 @@ def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, st
             return None
     if not (_read(weight) and _read(bias)):
         return None
-    y = np.empty(small.shape, small.dtype)
+    y = _empty(small)
     mean = var = None
     if stats_dtype is not None:
         mean, var = np.empty(small.nchan, stats_dtype), np.empty(small.nchan, stats_dtype)
@@ -490,7 +555,7 @@ def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, st
 def fused_inference(small, x, running_mean, running_var, weight, bias, eps):
     if not (_read(running_mean) and _read(running_var) and _read(weight) and _read(bias)):
         return None
-    y = np.empty(small.shape, small.dtype)
+    y = _empty(small)
     if small.inference(_view(small, x), running_mean, running_var, weight, bias, eps,
                        _view(small, y)):
         return y
@@ -501,7 +566,7 @@ def fused_backward(small, dy, x, mean, var, weight, eps):
     if not (dy.strides == x.strides and _read(dy) and _read(mean) and _read(var)
             and _read(weight)):
         return None
-    dx = np.empty(small.shape, small.dtype)
+    dx = _empty(small)
     dweight = dbias = None
     if weight is not None:
         dweight, dbias = np.empty(small.nchan, weight.dtype), np.empty(small.nchan, weight.dtype)
