@@ -161,6 +161,19 @@ class Backend(Protocol):
     # plain cases only); a ``fused_*`` stage may still decline (None) where it does not
     # read an argument as it is, having written nothing: the general stages then run.
 
+    def fused_reduction(self, red, a):
+        """The backend's description (opaque to the face) of the reduction ``red`` (a
+        ``Reduction``, its count above 0) of arrays like ``a`` for ``fused_statistics``, or
+        None where it has no fused call for them. Called once per cached reduction."""
+
+    def fused_statistics(self, small, a, kinds, ddof):
+        """``statistics`` of ``kinds`` ("mean", "var", "std"; count - ddof above 0, results
+        in a's dtype, no out=) in one call, or None (declined: not finite)."""
+
+    def fused_ema(self, running_mean, running_var, mean, var, momentum, var_factor):
+        """``ema`` of vectors as given (None allowed: declined), the arguments' values checked
+        by the face, in one call: True, or None (declined)."""
+
     def fused(self, plan, x):
         """The backend's description (opaque to the face) of arrays like ``x`` (``plan``: its
         ``ChannelPlan``) for the ``fused_*`` stages, or None where it has no fused call for

@@ -527,6 +527,12 @@ def ema_update(running_mean, running_var, mean, var, count, momentum=0.1, *, unb
     but the last), and the batch term is the count-weighted mean of the group means
     and of the groups' unbiased variances (``unbiased=True`` only).
     """
+    if (type(count) is int and count >= (2 if unbiased else 1) and type(momentum) is float
+            and 0 <= momentum <= 1):  # a small call's time is its steps: one compiled call
+        be = _dispatch.plain_host(running_mean, running_var, mean, var)
+        if be is not None and be.fused_ema(running_mean, running_var, mean, var, momentum,
+                                           count / (count - 1) if unbiased else 1.0):
+            return
     be = _dispatch.backend(running_mean=running_mean, running_var=running_var, mean=mean,
                            var=var)
     running_mean = running_buffer(be, required(running_mean, "running_mean"), "running_mean",

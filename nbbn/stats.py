@@ -66,6 +66,11 @@ def _reduce(op, a, axis, dtype, out, keepdims, ddof=0, correction=_NOT_GIVEN,
             keepdims = _NOT_GIVEN
         return _NUMPY[op](a, axis=axis, dtype=dtype, out=out,
                           **_numpy_kwargs(keepdims=keepdims, where=where), **extra)
+    if (out is None and dtype is None and where is _NOT_GIVEN and mean is _NOT_GIVEN
+            and correction is _NOT_GIVEN):
+        done = _small_statistics(a, axis, keepdims, ddof, (op,))
+        if done is not None:
+            return done[0]
     _check_unsupported(where, mean)
     if keepdims is _NOT_GIVEN:
         keepdims = False
@@ -80,6 +85,42 @@ def _reduce(op, a, axis, dtype, out, keepdims, ddof=0, correction=_NOT_GIVEN,
 # NumPy's functions that answer, per statistic, where the kernels can't (complex, object,
 # timedelta, longdouble data or dtype=).
 _NUMPY_OPS = {"mean": ("mean",), "var": ("var",), "std": ("std",), "mean_var": ("mean", "var")}
+
+
+# ---- small calls: one compiled call each, where the backend has one ---------------------------
+# A small call's time is its Python steps, so the plain cases (a plain host ndarray, no out=,
+# dtype=, where=, mean= or correction=, an int ddof) skip them: the reduction and the
+# backend's fused plan are cached by the array's description, and the backend does the rest
+# in one call. Anything else, or a backend that declines, takes the general path.
+
+_SMALL = {}
+_SMALL_LIMIT = 512
+
+
+def _small_statistics(a, axis, keepdims, ddof, kinds):
+    """The statistics ``kinds`` of a small host array in one compiled call, or None."""
+    be = _dispatch.plain_host(a)
+    if keepdims is _NOT_GIVEN:
+        keepdims = False
+    if be is None or type(ddof) is not int or type(keepdims) is not bool or not (
+            axis is None or type(axis) is int or type(axis) is tuple):
+        return None
+    key = (a.shape, a.strides, a.dtype, axis, keepdims)
+    entry = _SMALL.get(key)
+    if entry is None:
+        try:
+            red = _layout.reduction(a, axis, keepdims)
+        except (TypeError, ValueError):  # the general path raises the error
+            entry = False
+        else:
+            small = be.fused_reduction(red, a)
+            entry = False if small is None else (red.count, small)
+        if len(_SMALL) >= _SMALL_LIMIT:
+            _SMALL.clear()
+        _SMALL[key] = entry
+    if entry is False or entry[0] - ddof <= 0:
+        return None
+    return be.fused_statistics(entry[1], a, kinds, ddof)
 
 
 def _statistics(op, a, axis, dtype, out, ddof, keepdims, kinds):
@@ -121,6 +162,10 @@ def mean_var(a, axis=None, dtype=None, ddof=0, keepdims=False, *, correction=_NO
     if _answered_by_numpy("var", a, (a,)):
         return (mean(a, axis, dtype, keepdims=keepdims),
                 var(a, axis, dtype, ddof=ddof, keepdims=keepdims, correction=correction))
+    if dtype is None and correction is _NOT_GIVEN:
+        done = _small_statistics(a, axis, keepdims, ddof, ("mean", "var"))
+        if done is not None:
+            return done
     if keepdims is _NOT_GIVEN:
         keepdims = False
     return _statistics("mean_var", a, axis, dtype, None, _layout.ddof(ddof, correction), keepdims,

@@ -184,6 +184,44 @@ def test_out(rng):
     np.testing.assert_allclose(inplace, out, rtol=1e-6, atol=1e-6)
 
 
+# Small calls in every layout the fused path takes: NCHW, channels-last (few channels, which
+# large arrays regroup), 2-D, short rows (which large arrays read as columns), 3-D
+# channels-last, a reversed axis.
+SMALL_CALLS = [((8, 16, 8, 8), None), ((8, 16, 8, 8), (0, 2, 3, 1)), ((512, 16), None),
+               ((32, 3, 4, 4), None), ((16, 3, 11), (0, 2, 1)), ((9, 4, 6), "reversed")]
+
+
+@pytest.mark.parametrize("shape,order", SMALL_CALLS, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_small_calls_equal_the_general_path_bit_for_bit(shape, order, dtype, rng):
+    """A small call runs in one compiled call (``_cpu.backend.fused``); with ``out=`` the same
+    call takes the general path: the results agree to the last bit, laid out as x."""
+    from nbbn import batchnorm
+    x, w, b = make(shape, dtype, rng)
+    dy = rng.standard_normal(shape).astype(dtype)
+    if order == "reversed":
+        x, dy = x[::-1], dy[::-1]
+    elif order is not None:
+        x, dy = (np.ascontiguousarray(a.transpose(order)).transpose(np.argsort(order))
+                 for a in (x, dy))
+    assert batchnorm._small(1, x, w, b), "the fused path declined"
+    y, m, v = nbbn.batch_norm_forward(x, w, b)
+    y_out, m_out, v_out = nbbn.batch_norm_forward(x, w, b, out=np.empty_like(x))
+    for got, want in ((y, y_out), (m, m_out), (v, v_out)):
+        np.testing.assert_array_equal(got, want)
+    assert y.strides == np.empty_like(x).strides
+    running = (rng.standard_normal(shape[1]).astype(dtype), rng.random(shape[1]).astype(dtype))
+    np.testing.assert_array_equal(nbbn.batch_norm(x, *running, w, b),
+                                  nbbn.batch_norm(x, *running, w, b, out=np.empty_like(x)))
+    dx, dw, db = nbbn.batch_norm_backward(dy, x, m, v, w)
+    dx_out, dw_out, db_out = nbbn.batch_norm_backward(dy, x, m, v, w, out=np.empty_like(x))
+    for got, want in ((dx, dx_out), (dw, dw_out), (db, db_out)):
+        np.testing.assert_array_equal(got, want)
+    y_ref, grads = torch_train(x, w, b, dy)
+    np.testing.assert_allclose(y, y_ref, **TOL[dtype])
+    np.testing.assert_allclose(dx, grads[0], **TOL[dtype])
+
+
 def test_float16_input(rng):
     x, w, b = make((8, 3, 4, 4), np.float16, rng)
     y, m, v = nbbn.batch_norm_forward(x, w, b)
@@ -226,6 +264,31 @@ def test_ema_update_conventions(rng):
     nbbn.ema_update(rm2, rv2, m, v, count=15, momentum=0.3)
     np.testing.assert_allclose(rm2, trm.numpy(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(rv2, trv.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_ema_update_small_call_equals_the_general_path(unbiased, rng):
+    """A plain call (int count, float momentum) runs in one compiled call; a NumPy integer
+    count takes the general path: bit for bit the same. Buffers sharing memory with the
+    statistics decline it (the general path reads copies)."""
+    from nbbn import _dispatch
+    for dtypes in ((np.float32, np.float64), (np.float64, np.float32)):
+        mean, var = rng.standard_normal(5).astype(dtypes[1]), rng.random(5).astype(dtypes[1])
+        fast = [rng.standard_normal(5).astype(dtypes[0]) for _ in range(2)]
+        general = [b.copy() for b in fast]
+        expected = (0.7 * fast[0] + 0.3 * mean.astype(float),
+                    0.7 * fast[1] + 0.3 * var.astype(float) * (7 / 6 if unbiased else 1))
+        nbbn.ema_update(*fast, mean, var, 7, 0.3, unbiased=unbiased)
+        nbbn.ema_update(*general, mean, var, np.int64(7), 0.3, unbiased=unbiased)
+        for got, want, ref in zip(fast, general, expected):
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_allclose(got, ref, rtol=1e-6)
+    both = rng.random(10)
+    rm, rv = both[:5], both[5:]
+    assert _dispatch.plain_host(rm).fused_ema(rm, rv, rm, rv, 0.5, 1.0) is None
+    before = both.copy()
+    nbbn.ema_update(rm, rv, rm, rv, 7, 0.5, unbiased=False)  # the batch is the buffers
+    np.testing.assert_array_equal(both, before)
 
 
 def test_fold_into_conv_and_linear(rng):

@@ -30,10 +30,11 @@ VIEWS = [
     ((5, 7, 33), "rows, one short block"),
     ((1003, 300, 1), "columns, leftover rows per thread and per stream"),
     ((2050, 1024, 1), "columns, wide rows"),
-    ((20_011, 3, 1), "columns, 3 channels regrouped, leftover rows"),
+    ((22_013, 3, 1), "columns, 3 channels regrouped, leftover rows"),
     ((5_003, 64, 1), "columns, 64 channels regrouped, leftover rows"),
     ((997, 100, 1), "columns, 100 channels regrouped (k*C a whole number of quanta)"),
-    ((7, 5, 1), "columns, too small to regroup"),
+    ((4099, 5, 16), "short rows read as columns, 5 channels regrouped"),
+    ((7, 5, 1), "columns, small: not regrouped"),
 ]
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import nbbn
-from nbbn._cpu import moments
+from nbbn._cpu import _blocks, moments
 
 from . import reference
 
@@ -101,14 +101,18 @@ def test_virtual_batches_every_split(shape, group_rows, nthreads, rng):
     assert np.all(states[0, moments.MEAN] == 7.25) and np.all(states[0, moments.M2] == 0)
 
 
-@pytest.mark.parametrize("group_rows", [4, 5, 333])
+@pytest.mark.parametrize("group_rows", [4, 333, 192, 960])
 def test_virtual_batches_regrouped(group_rows, rng):
     """Few channels: wide rows of one group only (k divides group_rows, else no regrouping),
     the leftover rows the last group's."""
-    x = 50 + rng.standard_normal((4003, 3))
+    x = 50 + rng.standard_normal((_blocks.AS_LAID_OUT // 3 + 7, 3))  # regrouped: not small
+    assert (_blocks.widen(x, group_rows=group_rows)[0] > 1) == (group_rows % 96 == 0)  # k = 96
     mean, m2, _ = moments.channel_moments(x[:, :, None], group_rows)
-    for g in range(-(-len(x) // group_rows)):
-        part = x[g * group_rows:(g + 1) * group_rows]
-        np.testing.assert_allclose(mean[3 * g:3 * g + 3], reference.mean(part, 0), rtol=1e-14)
-        np.testing.assert_allclose(m2[3 * g:3 * g + 3], reference.var(part, 0) * len(part),
+    whole = len(x) // group_rows * group_rows  # the groups of group_rows rows, then the last
+    parts = [(x[:whole].reshape(-1, group_rows, 3), slice(0, whole // group_rows * 3))]
+    if whole < len(x):
+        parts.append((x[whole:][None], slice(whole // group_rows * 3, None)))
+    for part, got in parts:
+        np.testing.assert_allclose(mean[got], reference.mean(part, 1).ravel(), rtol=1e-14)
+        np.testing.assert_allclose(m2[got], reference.var(part, 1).ravel() * part.shape[1],
                                    rtol=1e-12)

@@ -89,6 +89,36 @@ def test_every_layout(shape, dtype, rng):
         assert a.dtype == before.dtype
 
 
+@pytest.mark.parametrize("shape,axis", [((32, 64), 0), ((8, 16, 8, 8), (0, 2, 3)),
+                                        ((8, 8, 8, 16), (0, 1, 2)), ((3, 5, 7), None),
+                                        ((40, 9), 1), ((6, 4, 5), (0,)), ((7,), 0), ((), None)],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("keepdims", [False, True])
+@pytest.mark.filterwarnings("ignore:Degrees of freedom")  # ddof=1 of one value: the general path
+def test_small_calls_equal_the_general_path_bit_for_bit(shape, axis, dtype, keepdims, rng):
+    """A small plain call runs in one compiled call; with ``out=`` the same statistic takes
+    the general path: the two agree to the last bit (also read-only and strided input)."""
+    from nbbn import stats
+    base = np.asarray(rng.standard_normal(shape) * 3 + 100, dtype)
+    frozen = base.copy()
+    frozen.flags.writeable = False
+    for a in (base, frozen, base.T, base[..., ::2] if base.ndim else base):
+        rshape = np.mean(a, axis=axis, keepdims=keepdims).shape
+        stats._SMALL.clear()
+        for name, kwargs in (("mean", {}), ("var", {}), ("var", dict(ddof=1)), ("std", {})):
+            got = getattr(nbbn, name)(a, axis=axis, keepdims=keepdims, **kwargs)
+            out = np.empty(rshape, dtype)
+            getattr(nbbn, name)(a, axis=axis, keepdims=keepdims, out=out, **kwargs)
+            np.testing.assert_array_equal(got, out)
+            assert np.asarray(got).dtype == dtype and np.shape(got) == rshape
+        m, v = nbbn.mean_var(a, axis=axis, keepdims=keepdims)
+        np.testing.assert_array_equal(m, nbbn.mean(a, axis=axis, keepdims=keepdims))
+        np.testing.assert_array_equal(v, nbbn.var(a, axis=axis, keepdims=keepdims))
+        # a strided view without a 3-D view in the reduction's order takes the general path
+        assert a is not base or all(stats._SMALL.values()), "the small path declined"
+
+
 def test_broadcast_and_large_strides(rng):
     row = rng.standard_normal(50)
     a = np.broadcast_to(row, (40, 50))

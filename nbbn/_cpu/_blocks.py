@@ -13,9 +13,9 @@ the per-channel loads: coefficients, and a reduction's float64 partial sums,
 which add the streams' values in registers before touching memory.
 
 With few channels a row is too short to vectorize, so contiguous rows are
-regrouped: (R, C) is viewed as (R // k, k*C) — k copies of each channel side by
-side — plus R % k leftover rows; each family folds the k copies back into C
-channels.
+regrouped (not in small arrays: AS_LAID_OUT): (R, C) is viewed as (R // k, k*C)
+— k copies of each channel side by side — plus R % k leftover rows; each
+family folds the k copies back into C channels.
 
 Virtual batches (ghost batch norm) split the outer rows into groups of
 ``group_rows`` consecutive rows (all rows: one group), each with its own
@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 
-from ._jit import helper
+from ._jit import PARALLEL_MIN_ELEMENTS, helper
 
 # Elements per row item: small enough to stay in L1/L2 between two passes.
 BLOCK = 4096
@@ -49,10 +49,15 @@ ROW_QUANTUM = 16
 # 10-15% on rows of 256 and save 20-30% on 1024; affine's 2 gain on both.
 WIDE_ROW = 1024
 # Rows (x[o, c, :]) of at most this many elements are read as channels-last columns by the
-# elementwise and backward passes (``short_rows``): in the rows kernels the per-row work
-# dominates them (one thread, 4-8 MB float32: 2-3.5x slower at 16 and 32 elements, even
-# at 64); the statistics keep reading rows (as fast either way at 16).
+# elementwise and backward passes (``short_rows``; not in small arrays: AS_LAID_OUT): in the
+# rows kernels the per-row work dominates them (one thread, 4-8 MB float32: 2-3.5x slower at
+# 16 and 32 elements, even at 64); the statistics keep reading rows (as fast either way at 16).
 SHORT_ROW = 32
+# Arrays of fewer elements are read as they are laid out: no regrouped rows, short rows read
+# as rows. Such calls' time is their Python steps, and the small calls that run in one
+# compiled call (``backend.fused``: half the size at which a backward goes parallel, so
+# every pass is serial anyway) read them so: every path agrees with those bit for bit.
+AS_LAID_OUT = PARALLEL_MIN_ELEMENTS // 2
 AFFINE_STREAMS = 2
 GRAD_STREAMS = (1, 2)
 SUMS_STREAMS = (2, 4)
@@ -61,16 +66,22 @@ SUMS_STREAMS = (2, 4)
 def short_rows(*arrays):
     """``(n_inner, planes)`` for 3-D (outer, C, inner) views whose rows are short (2 to
     SHORT_ROW elements): each (None aside) viewed as 2-D (outer, C * inner), channel c in
-    columns c * inner to (c + 1) * inner - 1; None where the rows are not short or an array
-    has no such view."""
+    columns c * inner to (c + 1) * inner - 1; None where the rows are not short, the arrays
+    small (AS_LAID_OUT) or an array has no such view."""
     n_outer, nchan, n_inner = arrays[0].shape
-    if not 1 < n_inner <= SHORT_ROW:
+    if not short_columns(n_inner, arrays[0].size):
         return None
     try:
         return n_inner, tuple(None if a is None else a.reshape(n_outer, nchan * n_inner, copy=False)
                               for a in arrays)
     except ValueError:  # the channel and inner axes do not merge
         return None
+
+
+def short_columns(n_inner, size):
+    """Whether rows of ``n_inner`` elements, in arrays of ``size`` elements, are read as
+    columns (``short_rows``)."""
+    return 1 < n_inner <= SHORT_ROW and size >= AS_LAID_OUT
 
 
 def widen(*arrays, group_rows=None):
@@ -101,9 +112,8 @@ def widen(*arrays, group_rows=None):
 
 def regroups(n_rows, nchan):
     """Whether ``widen`` regroups (n_rows, nchan) arrays with contiguous rows: rows too short
-    to vectorize, and enough of them (on small inputs the regrouping costs more than it
-    saves)."""
-    return 0 < nchan < MIN_ROW_WIDTH and n_rows * nchan >= 16 * MIN_ROW_WIDTH
+    to vectorize, in arrays not read as laid out (AS_LAID_OUT)."""
+    return 0 < nchan < MIN_ROW_WIDTH and n_rows * nchan >= AS_LAID_OUT
 
 
 def tiled(a, k):

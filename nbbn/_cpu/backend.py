@@ -4,7 +4,7 @@ import numpy as np
 from typing import NamedTuple
 
 from .._layout import is_bfloat16
-from ._blocks import SHORT_ROW, regroups
+from ._blocks import AS_LAID_OUT, regroups, short_columns
 from ._jit import serial
 from .backward import backward_sums as _sums, grad_input as _grad_input
 from .elements import as_dtype, kernel_array, work_dtype
@@ -427,9 +427,9 @@ _NATIVE_FLOATS = frozenset(map(np.dtype, (np.float32, np.float64)))
 
 class _Small(NamedTuple):
     """What ``fused`` found for a plan: x's shape and dtype, the layout's axis order and its
-    inverse (None: plain), x's shape in that order, the shape of the view the fused kernels read (3-D
-    rows, or the 2-D plane of channels-last data; None: the array as it is), x's size and
-    number of channels, and the kernels' serial builds."""
+    inverse (None: plain), x's shape in that order, the shape of the view the fused kernels
+    read of an array so laid out (3-D rows, or the 2-D plane of channels-last data; None:
+    the array as it is), x's size and number of channels, and the kernels' serial builds."""
 
     shape: tuple
     dtype: object
@@ -446,21 +446,27 @@ class _Small(NamedTuple):
 
 def fused(plan, x):
     """Arrays of one batch (no virtual batches) of a dtype read as it is, viewed in the
-    layout's order without a copy, without channel tiles, regrouped rows
-    (``_blocks.widen``) or short rows read as columns (``_blocks.short_rows``). Each call
-    then checks that every pass would run serially (``_serial``)."""
+    layout's order without a copy, without channel tiles, regrouped rows (``_blocks.widen``)
+    or short rows read as columns (``_blocks.short_rows``; small arrays have neither:
+    ``_blocks.AS_LAID_OUT``). Each call then checks that every pass would run serially
+    (``_serial``)."""
     layout = plan.layout
     n_outer, nchan, n_inner = layout.shape3
     if (plan.groups > 1 or x.dtype not in _NATIVE_FLOATS or plan.size == 0
             or nchan > CHANNEL_TILE or layout.strides3(x.strides) is None
-            or n_inner == 1 and regroups(n_outer, nchan) or 1 < n_inner <= SHORT_ROW):
+            or n_inner == 1 and regroups(n_outer, nchan) or short_columns(n_inner, plan.size)):
         return None
     order = None if layout.order == tuple(range(len(plan.shape))) else layout.order
     ordered = tuple(plan.shape[i] for i in layout.order)
     view = layout.shape3 if n_inner > 1 else (n_outer, nchan)
-    return _Small(plan.shape, plan.dtype, order, order and layout.inverse, ordered,
-                  None if view == ordered else view, plan.size, nchan,
-                  *(k.build(False) for k in (_fused.forward, _fused.inference, _fused.backward)))
+    small = _Small(plan.shape, plan.dtype, order, order and layout.inverse, ordered,
+                   None if view == ordered else view, plan.size, nchan,
+                   *(k.build(False) for k in (_fused.forward, _fused.inference, _fused.backward)))
+    try:  # x's view is one (a view's existence depends on the shape and strides only)
+        _view(small, x, copy=False)
+    except ValueError:
+        return None
+    return small
 
 
 def _serial(small):
@@ -470,10 +476,58 @@ def _serial(small):
     return serial(2 * small.size)
 
 
-def _view(small, a):
+def _view(small, a, copy=None):
+    """The kernels' view of x, dy or an array from ``_empty``."""
     if small.order is not None:
         a = a.transpose(small.order)
-    return a if small.view is None else a.reshape(small.view)
+    return a if small.view is None else a.reshape(small.view, copy=copy)
+
+
+class _SmallReduction(NamedTuple):
+    """What ``fused_reduction`` found: the reduction, the dtype of its results, the shape of
+    the kernel's view of an array transposed to its order (3-D rows, or the 2-D plane of
+    channels-last data), and the kernel's serial build."""
+
+    red: object
+    dtype: object
+    view: tuple
+    statistics: object
+
+
+def fused_reduction(red, a):
+    """Small reductions (``_blocks.AS_LAID_OUT``) of float32/float64 data the kernels read
+    as it is: a view of ``a`` in the reduction's order, no negative stride to flip."""
+    layout = red.layout
+    n_outer, nchan, n_inner = layout.shape3
+    if (a.dtype not in _NATIVE_FLOATS or not a.dtype.isnative or not 0 < a.size < AS_LAID_OUT
+            or red.count == 0 or nchan > CHANNEL_TILE or any(s < 0 for s in a.strides)):
+        return None
+    small = _SmallReduction(red, a.dtype, layout.shape3 if n_inner > 1 else (n_outer, nchan),
+                            _fused.statistics.build(False))
+    try:  # a view (its existence depends on the shape and strides only)
+        a.transpose(layout.order).reshape(small.view, copy=False)
+    except ValueError:
+        return None
+    return small
+
+
+def fused_statistics(small, a, kinds, ddof):
+    red = small.red
+    values, finite = small.statistics(a.transpose(red.layout.order).reshape(small.view),
+                                      float(red.count - ddof), "std" in kinds)
+    if not finite:
+        return None
+    return tuple(_finish(values[0 if kind == "mean" else 1], red.shape, small.dtype, None)
+                 for kind in kinds)
+
+
+def fused_ema(running_mean, running_var, mean, var, momentum, var_factor):
+    vectors = (running_mean, running_var, mean, var)
+    if not (all(v is not None and v.ndim == 1 and v.dtype in _NATIVE_FLOATS for v in vectors)
+            and running_mean.shape == running_var.shape == mean.shape == var.shape
+            and running_mean.flags.writeable and running_var.flags.writeable):
+        return None
+    return _fused.running_update.build(False)(*vectors, momentum, var_factor) or None
 
 
 def _empty(small):

@@ -1,5 +1,6 @@
-"""Serial batch-norm calls in one compiled call each: statistics, coefficients, the
-elementwise pass and the running-statistics update together.
+"""Serial calls in one compiled call each: the statistics (``nbbn.mean/var/std/mean_var``),
+the running-statistics update, and batch norm's statistics, coefficients, elementwise pass
+and running-statistics update together.
 
 Below the size where the kernels run in parallel, a call's time is mostly its Python
 steps, so each of these does a whole forward, inference or backward; so they do on one
@@ -149,6 +150,32 @@ def _apart(buffer, x):
         x_lo, x_hi = _extent(x)
         return b_hi <= x_lo or x_hi <= b_lo
     return impl
+
+
+@kernel
+def statistics(x, divisor, root):
+    """(2, C) float64: per channel the mean and m2 / divisor (its square root with ``root``),
+    and whether the moments are finite (else the general path gives NumPy's results)."""
+    state, finite = moments_all(x)
+    out = np.empty((2, state.shape[1]))
+    if finite:
+        for c in range(state.shape[1]):
+            out[0, c] = state[MEAN, c]
+            out[1, c] = state[M2, c] / divisor
+            if root:
+                out[1, c] = math.sqrt(out[1, c])
+    return out, finite
+
+
+@kernel
+def running_update(running_mean, running_var, mean, var, momentum, var_factor):
+    """``ema_update``; False, nothing written, where a buffer shares memory with another
+    vector (the general path reads copies)."""
+    if not (apart(running_mean, running_var) and apart(running_mean, mean)
+            and apart(running_mean, var) and apart(running_var, mean) and apart(running_var, var)):
+        return False
+    ema_update(running_mean, running_var, mean, var, momentum, var_factor)
+    return True
 
 
 @kernel

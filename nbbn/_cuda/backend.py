@@ -479,6 +479,18 @@ def fused(plan, x):
     return None
 
 
+def fused_reduction(red, a):
+    return None
+
+
+def fused_statistics(small, a, kinds, ddof):
+    return None
+
+
+def fused_ema(running_mean, running_var, mean, var, momentum, var_factor):
+    return None
+
+
 def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, stats_dtype,
                   copy):
     return None
