@@ -458,7 +458,7 @@ def fused(plan, x):
         return None
     order = None if layout.order == tuple(range(len(plan.shape))) else layout.order
     ordered = tuple(plan.shape[i] for i in layout.order)
-    view = layout.shape3 if n_inner > 1 else (n_outer, nchan)
+    view = _kernel_shape(layout.shape3)
     small = _Small(plan.shape, plan.dtype, order, order and layout.inverse, ordered,
                    None if view == ordered else view, plan.size, nchan,
                    *(k.build(False) for k in (_fused.forward, _fused.inference, _fused.backward)))
@@ -467,6 +467,12 @@ def fused(plan, x):
     except ValueError:
         return None
     return small
+
+
+def _kernel_shape(shape3):
+    """The shape of the fused kernels' view of a layout's 3-D (outer, C, inner) view: itself
+    (rows), or for channels-last data (inner == 1) its 2-D (rows, C) plane."""
+    return shape3 if shape3[2] > 1 else shape3[:2]
 
 
 def _serial(small):
@@ -498,11 +504,10 @@ def fused_reduction(red, a):
     """Small reductions (``_blocks.AS_LAID_OUT``) of float32/float64 data the kernels read
     as it is: a view of ``a`` in the reduction's order, no negative stride to flip."""
     layout = red.layout
-    n_outer, nchan, n_inner = layout.shape3
-    if (a.dtype not in _NATIVE_FLOATS or not a.dtype.isnative or not 0 < a.size < AS_LAID_OUT
-            or red.count == 0 or nchan > CHANNEL_TILE or any(s < 0 for s in a.strides)):
+    if (a.dtype not in _NATIVE_FLOATS or not 0 < a.size < AS_LAID_OUT or red.count == 0
+            or layout.shape3[1] > CHANNEL_TILE or any(s < 0 for s in a.strides)):
         return None
-    small = _SmallReduction(red, a.dtype, layout.shape3 if n_inner > 1 else (n_outer, nchan),
+    small = _SmallReduction(red, a.dtype, _kernel_shape(layout.shape3),
                             _fused.statistics.build(False))
     try:  # a view (its existence depends on the shape and strides only)
         a.transpose(layout.order).reshape(small.view, copy=False)
