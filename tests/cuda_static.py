@@ -3,7 +3,7 @@ for sm_90 and assembled with the linker numba-cuda uses at run time (nvJitLink, 
 no GPU needed), with registers, spills, shared memory and occupancy per kernel.
 
 Run as a script with NUMBA_ENABLE_CUDASIM=0: ``python tests/cuda_static.py shuffle|shared
-[--sass]`` prints one JSON line per specialization. ``tests/test_cuda_ptx.py`` checks the
+[--sass]`` prints one JSON line per specialization (``shared``: those ``shared_path`` picks). ``tests/test_cuda_ptx.py`` checks the
 table; ``bench/cuda_sass.py`` adds SASS instructions per element (needs ``nvdisasm``).
 
 The signatures mirror what ``nbbn._cuda.backend`` passes (a simulator test,
@@ -91,6 +91,18 @@ def specializations(t):
             out.append(("strided", "copy_strided", (arr(src), i8, t.UniTuple(i8, 2), p, i8,
                                                     t.UniTuple(i8, 2), t.UniTuple(i8, 2))))
     return out
+
+
+def shared_path(specs):
+    """The specializations compiled with shared-memory block merges: the reductions only (the
+    switch changes nothing else), and of each reduction one per input dtype, the first listed
+    (32-bit indices, contiguous vectors, no gate): the merge depends on the accumulator's
+    type alone, and every other operand is read as on the shuffle path, checked in full."""
+    seen = set()
+    for module, name, sig in specs:
+        if name in REDUCTIONS and (name, sig[0].dtype) not in seen:
+            seen.add((name, sig[0].dtype))
+            yield module, name, sig
 
 
 def planned_blocks(row):
@@ -202,9 +214,8 @@ def main():
     if want_sass and nvdisasm is None:
         sys.exit("nvdisasm not found: pip install nvidia-cuda-nvdisasm (or put it on PATH)")
     threads = launch.THREADS
-    for module, name, sig in specializations(t):
-        if path == "shared" and name not in REDUCTIONS:
-            continue  # the switch only changes the reductions' block merges
+    for module, name, sig in (specializations(t) if path == "shuffle"
+                              else shared_path(specializations(t))):
         kernel = getattr(modules[module], name)
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0), fastmath=False)
         linker = Linker(ObjectCode.from_ptx(ptx.encode(), name=name),

@@ -3,9 +3,9 @@ numba-cuda uses at run time), with the simulator off and no GPU: registers, spil
 memory and occupancy (``tests/cuda_static.py`` makes the table).
 
 The simulator runs kernels as Python and type-checks nothing; ``compile_ptx`` types and
-lowers them as a real GPU would, both the warp-shuffle path that real GPUs take and the
-shared-memory path the simulator takes (the reductions': the switch changes nothing else),
-for every input dtype and index width. Needs
+lowers them as a real GPU would: the warp-shuffle path that real GPUs take for every
+specialization, and the shared-memory path the simulator takes for each reduction and
+input dtype (``cuda_static.shared_path``: the switch changes the block merge alone). Needs
 NVRTC/libNVVM and nvJitLink (``pip install "nbbn[cuda]"``); skipped, saying so, where
 they are missing.
 """
