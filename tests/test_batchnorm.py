@@ -244,6 +244,27 @@ def test_nan_stays_in_its_channel(rng):
     assert np.isnan(rm[1]) and np.all(np.isfinite(rm[[0, 2]]))
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 2, 2), (400, 3, 200, 2)])  # one call; the passes
+def test_zero_variance_without_eps_follows_numpy_at_every_size(shape):
+    """var + eps == 0 (evaluation and backward allow eps=0): NumPy's inf/nan, as the
+    general path gives them, also from the small calls' one compiled call (it raised
+    ZeroDivisionError)."""
+    x, dy = np.ones(shape, np.float32), np.linspace(-1, 1, np.prod(shape), dtype=np.float32)
+    dy = dy.reshape(shape)
+    zeros, ones = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with np.errstate(all="ignore"):
+        scale = 1 / np.sqrt(zeros.astype(np.float64))
+        y_ref = (x * scale[:, None, None] + (0 - 0 * scale)[:, None, None]).astype(np.float32)
+        y = nbbn.batch_norm(x, zeros, zeros, eps=0.0)
+        dx, dw, db = nbbn.batch_norm_backward(dy, x, zeros, zeros, ones, eps=0.0)
+        general = nbbn.batch_norm_backward(dy, x, zeros, zeros, ones, eps=0.0,
+                                           out=np.empty_like(x))
+    np.testing.assert_array_equal(y, y_ref)  # nan: 1 * inf + (0 - 0 * inf)
+    for got, want in zip((dx, dw, db), general):
+        np.testing.assert_array_equal(got, want)
+    assert not np.isfinite(dx).any()
+
+
 def test_ema_update_conventions(rng):
     mean, var = rng.standard_normal(4), rng.random(4)
     rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)

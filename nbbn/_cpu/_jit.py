@@ -334,8 +334,11 @@ def _compile_shared_math():
     """Make ``_math``'s functions callable from CPU kernels, as they are written.
 
     Each compiles as its own strict function (no fastmath: see the module
-    docstring of ``_math``) wherever a kernel calls it; ``_math.fma`` compiles
-    as the fused multiply-add instruction.
+    docstring of ``_math``) wherever a kernel calls it, dividing by zero as NumPy
+    does (inf/nan: the kernels' finiteness checks then hand the call to the
+    general path, which applies NumPy's rules; Numba's default raises
+    ZeroDivisionError); ``_math.fma`` compiles as the fused multiply-add
+    instruction.
     """
     overload(_math.fma, target="cpu")(lambda a, b, c: lambda a, b, c: _fma_instruction(a, b, c))
     for func in vars(_math).values():
@@ -343,7 +346,8 @@ def _compile_shared_math():
             def implementation(*args, _func=func):
                 return _func
             implementation.__signature__ = inspect.signature(func)  # Numba checks it
-            overload(func, target="cpu", jit_options={"fastmath": False})(implementation)
+            overload(func, target="cpu",
+                     jit_options={"fastmath": False, "error_model": "numpy"})(implementation)
 
 
 _compile_shared_math()
