@@ -9,10 +9,6 @@ way below, each in its own directory, and prints one line per damage:
 
 ``python -m tests.cache_check layer DIR serial|parallel`` runs one build of the
 probe in DIR and prints the threading layer this process started ("none" if none).
-
-``python -m tests.cache_check race DIR`` writes ``DIR/ready-<pid>``, waits for
-``DIR/start``, then calls the probe with a compiler slowed by a second (so that
-processes started together overlap) and prints ``<cache misses> <cache hits>``.
 """
 import importlib.util
 import io
@@ -20,7 +16,6 @@ import os
 import pathlib
 import pickle
 import sys
-import time
 import warnings
 
 import numba
@@ -108,27 +103,6 @@ def damage_scenario(root, damage):
     return f"{damage} {result == x.sum()} {hits} {warned} {hits_next}"
 
 
-def race(directory):
-    """One of several processes compiling the probe at the same moment (see the docstring)."""
-    directory = pathlib.Path(directory)
-    sys.path.insert(0, str(directory))  # importable by name: another process's entry loads
-    py_func = importlib.import_module("probe").total
-    k = _jit.Kernel(py_func)
-    d = k.build(False)
-    compile_ = d._compiler.compile
-
-    def slow_compile(*args, **kwargs):
-        time.sleep(1.0)
-        return compile_(*args, **kwargs)
-
-    d._compiler.compile = slow_compile
-    (directory / f"ready-{os.getpid()}").touch()
-    while not (directory / "start").exists():
-        time.sleep(0.01)
-    k(np.arange(10.0), parallel=False)
-    print(sum(d.stats.cache_misses.values()), sum(d.stats.cache_hits.values()))
-
-
 def main(argv):
     if argv[0] == "damage":
         for damage in DAMAGES:
@@ -140,8 +114,6 @@ def main(argv):
             print(numba.threading_layer())
         except ValueError:
             print("none")
-    elif argv[0] == "race":
-        race(argv[1])
     else:
         raise SystemExit(f"unknown command {argv[0]}")
 

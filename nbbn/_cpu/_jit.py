@@ -20,14 +20,8 @@ import threading
 import types
 import warnings
 
-try:
-    import fcntl
-except ImportError:  # Windows: no lock between processes (each may compile a kernel itself)
-    fcntl = None
-
 import numba
 from llvmlite import ir
-from numba.core import sigutils
 from numba.core.caching import FunctionCache, IndexDataCacheFile
 from numba.core.compiler_lock import global_compiler_lock
 from numba.extending import intrinsic, overload
@@ -143,38 +137,6 @@ class _TolerantCache(FunctionCache):
                                "in the next process.")
 
 
-def _compile_once(dispatcher):
-    """Make processes sharing a cache directory compile each (kernel, signature) once.
-
-    Processes starting cold together (pytest-xdist or DataLoader workers, MPI ranks, Dask
-    workers) need the same kernels at the same moment, and each compiled each of them: a
-    compile now holds a lock file beside the cache entry, so the others wait and load it.
-    The lock is taken outside Numba's in-process compiler lock and released by the
-    operating system if the process dies; a kernel's compile never starts another's.
-    """
-    compile_now = dispatcher.compile
-    cache = dispatcher._cache
-
-    def compile(sig):
-        args, _ = sigutils.normalize_signature(sig)
-        if tuple(args) in dispatcher.overloads:
-            return compile_now(sig)
-        name = hashlib.sha256(str(tuple(args)).encode()).hexdigest()[:16]
-        path = os.path.join(cache.cache_path, f"{cache._impl.filename_base}.{name}.lock")
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError:  # a cache directory we can read but not write: compile alone
-            return compile_now(sig)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            return compile_now(sig)  # loads what another process just compiled, if it did
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)  # a forked child's copy of fd must not keep it
-            os.close(fd)
-
-    dispatcher.compile = compile
-
-
 def _flavoured(py_func, parallel):
     """A copy of py_func named per build, so each build gets its own cache files.
 
@@ -198,8 +160,6 @@ def _compile(py_func, parallel):
     if _cache_ok:
         try:
             dispatcher._cache = _TolerantCache(func)  # what njit(cache=True) does, tolerant
-            if fcntl is not None:
-                _compile_once(dispatcher)
         except RuntimeError as exc:  # no writable cache locator
             _cache_ok = False
             warnings.warn(
