@@ -3,8 +3,9 @@ for sm_90 and assembled with the linker numba-cuda uses at run time (nvJitLink, 
 no GPU needed), with registers, spills, shared memory and occupancy per kernel.
 
 Run as a script with NUMBA_ENABLE_CUDASIM=0: ``python tests/cuda_static.py shuffle|shared
-[--sass]`` prints one JSON line per specialization (``shared``: those ``shared_path`` picks). ``tests/test_cuda_ptx.py`` checks the
-table; ``bench/cuda_sass.py`` adds SASS instructions per element (needs ``nvdisasm``).
+[--sass]`` prints one JSON line per specialization (``shared``: those ``shared_path``
+picks). ``tests/test_cuda_ptx.py`` checks the table; ``bench/cuda_sass.py`` adds SASS
+instructions per element (needs ``nvdisasm``).
 
 The signatures mirror what ``nbbn._cuda.backend`` passes (a simulator test,
 ``test_cuda.py::test_launched_kernels_have_static_signatures``, checks that every kernel the

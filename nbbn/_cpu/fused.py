@@ -30,9 +30,9 @@ from .normalize import affine_items, affine_stream_share
 
 # The forward's passes are functions of their own, called, not inlined: each compiles once
 # per type of its own arguments, not once per signature of the kernels (each combination of
-# None and array arguments; inlined, a cold compile of the forward took ~10 s, of test_batchnorm.py
-# 7.6 min, now 3.8). The call costs ~0.3 us, so the backward's passes (fewer signatures, and
-# slower than PyTorch's at 8x16x8x8) stay inlined.
+# None and array arguments: inlined, a cold compile of the forward took ~10 s; all of
+# test_batchnorm.py 7.6 min, now 4.7). A call costs ~0.3 us, so the backward's passes (fewer
+# signatures, and slower than PyTorch's at 8x16x8x8) stay inlined.
 PASS = {"fastmath": FASTMATH}
 
 
