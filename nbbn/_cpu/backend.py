@@ -429,7 +429,8 @@ class _Small(NamedTuple):
     """What ``fused`` found for a plan: x's shape and dtype, the layout's axis order and its
     inverse (None: plain), x's shape in that order, the shape of the view the fused kernels
     read of an array so laid out (3-D rows, or the 2-D plane of channels-last data; None:
-    the array as it is), x's size and number of channels, and the kernels' serial builds."""
+    the array as it is), x's size and number of channels, whether an output like x comes
+    from the pool (``pool.MIN_BYTES``), and the kernels' serial builds."""
 
     shape: tuple
     dtype: object
@@ -439,6 +440,7 @@ class _Small(NamedTuple):
     view: tuple
     size: int
     nchan: int
+    pooled: bool
     forward: object
     inference: object
     backward: object
@@ -461,6 +463,7 @@ def fused(plan, x):
     view = _kernel_shape(layout.shape3)
     small = _Small(plan.shape, plan.dtype, order, order and layout.inverse, ordered,
                    None if view == ordered else view, plan.size, nchan,
+                   plan.size * plan.dtype.itemsize >= pool.MIN_BYTES,
                    *(k.build(False) for k in (_fused.forward, _fused.inference, _fused.backward)))
     try:  # x's view is one (a view's existence depends on the shape and strides only)
         _view(small, x, copy=False)
@@ -483,10 +486,13 @@ def _serial(small):
 
 
 def _view(small, a, copy=None):
-    """The kernels' view of x, dy or an array from ``_empty``."""
+    """The kernels' view of x, dy or an array from ``_empty`` (``fused`` checked that x's
+    is one; reshape's ``copy`` keyword alone costs 0.2 us a call, so it is given only then)."""
     if small.order is not None:
         a = a.transpose(small.order)
-    return a if small.view is None else a.reshape(small.view, copy=copy)
+    if small.view is None:
+        return a
+    return a.reshape(small.view) if copy is None else a.reshape(small.view, copy=copy)
 
 
 class _SmallReduction(NamedTuple):
@@ -537,7 +543,7 @@ def fused_ema(running_mean, running_var, mean, var, momentum, var_factor):
 
 def _empty(small):
     """A new output like x, laid out in the layout's order (large ones from the pool)."""
-    a = pool.empty(small.ordered_shape, small.dtype)
+    a = (pool.empty if small.pooled else np.empty)(small.ordered_shape, small.dtype)
     return a if small.order is None else a.transpose(small.inverse)
 
 
