@@ -249,6 +249,21 @@ def channel_plan(a, axis, name="x", min_ndim=2, virtual_batch_size=None):
 # ---- argument rules (each names the argument it blames) -------------------------------------
 
 
+class PlanCache(dict):
+    """The small calls' plans (``batchnorm._small``, ``stats._small_statistics``), keyed by
+    their arrays' description: a dict's lookup, cheaper than ``lru_cache``'s on this hot
+    path, forgotten all at once past LIMIT entries (as many as the plan caches above)."""
+
+    LIMIT = 512
+
+    def keep(self, key, entry):
+        """Store and return ``entry``."""
+        if len(self) >= self.LIMIT:
+            self.clear()
+        self[key] = entry
+        return entry
+
+
 def check_float_dtype(dtype, name):
     """Batch-norm inputs are float16/32/64 or bfloat16: integer and bool are TypeErrors."""
     if not is_float(dtype):

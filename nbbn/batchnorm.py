@@ -200,8 +200,7 @@ def require_values(call, count=None):
 # and the backend does the rest in one call. Anything else, or a backend that declines,
 # takes the general path, which validates everything (and raises).
 
-_SMALL = {}
-_SMALL_LIMIT = 512
+_SMALL = _layout.PlanCache()
 
 
 def _small(axis, x, *vectors, like_x=None):
@@ -214,10 +213,7 @@ def _small(axis, x, *vectors, like_x=None):
     key = (x.shape, x.strides, x.dtype, axis)
     entry = _SMALL.get(key)
     if entry is None:
-        entry = _small_entry(be, x, axis)
-        if len(_SMALL) >= _SMALL_LIMIT:
-            _SMALL.clear()
-        _SMALL[key] = entry
+        entry = _SMALL.keep(key, _small_entry(be, x, axis))
     if entry is False or like_x is not None and like_x.shape != x.shape:
         return None
     channels = entry[1]

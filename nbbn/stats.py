@@ -93,8 +93,18 @@ _NUMPY_OPS = {"mean": ("mean",), "var": ("var",), "std": ("std",), "mean_var": (
 # backend's fused plan are cached by the array's description, and the backend does the rest
 # in one call. Anything else, or a backend that declines, takes the general path.
 
-_SMALL = {}
-_SMALL_LIMIT = 512
+_SMALL = _layout.PlanCache()
+
+
+def _small_reduction(be, a, axis, keepdims):
+    """(count, the backend's fused plan) for a reduction of arrays like ``a``, or False
+    (invalid: the general path raises; or not fused)."""
+    try:
+        red = _layout.reduction(a, axis, keepdims)
+    except (TypeError, ValueError):
+        return False
+    small = be.fused_reduction(red, a)
+    return False if small is None else (red.count, small)
 
 
 def _small_statistics(a, axis, keepdims, ddof, kinds):
@@ -108,16 +118,7 @@ def _small_statistics(a, axis, keepdims, ddof, kinds):
     key = (a.shape, a.strides, a.dtype, axis, keepdims)
     entry = _SMALL.get(key)
     if entry is None:
-        try:
-            red = _layout.reduction(a, axis, keepdims)
-        except (TypeError, ValueError):  # the general path raises the error
-            entry = False
-        else:
-            small = be.fused_reduction(red, a)
-            entry = False if small is None else (red.count, small)
-        if len(_SMALL) >= _SMALL_LIMIT:
-            _SMALL.clear()
-        _SMALL[key] = entry
+        entry = _SMALL.keep(key, _small_reduction(be, a, axis, keepdims))
     if entry is False or entry[0] - ddof <= 0:
         return None
     return be.fused_statistics(entry[1], a, kinds, ddof)

@@ -426,13 +426,12 @@ _NATIVE_FLOATS = frozenset(map(np.dtype, (np.float32, np.float64)))
 
 
 class _Small(NamedTuple):
-    """What ``fused`` found for a plan: x's shape and dtype, the layout's axis order and its
+    """What ``fused`` found for a plan: x's dtype, the layout's axis order and its
     inverse (None: plain), x's shape in that order, the shape of the view the fused kernels
     read of an array so laid out (3-D rows, or the 2-D plane of channels-last data; None:
     the array as it is), x's size and number of channels, whether an output like x comes
     from the pool (``pool.MIN_BYTES``), and the kernels' serial builds."""
 
-    shape: tuple
     dtype: object
     order: tuple
     inverse: tuple
@@ -458,18 +457,26 @@ def fused(plan, x):
             or nchan > CHANNEL_TILE or layout.strides3(x.strides) is None
             or n_inner == 1 and regroups(n_outer, nchan) or short_columns(n_inner, plan.size)):
         return None
+    view = _kernel_shape(layout.shape3)
+    if not _viewable(x, layout.order, view):
+        return None
     order = None if layout.order == tuple(range(len(plan.shape))) else layout.order
     ordered = tuple(plan.shape[i] for i in layout.order)
-    view = _kernel_shape(layout.shape3)
-    small = _Small(plan.shape, plan.dtype, order, order and layout.inverse, ordered,
-                   None if view == ordered else view, plan.size, nchan,
-                   plan.size * plan.dtype.itemsize >= pool.MIN_BYTES,
-                   *(k.build(False) for k in (_fused.forward, _fused.inference, _fused.backward)))
-    try:  # x's view is one (a view's existence depends on the shape and strides only)
-        _view(small, x, copy=False)
+    return _Small(plan.dtype, order, order and layout.inverse, ordered,
+                  None if view == ordered else view, plan.size, nchan,
+                  plan.size * plan.dtype.itemsize >= pool.MIN_BYTES,
+                  *(k.build(False) for k in (_fused.forward, _fused.inference, _fused.backward)))
+
+
+def _viewable(a, order, shape):
+    """Whether ``a`` transposed to ``order`` has a view of ``shape`` (a view's existence
+    depends on the shape and strides only: checked once per cached plan, each call then
+    reshapes without NumPy's ``copy`` keyword, which alone costs 0.2 us)."""
+    try:
+        a.transpose(order).reshape(shape, copy=False)
     except ValueError:
-        return None
-    return small
+        return False
+    return True
 
 
 def _kernel_shape(shape3):
@@ -485,14 +492,11 @@ def _serial(small):
     return serial(2 * small.size)
 
 
-def _view(small, a, copy=None):
-    """The kernels' view of x, dy or an array from ``_empty`` (``fused`` checked that x's
-    is one; reshape's ``copy`` keyword alone costs 0.2 us a call, so it is given only then)."""
+def _view(small, a):
+    """The kernels' view of x, dy or an array from ``_empty`` (``fused``: x's is a view)."""
     if small.order is not None:
         a = a.transpose(small.order)
-    if small.view is None:
-        return a
-    return a.reshape(small.view) if copy is None else a.reshape(small.view, copy=copy)
+    return a if small.view is None else a.reshape(small.view)
 
 
 class _SmallReduction(NamedTuple):
@@ -513,13 +517,10 @@ def fused_reduction(red, a):
     if (a.dtype not in _NATIVE_FLOATS or not 0 < a.size < AS_LAID_OUT or red.count == 0
             or layout.shape3[1] > CHANNEL_TILE or any(s < 0 for s in a.strides)):
         return None
-    small = _SmallReduction(red, a.dtype, _kernel_shape(layout.shape3),
-                            _fused.statistics.build(False))
-    try:  # a view (its existence depends on the shape and strides only)
-        a.transpose(layout.order).reshape(small.view, copy=False)
-    except ValueError:
+    view = _kernel_shape(layout.shape3)
+    if not _viewable(a, layout.order, view):
         return None
-    return small
+    return _SmallReduction(red, a.dtype, view, _fused.statistics.build(False))
 
 
 def fused_statistics(small, a, kinds, ddof):
