@@ -132,6 +132,22 @@ def row_block(item, nchan, blocks_per_row, n_inner):
 
 
 @helper
+def next_block(o, c, start, stop, nchan, n_inner):
+    """The row item after block ``x[o, c, start:stop]``, in ``row_block``'s order, stepped
+    rather than divided out (two integer divisions per item cost ~1 us of the 5 us backward
+    of 8x16x8x8, rows of 64 values)."""
+    if stop == n_inner:
+        start = 0
+        c += 1
+        if c == nchan:
+            c = 0
+            o += 1
+    else:
+        start = stop
+    return o, c, start, min(n_inner, start + BLOCK)
+
+
+@helper
 def stream_step(first, stop, n_streams):
     """Rows first:stop as n_streams streams: sweep ``r`` in ``range(first, first + step)``
     covers rows r, r + step, ..., r + (n_streams - 1) * step; rows ``first + n_streams *

@@ -50,7 +50,7 @@ import numpy as np
 from numba import prange
 
 from .. import _math
-from ._blocks import BLOCK, head_groups, row_block, run_stop, widen
+from ._blocks import BLOCK, head_groups, next_block, row_block, run_stop, widen
 from .elements import as_float64, wide
 from ._jit import helper, kernel, thread_plan
 
@@ -246,14 +246,7 @@ def rows_pass(x, first, last, k, new_shift, counts, sums, pending, samples):
             pending[0, c] = 0.0
             pending[1, c] = 0.0
             pending[2, c] = 0.0
-        start = stop
-        if start == n_inner:
-            start = 0
-            c += 1
-            if c == nchan:
-                c = 0
-                o += 1
-        stop = min(n_inner, start + BLOCK)
+        o, c, start, stop = next_block(o, c, start, stop, nchan, n_inner)
     for c in range(nchan):
         accumulate(sums, c, pending[0, c], pending[1, c])
 

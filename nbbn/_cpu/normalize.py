@@ -11,8 +11,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, thread_plan
-from ._blocks import (AFFINE_STREAMS, BLOCK, row_block, run_stop, short_rows, stream_step, tiled,
-                      widen)
+from ._blocks import (AFFINE_STREAMS, BLOCK, next_block, row_block, run_stop, short_rows,
+                      stream_step, tiled, widen)
 from .elements import epilogue, keep, part, store, wide
 
 
@@ -22,8 +22,8 @@ def affine_items(x, scale, shift, y, residual, relu, copy, mask, group_rows, fir
     shift (groups, C), group o // group_rows."""
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
-    for item in range(first, last):
-        o, c, start, stop = row_block(item, nchan, blocks_per_row, n_inner)
+    o, c, start, stop = row_block(first, nchan, blocks_per_row, n_inner)
+    for _ in range(first, last):
         src = x[o, c, start:stop]
         dst = y[o, c, start:stop]
         res = part(residual, o, c, start, stop)
@@ -35,6 +35,7 @@ def affine_items(x, scale, shift, y, residual, relu, copy, mask, group_rows, fir
             v = epilogue(wide(src[i]) * a + b, res, i, relu)
             store(dst, i, v)
             keep(src, kept, gate, i, v, dst)
+        o, c, start, stop = next_block(o, c, start, stop, nchan, n_inner)
 
 
 @kernel
