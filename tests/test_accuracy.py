@@ -17,7 +17,7 @@ from numba import njit
 
 import nbbn
 from nbbn import _math
-from nbbn._cpu import _jit, moments
+from nbbn._cpu import _blocks, _jit, moments
 
 from . import exact
 
@@ -76,6 +76,27 @@ def test_offset_data_regrouped_columns(nchan, build, rng):
     (mean_ulps, _), (var_err, _) = _check(np.ascontiguousarray(values.T), 0, values)
     assert mean_ulps <= 0.5
     assert var_err <= VAR_TARGET
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("n_inner", [3, 16])
+def test_offset_data_short_rows(n_inner, offset, dtype, build, rng):
+    """Rows of a few values (small feature maps, [N, C, n_inner]) are read as columns with
+    one shift per channel (``moments.moments_short_rows``)."""
+    values = exact.channels(offset if dtype == np.float64 else offset / 1e6, 24_000, 3, rng)
+    values = values.astype(dtype)
+    a = np.ascontiguousarray(values.reshape(3, -1, n_inner).transpose(1, 0, 2))
+    assert _blocks.short_rows(a) is not None  # the path under test
+    (mean_ulps, _), (var_err, _) = _check(a, (0, 2), values, dtype)
+    assert mean_ulps <= 0.5
+    if dtype == np.float64:
+        assert var_err <= VAR_TARGET
+    else:  # correctly rounded, as every float32 result
+        got_var = nbbn.var(a, axis=(0, 2))
+        for c in range(3):
+            mean, m2 = exact.moments(values[c])
+            assert exact.ulps(got_var[c], m2 / values.shape[1], dtype) <= 0.5
 
 
 @pytest.mark.parametrize("offset", OFFSETS)

@@ -33,6 +33,23 @@ def test_channels_last_regrouped_with_leftover_rows(n_rows, nchan, dtype, rng):
     _check(a.reshape(n_rows, 1, nchan), (0, 1))
 
 
+@pytest.mark.parametrize("n_inner", [2, 16, _blocks.SHORT_ROW])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_short_rows_read_as_columns(n_inner, dtype, rng):
+    """[N, C, n] with short rows (n <= SHORT_ROW, large arrays) is summed as columns, a shift
+    per channel; a channel-last view of the same data, and a drifting channel, agree."""
+    n_outer = 2 * _blocks.AS_LAID_OUT // (5 * n_inner) + 3
+    a = (100 + 3 * rng.standard_normal((n_outer, 5, n_inner))).astype(dtype)
+    a[:, 2] += np.linspace(0, 1e4, n_outer)[:, None]  # a mean far from the first values
+    assert _blocks.short_rows(a) is not None
+    _check(a, (0, 2))
+    m, v = nbbn.mean_var(a, axis=(0, 2), dtype=np.float64)
+    m_cols, v_cols = nbbn.mean_var(np.ascontiguousarray(a.transpose(0, 2, 1)), axis=(0, 1),
+                                   dtype=np.float64)
+    np.testing.assert_allclose(m, m_cols, rtol=1e-14)
+    np.testing.assert_allclose(v, v_cols, rtol=1e-12)
+
+
 @pytest.mark.parametrize("shape,axis", [((2, 3, 3 * moments.BLOCK), (0, 2)), ((50_000, 3), 0)])
 def test_first_value_an_outlier(shape, axis, rng):
     """The first block of a channel is shifted by its first value: make that a far outlier."""
@@ -41,7 +58,8 @@ def test_first_value_an_outlier(shape, axis, rng):
     _check(a, axis, rtol=1e-9)
 
 
-@pytest.mark.parametrize("shape,axis", [((2, 3, 3 * moments.BLOCK), (0, 2)), ((50_001, 3), 0)])
+@pytest.mark.parametrize("shape,axis", [((2, 3, 3 * moments.BLOCK), (0, 2)), ((50_001, 3), 0),
+                                        ((5_000, 3, 16), (0, 2))])
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 @pytest.mark.parametrize("where", ["first", "later"])
 def test_non_finite_in_any_block(shape, axis, bad, where, rng):

@@ -23,7 +23,7 @@ from ._jit import helper, kernel, thread_plan
 from ._blocks import (BLOCK, GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, head_groups, next_block,
                       row_block, run_stop, short_rows, stream_step, tiled, widen)
 from .elements import gated, part, store, store_if, wide
-from .moments import CHUNK, COLUMN_BLOCK_SWEEPS, STRIDED_CHUNK
+from .moments import CHUNK, COLUMN_BLOCK_SWEEPS, STRIDED_CHUNK, add_block
 
 
 @helper
@@ -79,15 +79,6 @@ def total_sums(partial):
             for c in range(nchan):
                 add_part(total[q], c, partial[q, p])
     return total[:, DY_HI] + total[:, DY_LO], total[:, DXM_HI] + total[:, DXM_LO]
-
-
-@numba.njit(fastmath=False, cache=False)
-def add_block(sums, s_dy, s_dxm):
-    """Add a block's per-column sums into the double-double sums: a loop of its own, compiled
-    without fastmath (elementwise, it vectorizes without; inside the fastmath kernel it did
-    not, and cost 15% of a channels-last float32 pass)."""
-    for c in range(s_dy.shape[0]):
-        add_sums(sums, c, s_dy[c], s_dxm[c])
 
 
 @helper

@@ -50,7 +50,7 @@ import numpy as np
 from numba import prange
 
 from .. import _math
-from ._blocks import BLOCK, head_groups, next_block, row_block, run_stop, widen
+from ._blocks import BLOCK, head_groups, next_block, row_block, run_stop, short_rows, widen
 from .elements import as_float64, wide
 from ._jit import helper, kernel, thread_plan
 
@@ -137,6 +137,15 @@ def accumulate(sums, c, s1, s2):
     """Add a block's sums of channel c into the double-double sums."""
     sums[S1_HI, c], sums[S1_LO, c] = _math.accumulate(sums[S1_HI, c], sums[S1_LO, c], s1)
     sums[S2_HI, c], sums[S2_LO, c] = _math.accumulate(sums[S2_HI, c], sums[S2_LO, c], s2)
+
+
+@numba.njit(fastmath=False, cache=False)
+def add_block(sums, s1, s2):
+    """Add a block's per-column sums into the (4, C) double-double sums: a loop of its own,
+    compiled without fastmath (elementwise, it vectorizes without; inside a fastmath
+    kernel it did not, and cost 15% of a channels-last float32 pass)."""
+    for c in range(s1.shape[0]):
+        accumulate(sums, c, s1[c], s2[c])
 
 
 @helper
@@ -344,14 +353,12 @@ def columns_pass(x, r0, r1, k, sums, s1, s2):
         s2[:] = 0.0
         for q in range(q0, min(part, q0 + COLUMN_BLOCK_SWEEPS)):
             sweep(x, r0 + q, part, k, s1, s2)
-        for j in range(k.shape[0]):
-            accumulate(sums, j, s1[j], s2[j])
+        add_block(sums, s1, s2)
     s1[:] = 0.0
     s2[:] = 0.0
     for r in range(r0 + STREAMS * part, r1):
         add_row(x[r], k, s1, s2)
-    for j in range(k.shape[0]):
-        accumulate(sums, j, s1[j], s2[j])
+    add_block(sums, s1, s2)
 
 
 @helper
@@ -486,6 +493,71 @@ def moments_columns(x, group_rows, nthreads):
     return merge_heads(states, heads, head_groups(n_rows, group_rows, nthreads))
 
 
+@helper
+def short_row_shifts(x, r0, r1, n_inner, k, lanes, samples):
+    """``central`` of each channel of rows r0:r1 of the (rows, C * n_inner) plane of short
+    rows (``moments_short_rows``), from SAMPLES values spread over them, into ``k`` (C,), and
+    into each of the channel's columns of ``lanes`` (C * n_inner,)."""
+    values = (r1 - r0) * n_inner
+    m = samples.shape[0]
+    for c in range(k.shape[0]):
+        for s in range(m):
+            r, i = divmod((2 * s + 1) * values // (2 * m), n_inner)
+            samples[s] = wide(x[r0 + r, c * n_inner + i])
+        k[c] = central(samples)
+        lanes[c * n_inner:(c + 1) * n_inner] = k[c]
+
+
+@numba.njit(fastmath=False, cache=False)
+def fold_lanes(sums, n_inner, channel_sums):
+    """The (4, C) double-double sums of each channel from its n_inner columns' (4, C *
+    n_inner): one shift per channel, so the sums add (a column's high part exactly, its
+    low part plainly, as ``backward.add_part``). Strict, and a column of each channel at a
+    time, so that the loop over the channels vectorizes."""
+    channel_sums[:] = 0.0
+    for i in range(n_inner):
+        for c in range(channel_sums.shape[1]):
+            j = c * n_inner + i
+            accumulate(channel_sums, c, sums[S1_HI, j], sums[S2_HI, j])
+            channel_sums[S1_LO, c] += sums[S1_LO, j]
+            channel_sums[S2_LO, c] += sums[S2_LO, j]
+
+
+@kernel
+def moments_short_rows(x, n_inner, nthreads):
+    """(state, finite): the (FIELDS, C) state over axes 0 and 2 of x[outer, C, inner] with
+    short rows, given as its (outer, C * inner) plane (``_blocks.short_rows``).
+
+    Rows of a few values (a 4x4 feature map: 16) summed one at a time cost their fixed
+    steps (a vector reduction, a double-double update) per row, 12x the read floor
+    measured on [128, 512, 4, 4]; read as columns, a sweep runs across all channels, and
+    every column of a channel shares the channel's shift, so the columns' sums add into
+    the channel's before one state per channel (where per-column states, merged, cost
+    as much again). Thread t takes the t-th contiguous share of the rows.
+    """
+    n_rows, width = x.shape
+    nchan = width // n_inner
+    states = np.zeros((nthreads, FIELDS, nchan))
+    for t in prange(nthreads):
+        r0, r1 = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
+        if r0 < r1:
+            work = np.empty((8, width))  # column shifts, sums, block sums
+            lanes, sums, s1, s2 = work[0], work[1:5], work[5], work[6]
+            channel = np.empty((6, nchan))  # channel shifts, counts, sums
+            k, counts, channel_sums = channel[0], channel[1], channel[2:]
+            counts[:] = (r1 - r0) * n_inner
+            short_row_shifts(x, r0, r1, n_inner, k, lanes, np.empty(SAMPLES))
+            for _ in range(2):  # a second pass only where the shift was too far
+                columns_pass(x, r0, r1, lanes, sums, s1, s2)
+                fold_lanes(sums, n_inner, channel_sums)
+                if not thread_state(counts, k, channel_sums, states[t]):
+                    break
+                k[:] = states[t, MEAN]
+                for c in range(nchan):
+                    lanes[c * n_inner:(c + 1) * n_inner] = k[c]
+    return merge_states(states)
+
+
 @kernel
 def fold_columns(wide, tail, groups):
     """Channel states from regrouped columns: column j * C + c of ``wide`` holds channel c.
@@ -548,8 +620,13 @@ def channel_moments(x, group_rows=None):
             for f in range(3):
                 out[f, :, c0:c0 + CHANNEL_TILE] = tile[f].reshape(groups, -1)
         return out[0].ravel(), out[1].ravel(), out[2].ravel()
+    short = short_rows(x) if group_rows is None else None
     if n_inner == 1:
         states, finite = column_moments(x[:, :, 0], group_rows)
+    elif short is not None:
+        nthreads, parallel = thread_plan(x.size, n_outer)
+        state, finite = moments_short_rows(short[1][0], n_inner, nthreads, parallel=parallel)
+        states = state[None]
     else:
         items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
         nthreads, parallel = thread_plan(x.size, items)
