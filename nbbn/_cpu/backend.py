@@ -4,8 +4,8 @@ import numpy as np
 from typing import NamedTuple
 
 from .._layout import is_bfloat16
-from ._blocks import AS_LAID_OUT, BLOCK, regroups, short_columns
-from ._jit import serial, thread_plan
+from ._blocks import AS_LAID_OUT, regroups, short_columns
+from ._jit import serial
 from .backward import backward_sums as _sums, grad_input as _grad_input
 from .elements import as_dtype, kernel_array, work_dtype
 from .ema import ema as _ema_kernel
@@ -449,8 +449,8 @@ def fused(plan, x):
     """Arrays of one batch (no virtual batches) of a dtype read as it is, viewed in the
     layout's order without a copy, without channel tiles, regrouped rows (``_blocks.widen``)
     or short rows read as columns (``_blocks.short_rows``; small arrays have neither:
-    ``_blocks.AS_LAID_OUT``). Each call then runs in one compiled call, by as many threads
-    as the general path's passes would take (``_launch``)."""
+    ``_blocks.AS_LAID_OUT``). Each call then checks that every pass would run serially
+    (``_serial``)."""
     layout = plan.layout
     n_outer, nchan, n_inner = layout.shape3
     if (plan.groups > 1 or x.dtype not in _NATIVE_FLOATS or plan.size == 0
@@ -485,22 +485,11 @@ def _kernel_shape(shape3):
     return shape3 if shape3[2] > 1 else shape3[:2]
 
 
-def _launch(small, elements, serial_build, kernel, *args):
-    """A fused kernel's result: its serial build on one thread where the general path's
-    passes over ``elements`` (a backward: 2 * size) would run serially (no launch steps:
-    the small calls), else by as many threads as the general path's kernels, which split
-    the work as these do (``_fused.split_moments``), so that every path agrees."""
-    if serial(elements):
-        return serial_build(*args, None)
-    nthreads, parallel = thread_plan(elements, _work_items(small))
-    return kernel(*args, nthreads, parallel=parallel)
-
-
-def _work_items(small):
-    """The units the kernels split among threads: row items of 3-D views (``_blocks``),
-    rows of 2-D planes."""
-    shape = small.view or small.ordered_shape
-    return shape[0] * shape[1] * -(-shape[2] // BLOCK) if len(shape) == 3 else shape[0]
+def _serial(small):
+    """Whether the general path would run every pass of ``small``'s arrays serially (a
+    backward's size, the largest pass, below the parallel threshold, or one thread): the
+    fused serial kernels then compute the same, in one call."""
+    return serial(2 * small.size)
 
 
 def _view(small, a):
@@ -572,39 +561,40 @@ def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, st
         if not (running_mean.flags.writeable and running_var.flags.writeable
                 and running_mean.dtype in _NATIVE_FLOATS and running_var.dtype in _NATIVE_FLOATS):
             return None
-    if not (_read(weight) and _read(bias)):
+    if not (_read(weight) and _read(bias) and _serial(small)):
         return None
     y = _empty(small)
     mean = var = None
     if stats_dtype is not None:
         mean, var = np.empty(small.nchan, stats_dtype), np.empty(small.nchan, stats_dtype)
-    if _launch(small, small.size, small.forward, _fused.forward, _view(small, x), weight, bias,
-               eps, _view(small, y), mean, var, running_mean, running_var, momentum, var_factor,
-               None if copy is None else _view(small, copy)):
+    if small.forward(_view(small, x), weight, bias, eps, _view(small, y), mean, var,
+                     running_mean, running_var, momentum, var_factor,
+                     None if copy is None else _view(small, copy)):
         return y, mean, var
     return None
 
 
 def fused_inference(small, x, running_mean, running_var, weight, bias, eps):
-    if not (_read(running_mean) and _read(running_var) and _read(weight) and _read(bias)):
+    if not (_read(running_mean) and _read(running_var) and _read(weight) and _read(bias)
+            and _serial(small)):
         return None
     y = _empty(small)
-    if _launch(small, small.size, small.inference, _fused.inference, _view(small, x),
-               running_mean, running_var, weight, bias, eps, _view(small, y)):
+    if small.inference(_view(small, x), running_mean, running_var, weight, bias, eps,
+                       _view(small, y)):
         return y
     return None
 
 
 def fused_backward(small, dy, x, mean, var, weight, eps):
     if not (dy.strides == x.strides and _read(dy) and _read(mean) and _read(var)
-            and _read(weight)):
+            and _read(weight) and _serial(small)):
         return None
     dx = _empty(small)
     dweight = dbias = None
     if weight is not None:
         dweight, dbias = np.empty(small.nchan, weight.dtype), np.empty(small.nchan, weight.dtype)
-    if _launch(small, 2 * small.size, small.backward, _fused.backward, _view(small, dy),
-               _view(small, x), mean, var, weight, eps, _view(small, dx), dweight, dbias):
+    if small.backward(_view(small, dy), _view(small, x), mean, var, weight, eps,
+                      _view(small, dx), dweight, dbias):
         return dx, dweight, dbias
     return None
 

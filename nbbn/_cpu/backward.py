@@ -128,13 +128,6 @@ def chunk_sums(g, v, gate, dres, m):
 def sums_rows(dy, x, mean, gate, dres, group_rows, nthreads):
     """(groups, 4, C) double-double sums over row items, per group of ``group_rows`` outer
     rows."""
-    return split_rows_sums(dy, x, mean, gate, dres, group_rows, nthreads)
-
-
-@helper
-def split_rows_sums(dy, x, mean, gate, dres, group_rows, nthreads):
-    """``sums_rows``, thread t's share the t-th of the row items (a helper: the fused calls
-    split their work as the kernel does)."""
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
@@ -202,12 +195,6 @@ def sums_share(dy, x, mean, gate, dres, first, stop, sums, s_dy, s_dxm):
 def sums_columns(dy, x, mean, gate, dres, group_rows, nthreads):
     """(groups, 4, C) double-double sums over channels-last rows: thread t's share in runs
     of one group."""
-    return split_columns_sums(dy, x, mean, gate, dres, group_rows, nthreads)
-
-
-@helper
-def split_columns_sums(dy, x, mean, gate, dres, group_rows, nthreads):
-    """``sums_columns`` (a helper: the fused calls split their work as the kernel does)."""
     n_rows, nchan = x.shape
     sums = np.zeros((mean.shape[0], 4, nchan))
     heads = np.zeros((nthreads, 4, nchan))

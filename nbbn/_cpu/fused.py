@@ -1,16 +1,13 @@
-"""Calls in one compiled call each: the statistics (``nbbn.mean/var/std/mean_var``), the
-running-statistics update, and batch norm's statistics, coefficients, elementwise pass and
-running-statistics update together.
+"""Serial calls in one compiled call each: the statistics (``nbbn.mean/var/std/mean_var``),
+the running-statistics update, and batch norm's statistics, coefficients, elementwise pass
+and running-statistics update together.
 
 Below the size where the kernels run in parallel, a call's time is mostly its Python
-steps, so each of these does a whole forward, inference or backward. Batch norm's do at
-every size, by as many threads as the separate kernels would take: the general path's
-Python steps (the passes' launches, per-channel NumPy arithmetic) cost 35-110 us a call,
-as much as the passes themselves on [256, 1024] on two threads. They run the separate
-kernels' own helpers, split among the threads as the kernels split them
-(``split_moments``, ``split_sums``; one thread: the whole array), and the coefficients'
-``_math`` functions, so their results are those of the separate kernels, bit for bit.
-``x`` is the 3-D (outer, C, inner) view, or for
+steps, so each of these does a whole forward, inference or backward; so they do on one
+thread at any size (cache-resident arrays, [256, 1024]: the steps were a third).
+They run the serial kernels' own per-thread helpers over the whole array (one
+"thread") and the coefficients' ``_math`` functions, so their results are those of
+the separate kernels, bit for bit. ``x`` is the 3-D (outer, C, inner) view, or for
 channels-last data (inner == 1) its 2-D (rows, C) plane, as the separate kernels
 read it. Each kernel returns False, having written nothing, where a statistic or a
 coefficient is not finite: the general path then applies NumPy's rules (and warnings).
@@ -18,18 +15,16 @@ coefficient is not finite: the general path then applies NumPy's rules (and warn
 import math
 
 import numpy as np
-from numba import prange, types
+from numba import types
 from numba.extending import overload
 
 from .. import _math
 from ._blocks import BLOCK
 from ._jit import FASTMATH, helper, kernel
-from .backward import (DXM_HI, DXM_LO, DY_HI, DY_LO, dx_items, dx_share, split_columns_sums,
-                       split_rows_sums, sums_items, sums_share)
+from .backward import DXM_HI, DXM_LO, DY_HI, DY_LO, dx_items, dx_share, sums_items, sums_share
 from .elements import store_if
 from .ema import ema_update
-from .moments import (FIELDS, M2, MEAN, checked, columns_state, rows_state,
-                      split_columns_moments, split_rows_moments)
+from .moments import FIELDS, M2, MEAN, checked, columns_state, rows_state
 from .normalize import affine_items, affine_stream_share
 
 
@@ -67,56 +62,19 @@ def _moments_all(x):
     return columns
 
 
-def threads(nthreads):
-    """The kernels' ``nthreads`` argument as a count: None (the small calls' serial builds,
-    which then compile no code for splitting the work) is 1."""
+def affine_all(x, scale, shift, y, copy):
+    """y = x * scale[c] + shift[c] over all of x; x's values into ``copy`` (None: not)."""
 
 
-@overload(threads, inline="always")
-def _threads(nthreads):
-    if isinstance(nthreads, types.NoneType):
-        return lambda nthreads: 1
-    return lambda nthreads: nthreads
-
-
-def split_moments(x, nthreads):
-    """(state, finite): ``moments_all``, its work split among ``nthreads`` threads as the
-    separate kernels split it (``moments_rows``/``moments_columns``), so that a fused call
-    of any size gives their results (None: one thread, compiled without the split)."""
-
-
-@overload(split_moments, inline="always")
-def _split_moments(x, nthreads):
-    if isinstance(nthreads, types.NoneType):
-        return lambda x, nthreads: moments_all(x)
-    split = split_rows_moments if x.ndim == 3 else split_columns_moments
-
-    def impl(x, nthreads):
-        if nthreads == 1:
-            return moments_all(x)
-        states, finite = split(x, max(x.shape[0], 1), nthreads)
-        return states[0], finite
-    return impl
-
-
-def affine_share(x, scale, shift, y, copy, t, nthreads):
-    """y = x * scale[c] + shift[c] over thread t's share of x (of nthreads equal shares of
-    its row items, or of its rows for a 2-D plane); x's values into ``copy`` (None: not).
-    Elementwise: any split gives the same values."""
-
-
-@overload(affine_share, jit_options=PASS)
-def _affine_share(x, scale, shift, y, copy, t, nthreads):
+@overload(affine_all, jit_options=PASS)
+def _affine_all(x, scale, shift, y, copy):
     if x.ndim == 3:
-        def rows(x, scale, shift, y, copy, t, nthreads):
-            n = _items(x)
-            affine_items(x, scale.reshape((1, scale.size)), shift.reshape((1, shift.size)), y,
-                         None, None, copy, None, max(x.shape[0], 1), t * n // nthreads,
-                         (t + 1) * n // nthreads)
-        return rows
-    return lambda x, scale, shift, y, copy, t, nthreads: affine_stream_share(
+        return lambda x, scale, shift, y, copy: affine_items(
+            x, scale.reshape((1, scale.size)), shift.reshape((1, shift.size)), y, None, None,
+            copy, None, max(x.shape[0], 1), 0, _items(x))
+    return lambda x, scale, shift, y, copy: affine_stream_share(
         x, scale.reshape((1, scale.size)), shift.reshape((1, shift.size)), y, None, None, copy,
-        None, max(x.shape[0], 1), t, nthreads)
+        None, max(x.shape[0], 1), 0, 1)
 
 
 def sums_all(dy, x, mean):
@@ -150,42 +108,16 @@ def _sums_all(dy, x, mean):
     return columns
 
 
-def split_sums(dy, x, mean, nthreads):
-    """``sums_all``, its work split among ``nthreads`` threads as ``sums_rows``/
-    ``sums_columns`` split it."""
+def dx_all(dy, x, mean, g, h, k, dx):
+    """dx = G * dy + H * (x - mean) + K over all of x."""
 
 
-@overload(split_sums, inline="always")
-def _split_sums(dy, x, mean, nthreads):
-    if isinstance(nthreads, types.NoneType):
-        return lambda dy, x, mean, nthreads: sums_all(dy, x, mean)
-    split = split_rows_sums if x.ndim == 3 else split_columns_sums
-
-    def impl(dy, x, mean, nthreads):
-        if nthreads == 1:
-            return sums_all(dy, x, mean)
-        return _totals(split(dy, x, mean.reshape((1, mean.size)), None, None,
-                             max(x.shape[0], 1), nthreads)[0])
-    return impl
-
-
-def dx_part(dy, x, mean, g, h, k, dx, t, nthreads):
-    """dx = G * dy + H * (x - mean) + K over thread t's share of x (of nthreads equal shares
-    of its row items, or rows of a 2-D plane; elementwise: any split gives the same)."""
-
-
-@overload(dx_part, inline="always")
-def _dx_part(dy, x, mean, g, h, k, dx, t, nthreads):
+@overload(dx_all, inline="always")
+def _dx_all(dy, x, mean, g, h, k, dx):
     if x.ndim == 3:
-        def rows(dy, x, mean, g, h, k, dx, t, nthreads):
-            n = _items(x)
-            dx_items(dy, x, None, mean, g, h, k, dx, t * n // nthreads, (t + 1) * n // nthreads)
-        return rows
-
-    def columns(dy, x, mean, g, h, k, dx, t, nthreads):
-        n = x.shape[0]
-        dx_share(dy, x, None, mean, g, h, k, dx, t * n // nthreads, (t + 1) * n // nthreads)
-    return columns
+        return lambda dy, x, mean, g, h, k, dx: dx_items(dy, x, None, mean, g, h, k, dx, 0,
+                                                         _items(x))
+    return lambda dy, x, mean, g, h, k, dx: dx_share(dy, x, None, mean, g, h, k, dx, 0, x.shape[0])
 
 
 def value_or(a, c, default):
@@ -256,13 +188,13 @@ def running_update(running_mean, running_var, mean, var, momentum, var_factor):
 
 @kernel
 def forward(x, weight, bias, eps, y, mean_out, var_out, running_mean, running_var, momentum,
-            var_factor, copy, nthreads):
+            var_factor, copy):
     """Training forward: the batch moments (into mean_out/var_out, None: not kept), y, the
     running buffers updated (None: none; declined where they share memory with x), and x's
-    values into ``copy`` (None: not kept), by ``nthreads`` threads (None: see ``threads``)."""
+    values into ``copy`` (None: not kept)."""
     if not (apart(running_mean, x) and apart(running_var, x)):
         return False
-    state, finite = split_moments(x, nthreads)
+    state, finite = moments_all(x)
     if not finite:
         return False
     nchan = state.shape[1]
@@ -275,9 +207,7 @@ def forward(x, weight, bias, eps, y, mean_out, var_out, running_mean, running_va
             state[MEAN, c], var[c], value_or(weight, c, 1.0), value_or(bias, c, 0.0), eps)
         if not (math.isfinite(scale[c]) and math.isfinite(shift[c])):
             return False
-    n = threads(nthreads)
-    for t in prange(n):
-        affine_share(x, scale, shift, y, copy, t, n)
+    affine_all(x, scale, shift, y, copy)
     for c in range(nchan):
         store_if(mean_out, c, state[MEAN, c])
         store_if(var_out, c, var[c])
@@ -286,10 +216,8 @@ def forward(x, weight, bias, eps, y, mean_out, var_out, running_mean, running_va
 
 
 @kernel
-def inference(x, running_mean, running_var, weight, bias, eps, y, nthreads):
-    """Evaluation forward: y normalized with the running statistics, by ``nthreads``
-    threads (elementwise: its one call serves every size, the general path's Python steps
-    cost 35 us a call, as much as the pass itself on [256, 1024] on two threads)."""
+def inference(x, running_mean, running_var, weight, bias, eps, y):
+    """Evaluation forward: y normalized with the running statistics."""
     nchan = running_mean.shape[0]
     work = np.empty((2, nchan))
     scale, shift = work[0], work[1]
@@ -299,31 +227,26 @@ def inference(x, running_mean, running_var, weight, bias, eps, y, nthreads):
             value_or(bias, c, 0.0), eps)
         if not (math.isfinite(scale[c]) and math.isfinite(shift[c])):
             return False
-    n = threads(nthreads)
-    for t in prange(n):
-        affine_share(x, scale, shift, y, None, t, n)
+    affine_all(x, scale, shift, y, None)
     return True
 
 
 @kernel
-def backward(dy, x, mean, var, weight, eps, dx, dweight, dbias, nthreads):
-    """Training backward: dx, and dweight/dbias (None: not wanted) in their arrays' dtype,
-    by ``nthreads`` threads."""
+def backward(dy, x, mean, var, weight, eps, dx, dweight, dbias):
+    """Training backward: dx, and dweight/dbias (None: not wanted) in their arrays' dtype."""
     nchan = mean.shape[0]
     count = x.size // nchan
     work = np.empty((5, nchan))
     m, g, h, k, invstd = work[0], work[1], work[2], work[3], work[4]
     for c in range(nchan):
         m[c] = np.float64(mean[c])
-    sums = split_sums(dy, x, m, nthreads)
+    sums = sums_all(dy, x, m)
     for c in range(nchan):
         g[c], h[c], k[c], invstd[c] = _math.grad_coefficients(
             np.float64(var[c]), value_or(weight, c, 1.0), eps, sums[0, c], sums[1, c], count)
         if not (math.isfinite(g[c]) and math.isfinite(h[c]) and math.isfinite(k[c])):
             return False
-    n = threads(nthreads)
-    for t in prange(n):
-        dx_part(dy, x, m, g, h, k, dx, t, n)
+    dx_all(dy, x, m, g, h, k, dx)
     for c in range(nchan):
         store_if(dweight, c, sums[1, c] * invstd[c])
         store_if(dbias, c, sums[0, c])

@@ -277,15 +277,11 @@ def rows_state(x, first, last, state):
 @kernel
 def moments_rows(x, group_rows, nthreads):
     """(states, finite) over axes 0 and 2 of x[outer, C, inner] per group of ``group_rows``
-    outer rows: (groups, FIELDS, C) (see ``merge_heads``)."""
-    return split_rows_moments(x, group_rows, nthreads)
+    outer rows: (groups, FIELDS, C) (see ``merge_heads``).
 
-
-@helper
-def split_rows_moments(x, group_rows, nthreads):
-    """``moments_rows``: work items are (row, block) pairs in memory order; thread t takes
-    the t-th contiguous share, in runs of one group. (A helper: the fused calls split
-    their work as the kernel does.)"""
+    Work items are (row, block) pairs in memory order; thread t takes the
+    t-th contiguous share, in runs of one group.
+    """
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
@@ -469,15 +465,12 @@ def columns_run_state(x, r0, r1, work, state):
 @kernel
 def moments_columns(x, group_rows, nthreads):
     """(states, finite) over axis 0 of x[rows, C] (a vertical reduction, channels-last) per
-    group of ``group_rows`` rows: (groups, FIELDS, C) (see ``merge_heads``)."""
-    return split_columns_moments(x, group_rows, nthreads)
+    group of ``group_rows`` rows: (groups, FIELDS, C) (see ``merge_heads``).
 
-
-@helper
-def split_columns_moments(x, group_rows, nthreads):
-    """``moments_columns``: thread t takes the t-th contiguous share of the rows, in runs of
-    one group, each shifted per column by a value sampled from rows spread over the run
-    (see ``central``)."""
+    Thread t takes the t-th contiguous share of the rows, in runs of one group,
+    each shifted per column by a value sampled from rows spread over the run
+    (see ``central``).
+    """
     n_rows, nchan = x.shape
     states = np.zeros(((n_rows + group_rows - 1) // group_rows, FIELDS, nchan))
     heads = np.zeros((nthreads, FIELDS, nchan))
