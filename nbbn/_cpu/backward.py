@@ -23,7 +23,8 @@ from ._jit import helper, kernel, thread_plan
 from ._blocks import (BLOCK, GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, head_groups, next_block,
                       row_block, run_stop, short_rows, stream_step, tiled, widen)
 from .elements import gated, part, store, store_if, wide
-from .moments import CHUNK, COLUMN_BLOCK_SWEEPS, STRIDED_CHUNK, add_block
+from .moments import (CHUNK, COLUMN_BLOCK_SWEEPS, STRIDED_CHUNK, add_block, add_pending,
+                      flush_pending)
 
 
 @helper
@@ -84,9 +85,8 @@ def total_sums(partial):
 @helper
 def sums_items(dy, x, mean, gate, dres, first, last, sums):
     """Add sum(g) and sum(g * (x - mean)) of row items first:last into the (4, C)
-    double-double ``sums``, CHUNK (strided: STRIDED_CHUNK) values per plain sum: short
-    rows' sums gather in ``pending`` (plain sums, count) until they cover that many (a
-    double-double step per row of 64 values cost a third of the sums' time)."""
+    double-double ``sums``, CHUNK (strided: STRIDED_CHUNK) values per plain sum (short
+    rows' sums gather until they cover that many: ``moments.add_pending``)."""
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     step = CHUNK if x.strides[2] == x.itemsize and dy.strides[2] == dy.itemsize \
@@ -98,17 +98,9 @@ def sums_items(dy, x, mean, gate, dres, first, last, sums):
             hi = min(stop, lo + step)
             s_dy, s_dxm = chunk_sums(dy[o, c, lo:hi], x[o, c, lo:hi], part(gate, o, c, lo, hi),
                                      part(dres, o, c, lo, hi), mean[c])
-            pending[0, c] += s_dy
-            pending[1, c] += s_dxm
-            pending[2, c] += hi - lo
-            if pending[2, c] >= step:
-                add_sums(sums, c, pending[0, c], pending[1, c])
-                pending[0, c] = 0.0
-                pending[1, c] = 0.0
-                pending[2, c] = 0.0
+            add_pending(sums, pending, c, s_dy, s_dxm, hi - lo, step)
         o, c, start, stop = next_block(o, c, start, stop, nchan, n_inner)
-    for c in range(nchan):
-        add_sums(sums, c, pending[0, c], pending[1, c])
+    flush_pending(sums, pending)
 
 
 @helper
