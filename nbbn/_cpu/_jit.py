@@ -22,8 +22,11 @@ import warnings
 
 import numba
 from llvmlite import ir
+from numba.core import sigutils
+from numba.core.types import Array
 from numba.core.caching import FunctionCache, IndexDataCacheFile
 from numba.core.compiler_lock import global_compiler_lock
+from numba.core.registry import CPUDispatcher
 from numba.extending import intrinsic, overload
 
 from .. import _math
@@ -153,10 +156,30 @@ def _flavoured(py_func, parallel):
     return func
 
 
+def _writable(t):
+    return t.copy(readonly=False) if isinstance(t, Array) and not t.mutable else t
+
+
+class _Dispatcher(CPUDispatcher):
+    """Numba's dispatcher, typing every array argument as writable: one build per dtype,
+    dimension and layout whatever the caller's flags (read-only and writable x were two
+    builds of every kernel, ~10 s each cold). The kernels never write what they read
+    (the tests check every input unchanged); the arrays' data model is the same."""
+
+    def compile(self, sig):
+        args, return_type = sigutils.normalize_signature(sig)
+        canonical = tuple(map(_writable, args))
+        entry = super().compile(canonical if return_type is None else return_type(*canonical))
+        if canonical != tuple(args):  # the caller's exact types now find this build directly
+            self._insert([a._code for a in args], entry)
+        return entry
+
+
 def _compile(py_func, parallel):
     global _cache_ok
     func = _flavoured(py_func, parallel)
-    dispatcher = numba.njit(parallel=parallel, fastmath=FASTMATH, nogil=True, cache=False)(func)
+    dispatcher = _Dispatcher(func, targetoptions={"parallel": parallel, "fastmath": FASTMATH,
+                                                  "nogil": True, "nopython": True})
     if _cache_ok:
         try:
             dispatcher._cache = _TolerantCache(func)  # what njit(cache=True) does, tolerant

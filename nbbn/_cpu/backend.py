@@ -52,13 +52,12 @@ def overlap(a, b):
 
 def _view3(a, layout, shape3=None):
     """``a`` transposed into the layout's order and viewed as 3-D; one copy where the
-    strides forbid a view. Read-only: one Numba specialization whatever the caller's flags."""
+    strides forbid a view."""
     t = a.transpose(layout.order)
     try:
         v = t.reshape(layout.shape3, copy=False)
     except ValueError:  # the axes of a group cannot merge without a copy
         v = np.ascontiguousarray(t).reshape(layout.shape3)
-    v.flags.writeable = False
     return v
 
 
