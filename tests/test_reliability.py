@@ -151,6 +151,21 @@ def test_edit_to_a_sibling_kernel_file_invalidates_the_cache(tmp_path):
     assert out.stdout.strip() == "6.0", out.stderr
 
 
+def test_read_only_and_writable_inputs_share_one_build():
+    """Kernels type every array as writable: a read-only x runs the writable x's build (one
+    cold compile of each kernel, not two), with the same result, and stays unchanged."""
+    x = np.random.default_rng(0).standard_normal((3, 2, 5)).astype(np.float32)
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    states, finite = moments.moments_rows(x, 3, 1, parallel=False)
+    frozen_states, frozen_finite = moments.moments_rows(frozen, 3, 1, parallel=False)
+    assert finite and frozen_finite and np.array_equal(states, frozen_states)
+    assert np.array_equal(frozen, x)
+    signatures = moments.moments_rows.build(False).overloads
+    assert signatures and all(t.mutable for sig in signatures for t in sig
+                              if isinstance(t, numba.types.Array))
+
+
 # --- resources -------------------------------------------------------------------
 
 def _rss_bytes():
