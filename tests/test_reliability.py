@@ -166,6 +166,17 @@ def test_read_only_and_writable_inputs_share_one_build():
                               if isinstance(t, numba.types.Array))
 
 
+def test_serial_and_parallel_builds_share_each_threads_pass():
+    """A kernel's serial and parallel builds call one compiled build of its thread's share
+    (``_jit.share``), with one type for the thread's index in both."""
+    x = np.random.default_rng(1).standard_normal((2, 3, 7)).astype(np.float64)
+    serial = moments.moments_rows(x, 2, 2, parallel=False)
+    parallel = moments.moments_rows(x, 2, 2, parallel=True)
+    assert all(np.array_equal(a, b) for a, b in zip(serial, parallel))
+    builds = [sig for sig in moments.rows_share.overloads if sig[0] == numba.typeof(x)]
+    assert len(builds) == 1, builds
+
+
 # --- resources -------------------------------------------------------------------
 
 def _rss_bytes():

@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .. import _math
-from ._jit import helper, kernel, thread_plan
+from ._jit import helper, kernel, share, thread_plan
 from ._blocks import (BLOCK, GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, head_groups, next_block,
                       row_block, run_stop, short_rows, stream_step, tiled, widen)
 from .elements import gated, part, store, store_if, wide
@@ -116,6 +116,23 @@ def chunk_sums(g, v, gate, dres, m):
     return s_dy, s_dxm
 
 
+@share
+def sums_rows_share(dy, x, mean, gate, dres, group_rows, t, nthreads, sums, heads):
+    """Thread t's share of ``sums_rows``: the t-th contiguous share of the row items, in runs
+    of one group, its first run's sums into ``heads[t]``, the others' into ``sums``."""
+    n_outer, nchan, n_inner = x.shape
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    n_items = n_outer * nchan * blocks_per_row
+    group_items = group_rows * nchan * blocks_per_row
+    first, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
+    item = first
+    while item < last:
+        end = run_stop(item, last, group_items)
+        sums_items(dy, x, mean[item // group_items], gate, dres, item, end,
+                   heads[t] if item == first else sums[item // group_items])
+        item = end
+
+
 @kernel
 def sums_rows(dy, x, mean, gate, dres, group_rows, nthreads):
     """(groups, 4, C) double-double sums over row items, per group of ``group_rows`` outer
@@ -127,13 +144,7 @@ def sums_rows(dy, x, mean, gate, dres, group_rows, nthreads):
     sums = np.zeros((mean.shape[0], 4, nchan))
     heads = np.zeros((nthreads, 4, nchan))
     for t in prange(nthreads):
-        first, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
-        item = first
-        while item < last:
-            end = run_stop(item, last, group_items)
-            sums_items(dy, x, mean[item // group_items], gate, dres, item, end,
-                       heads[t] if item == first else sums[item // group_items])
-            item = end
+        sums_rows_share(dy, x, mean, gate, dres, group_rows, np.int64(t), nthreads, sums, heads)
     return add_heads(sums, heads, head_groups(n_items, group_items, nthreads))
 
 
@@ -183,22 +194,30 @@ def sums_share(dy, x, mean, gate, dres, first, stop, sums, s_dy, s_dxm):
         sums_walk(dy, x, gate, dres, first, stop, SUMS_STREAMS[0], mean, s_dy, s_dxm, sums)
 
 
+@share
+def sums_columns_share(dy, x, mean, gate, dres, group_rows, t, nthreads, sums, heads):
+    """Thread t's share of ``sums_columns``: the t-th contiguous share of the rows, in runs of
+    one group, its first run's sums into ``heads[t]``, the others' into ``sums``."""
+    n_rows, nchan = x.shape
+    first, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
+    s_dy, s_dxm = np.empty(nchan), np.empty(nchan)
+    r = first
+    while r < stop:
+        end = run_stop(r, stop, group_rows)
+        sums_share(dy, x, mean[r // group_rows], gate, dres, r, end,
+                   heads[t] if r == first else sums[r // group_rows], s_dy, s_dxm)
+        r = end
+
+
 @kernel
 def sums_columns(dy, x, mean, gate, dres, group_rows, nthreads):
     """(groups, 4, C) double-double sums over channels-last rows: thread t's share in runs
-    of one group."""
+    of one group (``sums_columns_share``)."""
     n_rows, nchan = x.shape
     sums = np.zeros((mean.shape[0], 4, nchan))
     heads = np.zeros((nthreads, 4, nchan))
     for t in prange(nthreads):
-        first, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
-        s_dy, s_dxm = np.empty(nchan), np.empty(nchan)
-        r = first
-        while r < stop:
-            end = run_stop(r, stop, group_rows)
-            sums_share(dy, x, mean[r // group_rows], gate, dres, r, end,
-                       heads[t] if r == first else sums[r // group_rows], s_dy, s_dxm)
-            r = end
+        sums_columns_share(dy, x, mean, gate, dres, group_rows, np.int64(t), nthreads, sums, heads)
     return add_heads(sums, heads, head_groups(n_rows, group_rows, nthreads))
 
 
@@ -224,20 +243,27 @@ def dx_items(dy, x, gate, mean, g, h, k, dx, first, last):
         o, c, start, stop = next_block(o, c, start, stop, nchan, n_inner)
 
 
-@kernel
-def dx_rows(dy, x, gate, mean, g, h, k, dx, group_rows, nthreads):
-    """dx over row items: thread t's share in runs of one group."""
+@share
+def dx_rows_share(dy, x, gate, mean, g, h, k, dx, group_rows, t, nthreads):
+    """Thread t's share of ``dx_rows``: the t-th contiguous share of the row items, in runs
+    of one group."""
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     n_items = n_outer * nchan * blocks_per_row
     group_items = group_rows * nchan * blocks_per_row
+    item, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
+    while item < last:
+        end = run_stop(item, last, group_items)
+        q = item // group_items
+        dx_items(dy, x, gate, mean[q], g[q], h[q], k[q], dx, item, end)
+        item = end
+
+
+@kernel
+def dx_rows(dy, x, gate, mean, g, h, k, dx, group_rows, nthreads):
+    """dx over row items (``dx_rows_share``)."""
     for t in prange(nthreads):
-        item, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
-        while item < last:
-            end = run_stop(item, last, group_items)
-            q = item // group_items
-            dx_items(dy, x, gate, mean[q], g[q], h[q], k[q], dx, item, end)
-            item = end
+        dx_rows_share(dy, x, gate, mean, g, h, k, dx, group_rows, np.int64(t), nthreads)
 
 
 @helper
@@ -269,17 +295,24 @@ def dx_share(dy, x, gate, mean, g, h, k, dx, first, stop):
         dx_walk(dy, x, gate, first, stop, GRAD_STREAMS[0], mean, g, h, k, dx)
 
 
+@share
+def dx_columns_share(dy, x, gate, mean, g, h, k, dx, group_rows, t, nthreads):
+    """Thread t's share of ``dx_columns``: the t-th contiguous share of the rows, in runs of
+    one group."""
+    n_rows = x.shape[0]
+    r, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
+    while r < stop:
+        end = run_stop(r, stop, group_rows)
+        q = r // group_rows
+        dx_share(dy, x, gate, mean[q], g[q], h[q], k[q], dx, r, end)
+        r = end
+
+
 @kernel
 def dx_columns(dy, x, gate, mean, g, h, k, dx, group_rows, nthreads):
-    """dx over channels-last rows: thread t's share in runs of one group."""
-    n_rows = x.shape[0]
+    """dx over channels-last rows (``dx_columns_share``)."""
     for t in prange(nthreads):
-        r, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
-        while r < stop:
-            end = run_stop(r, stop, group_rows)
-            q = r // group_rows
-            dx_share(dy, x, gate, mean[q], g[q], h[q], k[q], dx, r, end)
-            r = end
+        dx_columns_share(dy, x, gate, mean, g, h, k, dx, group_rows, np.int64(t), nthreads)
 
 
 def _rows_plan(x):

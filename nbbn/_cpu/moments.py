@@ -52,7 +52,7 @@ from numba import prange
 from .. import _math
 from ._blocks import BLOCK, head_groups, next_block, row_block, run_stop, short_rows, widen
 from .elements import as_float64, wide
-from ._jit import helper, kernel, thread_plan
+from ._jit import helper, kernel, share, thread_plan
 
 # A shift k with (s1**2 / n) / s2 above this (more than 4 bits cancelled in m2)
 # is replaced by the mean and the sums taken again.
@@ -289,13 +289,37 @@ def rows_state(x, first, last, state):
         k[:] = state[MEAN]
 
 
+@share
+def rows_share(x, group_rows, t, nthreads, states, heads):
+    """Thread t's share of ``moments_rows``: the t-th contiguous share of the work items, in
+    runs of one group, its first run's state into ``heads[t]``, the others' into ``states``."""
+    n_outer, nchan, n_inner = x.shape
+    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
+    n_items = n_outer * nchan * blocks_per_row
+    group_items = group_rows * nchan * blocks_per_row
+    first, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
+    work = np.empty((9, nchan))  # one allocation: shifts, counts, sums, pending sums
+    k, counts, sums, pending = work[0], work[1], work[2:6], work[6:]
+    samples = np.empty(SAMPLES)
+    a = first
+    while a < last:
+        b = run_stop(a, last, group_items)
+        state = heads[t] if a == first else states[a // group_items]
+        for attempt in range(2):  # a second pass only where the shift was too far
+            rows_pass(x, a, b, k, attempt == 0, counts, sums, pending, samples)
+            if not thread_state(counts, k, sums, state):
+                break
+            k[:] = state[MEAN]
+        a = b
+
+
 @kernel
 def moments_rows(x, group_rows, nthreads):
     """(states, finite) over axes 0 and 2 of x[outer, C, inner] per group of ``group_rows``
     outer rows: (groups, FIELDS, C) (see ``merge_heads``).
 
     Work items are (row, block) pairs in memory order; thread t takes the
-    t-th contiguous share, in runs of one group.
+    t-th contiguous share, in runs of one group (``rows_share``).
     """
     n_outer, nchan, n_inner = x.shape
     blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
@@ -304,20 +328,7 @@ def moments_rows(x, group_rows, nthreads):
     states = np.zeros(((n_outer + group_rows - 1) // group_rows, FIELDS, nchan))
     heads = np.zeros((nthreads, FIELDS, nchan))
     for t in prange(nthreads):
-        first, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
-        work = np.empty((9, nchan))  # one allocation: shifts, counts, sums, pending sums
-        k, counts, sums, pending = work[0], work[1], work[2:6], work[6:]
-        samples = np.empty(SAMPLES)
-        a = first
-        while a < last:
-            b = run_stop(a, last, group_items)
-            state = heads[t] if a == first else states[a // group_items]
-            for attempt in range(2):  # a second pass only where the shift was too far
-                rows_pass(x, a, b, k, attempt == 0, counts, sums, pending, samples)
-                if not thread_state(counts, k, sums, state):
-                    break
-                k[:] = state[MEAN]
-            a = b
+        rows_share(x, group_rows, np.int64(t), nthreads, states, heads)
     return merge_heads(states, heads, head_groups(n_items, group_items, nthreads))
 
 
@@ -477,6 +488,27 @@ def columns_run_state(x, r0, r1, work, state):
         k[:] = state[MEAN]
 
 
+@share
+def columns_share(x, group_rows, t, nthreads, states, heads):
+    """Thread t's share of ``moments_columns``: the t-th contiguous share of the rows, in
+    runs of one group, its first run's state into ``heads[t]``, the others' into ``states``."""
+    n_rows, nchan = x.shape
+    first, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
+    work = np.empty((8, nchan))  # columns_run_state's
+    # Short runs' shifts and sums: fresh arrays, so the compiler knows that nothing else
+    # writes them and vectorizes their loops without alias checks.
+    short_k, short_s1, short_s2 = np.empty(nchan), np.empty(nchan), np.empty(nchan)
+    r0 = first
+    while r0 < stop:
+        r1 = run_stop(r0, stop, group_rows)
+        state = heads[t] if r0 == first else states[r0 // group_rows]
+        if group_rows < n_rows and group_rows <= SHORT_RUN:
+            short_run_state(x, r0, r1, short_k, short_s1, short_s2, state)
+        else:
+            columns_run_state(x, r0, r1, work, state)
+        r0 = r1
+
+
 @kernel
 def moments_columns(x, group_rows, nthreads):
     """(states, finite) over axis 0 of x[rows, C] (a vertical reduction, channels-last) per
@@ -484,27 +516,13 @@ def moments_columns(x, group_rows, nthreads):
 
     Thread t takes the t-th contiguous share of the rows, in runs of one group,
     each shifted per column by a value sampled from rows spread over the run
-    (see ``central``).
+    (see ``central``; ``columns_share``).
     """
     n_rows, nchan = x.shape
     states = np.zeros(((n_rows + group_rows - 1) // group_rows, FIELDS, nchan))
     heads = np.zeros((nthreads, FIELDS, nchan))
     for t in prange(nthreads):
-        first, stop = t * n_rows // nthreads, (t + 1) * n_rows // nthreads
-        work = np.empty((8, nchan))  # columns_run_state's
-        # Short runs' shifts and sums: fresh arrays, so the compiler knows that nothing else
-        # writes them and vectorizes their loops without alias checks.
-        short_k, short_s1, short_s2 = np.empty(nchan), np.empty(nchan), np.empty(nchan)
-        r0 = first
-        while r0 < stop:
-            r1 = run_stop(r0, stop, group_rows)
-            state = heads[t] if r0 == first else states[r0 // group_rows]
-            if group_rows < n_rows and group_rows <= SHORT_RUN:
-                short_run_state(x, r0, r1, short_k, short_s1, short_s2, state)
-                r0 = r1
-                continue
-            columns_run_state(x, r0, r1, work, state)
-            r0 = r1
+        columns_share(x, group_rows, np.int64(t), nthreads, states, heads)
     return merge_heads(states, heads, head_groups(n_rows, group_rows, nthreads))
 
 
