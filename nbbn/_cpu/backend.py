@@ -4,8 +4,8 @@ import numpy as np
 from typing import NamedTuple
 
 from .._layout import is_bfloat16
-from ._blocks import AS_LAID_OUT, regroups, short_columns
-from ._jit import serial
+from ._blocks import AS_LAID_OUT, BLOCK, regroups, short_columns
+from ._jit import serial, thread_plan
 from .backward import backward_sums as _sums, grad_input as _grad_input
 from .elements import as_dtype, kernel_array, work_dtype
 from .ema import ema as _ema_kernel
@@ -448,8 +448,8 @@ def fused(plan, x):
     """Arrays of one batch (no virtual batches) of a dtype read as it is, viewed in the
     layout's order without a copy, without channel tiles, regrouped rows (``_blocks.widen``)
     or short rows read as columns (``_blocks.short_rows``; small arrays have neither:
-    ``_blocks.AS_LAID_OUT``). Each call then checks that every pass would run serially
-    (``_serial``)."""
+    ``_blocks.AS_LAID_OUT``). Each call then runs in one compiled call, by as many threads
+    as the general path's passes would take (``_threads``)."""
     layout = plan.layout
     n_outer, nchan, n_inner = layout.shape3
     if (plan.groups > 1 or x.dtype not in _NATIVE_FLOATS or plan.size == 0
@@ -484,11 +484,39 @@ def _kernel_shape(shape3):
     return shape3 if shape3[2] > 1 else shape3[:2]
 
 
-def _serial(small):
-    """Whether the general path would run every pass of ``small``'s arrays serially (a
-    backward's size, the largest pass, below the parallel threshold, or one thread): the
-    fused serial kernels then compute the same, in one call."""
-    return serial(2 * small.size)
+def _threads(small, elements):
+    """None where the general path's passes over ``elements`` (a backward: 2 * size) would
+    all run serially: the fused serial builds then take the small calls' arguments as they
+    come. Else (nthreads, parallel) as the general path's kernels take them: the fused
+    kernels split the work as those do (``_fused.split_moments``), so every path agrees."""
+    if serial(elements):
+        return None
+    nthreads, parallel = thread_plan(elements, _work_items(small))
+    return None if nthreads == 1 else (nthreads, parallel)
+
+
+def _contiguous(small, a):
+    """The kernels' view of x or dy for a threaded call, None where it is not C-contiguous
+    (one parallel build per dtype and layout of x: the general path reads the others)."""
+    v = _view(small, a)
+    return v if v.flags.c_contiguous else None
+
+
+def _wide(v, nchan, default):
+    """A per-channel vector as float64 (its values exactly), ``default`` where it is None
+    (weight 1 and bias 0 give the same coefficients as none, bit for bit). Threaded calls
+    pass their vectors so and take their per-channel results as float64, then rounded once
+    as the kernels' stores round: one parallel build of each kernel per dtype and layout of
+    x, not one per combination of the vectors' dtypes, layouts and absences (each a 10-20 s
+    compile: with one per combination the test suite ran 3x as long)."""
+    return np.full(nchan, default) if v is None else v.astype(np.float64)
+
+
+def _work_items(small):
+    """The units the kernels split among threads: row items of 3-D views (``_blocks``),
+    rows of 2-D planes."""
+    shape = small.view or small.ordered_shape
+    return shape[0] * shape[1] * -(-shape[2] // BLOCK) if len(shape) == 3 else shape[0]
 
 
 def _view(small, a):
@@ -560,42 +588,109 @@ def fused_forward(small, x, weight, bias, eps, running, momentum, var_factor, st
         if not (running_mean.flags.writeable and running_var.flags.writeable
                 and running_mean.dtype in _NATIVE_FLOATS and running_var.dtype in _NATIVE_FLOATS):
             return None
-    if not (_read(weight) and _read(bias) and _serial(small)):
+    if not (_read(weight) and _read(bias)):
         return None
+    threads = _threads(small, small.size)
+    if threads is not None:
+        return _threaded_forward(small, threads, x, weight, bias, eps, running, momentum,
+                                 var_factor, stats_dtype, copy)
     y = _empty(small)
     mean = var = None
     if stats_dtype is not None:
         mean, var = np.empty(small.nchan, stats_dtype), np.empty(small.nchan, stats_dtype)
     if small.forward(_view(small, x), weight, bias, eps, _view(small, y), mean, var,
                      running_mean, running_var, momentum, var_factor,
-                     None if copy is None else _view(small, copy)):
+                     None if copy is None else _view(small, copy), None):
         return y, mean, var
     return None
 
 
-def fused_inference(small, x, running_mean, running_var, weight, bias, eps):
-    if not (_read(running_mean) and _read(running_var) and _read(weight) and _read(bias)
-            and _serial(small)):
+def _threaded_forward(small, threads, x, weight, bias, eps, running, momentum, var_factor,
+                      stats_dtype, copy):
+    nchan = small.nchan
+    x_view = _contiguous(small, x)
+    if x_view is None:
         return None
+    if running is None:
+        buffers = np.zeros((2, nchan))
+    elif (np.may_share_memory(*running) or np.may_share_memory(running[0], x)
+          or np.may_share_memory(running[1], x)):
+        return None  # the general path reads copies
+    else:
+        buffers = np.array(running, np.float64)
+    y = _empty(small)
+    stats = np.empty((2, nchan))
+    if not _fused.forward(x_view, _wide(weight, nchan, 1.0), _wide(bias, nchan, 0.0), eps,
+                          _view(small, y), stats[0], stats[1], buffers[0], buffers[1], momentum,
+                          var_factor, None if copy is None else _view(small, copy), threads[0],
+                          parallel=threads[1]):
+        return None
+    if running is not None:
+        for buffer, values in zip(running, buffers):
+            np.copyto(buffer, values, casting="same_kind")
+    if stats_dtype is None:
+        return y, None, None
+    return y, stats[0].astype(stats_dtype), stats[1].astype(stats_dtype)
+
+
+def fused_inference(small, x, running_mean, running_var, weight, bias, eps):
+    if not (_read(running_mean) and _read(running_var) and _read(weight) and _read(bias)):
+        return None
+    threads = _threads(small, small.size)
+    if threads is not None:
+        return _threaded_inference(small, threads, x, running_mean, running_var, weight, bias,
+                                   eps)
     y = _empty(small)
     if small.inference(_view(small, x), running_mean, running_var, weight, bias, eps,
-                       _view(small, y)):
+                       _view(small, y), None):
+        return y
+    return None
+
+
+def _threaded_inference(small, threads, x, running_mean, running_var, weight, bias, eps):
+    nchan = small.nchan
+    x_view = _contiguous(small, x)
+    if x_view is None:
+        return None
+    y = _empty(small)
+    if _fused.inference(x_view, _wide(running_mean, nchan, 0.0), _wide(running_var, nchan, 1.0),
+                        _wide(weight, nchan, 1.0), _wide(bias, nchan, 0.0), eps, _view(small, y),
+                        threads[0], parallel=threads[1]):
         return y
     return None
 
 
 def fused_backward(small, dy, x, mean, var, weight, eps):
     if not (dy.strides == x.strides and _read(dy) and _read(mean) and _read(var)
-            and _read(weight) and _serial(small)):
+            and _read(weight)):
         return None
+    threads = _threads(small, 2 * small.size)
+    if threads is not None:
+        return _threaded_backward(small, threads, dy, x, mean, var, weight, eps)
     dx = _empty(small)
     dweight = dbias = None
     if weight is not None:
         dweight, dbias = np.empty(small.nchan, weight.dtype), np.empty(small.nchan, weight.dtype)
     if small.backward(_view(small, dy), _view(small, x), mean, var, weight, eps,
-                      _view(small, dx), dweight, dbias):
+                      _view(small, dx), dweight, dbias, None):
         return dx, dweight, dbias
     return None
+
+
+def _threaded_backward(small, threads, dy, x, mean, var, weight, eps):
+    nchan = small.nchan
+    dy_view, x_view = _contiguous(small, dy), _contiguous(small, x)
+    if dy.dtype != x.dtype or dy_view is None or x_view is None:
+        return None
+    dx = _empty(small)
+    grads = np.empty((2, nchan))
+    if not _fused.backward(dy_view, x_view, _wide(mean, nchan, 0.0), _wide(var, nchan, 1.0),
+                           _wide(weight, nchan, 1.0), eps, _view(small, dx), grads[0], grads[1],
+                           threads[0], parallel=threads[1]):
+        return None
+    if weight is None:
+        return dx, None, None
+    return dx, grads[0].astype(weight.dtype), grads[1].astype(weight.dtype)
 
 
 # ---- per-channel vectors ---------------------------------------------------------------------

@@ -1,12 +1,15 @@
-"""Serial calls in one compiled call each: the statistics (``nbbn.mean/var/std/mean_var``),
-the running-statistics update, and batch norm's statistics, coefficients, elementwise pass
-and running-statistics update together.
+"""Calls in one compiled call each: the statistics (``nbbn.mean/var/std/mean_var``), the
+running-statistics update, and batch norm's statistics, coefficients, elementwise pass and
+running-statistics update together.
 
 Below the size where the kernels run in parallel, a call's time is mostly its Python
-steps, so each of these does a whole forward, inference or backward; so they do on one
-thread at any size (cache-resident arrays, [256, 1024]: the steps were a third).
-They run the serial kernels' own per-thread helpers over the whole array (one
-"thread") and the coefficients' ``_math`` functions, so their results are those of
+steps, so each of these does a whole forward, inference or backward. Batch norm's do at
+every size, by as many threads as the separate kernels would take (``nthreads``; None:
+the small calls' serial builds): the general path's Python steps (the passes' launches,
+per-channel NumPy arithmetic) cost 35-110 us a call, as much as the passes themselves on
+[256, 1024] on two threads. Their threads run the separate kernels' own per-thread shares
+(``_jit.share``: compiled once per type for every kernel that runs them), split as those
+split the work, and the coefficients' ``_math`` functions, so their results are those of
 the separate kernels, bit for bit. ``x`` is the 3-D (outer, C, inner) view, or for
 channels-last data (inner == 1) its 2-D (rows, C) plane, as the separate kernels
 read it. Each kernel returns False, having written nothing, where a statistic or a
@@ -15,32 +18,60 @@ coefficient is not finite: the general path then applies NumPy's rules (and warn
 import math
 
 import numpy as np
-from numba import types
+from numba import prange, types
 from numba.extending import overload
 
 from .. import _math
-from ._blocks import BLOCK
+from ._blocks import BLOCK, head_groups
 from ._jit import FASTMATH, helper, kernel
-from .backward import DXM_HI, DXM_LO, DY_HI, DY_LO, dx_items, dx_share, sums_items, sums_share
+from .backward import (DXM_HI, DXM_LO, DY_HI, DY_LO, add_heads, dx_columns_share,
+                       dx_rows_share, sums_columns_share, sums_rows_share, sums_items,
+                       sums_share)
 from .elements import store_if
 from .ema import ema_update
-from .moments import FIELDS, M2, MEAN, checked, columns_state, rows_state
-from .normalize import affine_items, affine_stream_share
+from .moments import (FIELDS, M2, MEAN, checked, columns_share, columns_state, merge_heads,
+                      rows_share, rows_state)
+from .normalize import affine_columns_share, affine_rows_share
 
 
-# The passes are functions of their own, called, not inlined: each compiles once per type
-# of its own arguments, not once per signature of the kernels (each combination of None and
-# array arguments: inlined, a cold compile of the forward took ~10 s, all of
-# test_batchnorm.py 7.6 min, then 4.7; the backward's 19 builds in the test suite 10 s
-# each; 16 builds of a backward, forwards included, 104 s, now 44). The calls cost nothing
-# measurable: the backward on 8x16x8x8, 32x64 and 64x256 took 9.2, 5.8 and 14.0 us either way.
+# The small calls' passes are functions of their own, called, not inlined: each compiles
+# once per type of its own arguments, not once per signature of the kernels (each
+# combination of None and array arguments: inlined, a cold compile of the forward took
+# ~10 s, all of test_batchnorm.py 7.6 min, then 4.7; the backward's 19 builds in the test
+# suite 10 s each; 16 builds of a backward, forwards included, 104 s, now 44). The calls
+# cost nothing measurable: the backward on 8x16x8x8, 32x64 and 64x256 took 9.2, 5.8 and
+# 14.0 us either way.
 PASS = {"fastmath": FASTMATH}
 
 
+def units(x):
+    """What the kernels split among threads: the row items (BLOCK-sized pieces of the rows)
+    of a 3-D view, the rows of a 2-D plane."""
+
+
+@overload(units, inline="always")
+def _units(x):
+    if x.ndim == 3:
+        return lambda x: x.shape[0] * x.shape[1] * ((x.shape[2] + BLOCK - 1) // BLOCK)
+    return lambda x: x.shape[0]
+
+
 @helper
-def _items(x):
-    """Row items (BLOCK-sized pieces of the rows) of a 3-D view."""
-    return x.shape[0] * x.shape[1] * ((x.shape[2] + BLOCK - 1) // BLOCK)
+def _rows(x):
+    """The separate kernels' ``group_rows`` for one group: all of x's (outer) rows."""
+    return max(x.shape[0], 1)
+
+
+def threads(nthreads):
+    """The kernels' ``nthreads`` argument as a count: None (the small calls' serial builds)
+    is 1."""
+
+
+@overload(threads, inline="always")
+def _threads(nthreads):
+    if isinstance(nthreads, types.NoneType):
+        return lambda nthreads: 1
+    return lambda nthreads: nthreads
 
 
 def moments_all(x):
@@ -52,7 +83,7 @@ def _moments_all(x):
     if x.ndim == 3:
         def rows(x):
             state = np.zeros((FIELDS, x.shape[1]))
-            rows_state(x, 0, _items(x), state)
+            rows_state(x, 0, units(x), state)
             return checked(state)
         return rows
 
@@ -63,19 +94,39 @@ def _moments_all(x):
     return columns
 
 
-def affine_all(x, scale, shift, y, copy):
-    """y = x * scale[c] + shift[c] over all of x; x's values into ``copy`` (None: not)."""
+def split_moments(x, nthreads):
+    """(state, finite): ``moments_all``, by ``nthreads`` threads as ``moments_rows``/
+    ``moments_columns`` split one group (thread t's share, the threads' states merged)."""
 
 
-@overload(affine_all, jit_options=PASS)
-def _affine_all(x, scale, shift, y, copy):
-    if x.ndim == 3:
-        return lambda x, scale, shift, y, copy: affine_items(
-            x, scale.reshape((1, scale.size)), shift.reshape((1, shift.size)), y, None, None,
-            copy, None, max(x.shape[0], 1), 0, _items(x))
-    return lambda x, scale, shift, y, copy: affine_stream_share(
+@overload(split_moments, inline="always")
+def _split_moments(x, nthreads):
+    if isinstance(nthreads, types.NoneType):
+        return lambda x, nthreads: moments_all(x)
+    share = rows_share if x.ndim == 3 else columns_share
+
+    def impl(x, nthreads):
+        states = np.zeros((1, FIELDS, x.shape[1]))
+        heads = np.zeros((nthreads, FIELDS, x.shape[1]))
+        for t in prange(nthreads):
+            share(x, _rows(x), np.int64(t), nthreads, states, heads)
+        n = units(x)
+        states, finite = merge_heads(states, heads, head_groups(n, n, nthreads))
+        return states[0], finite
+    return impl
+
+
+def affine_part(x, scale, shift, y, copy, t, nthreads):
+    """y = x * scale[c] + shift[c] over thread t's share of x, as the separate kernels split
+    it; x's values into ``copy`` (None: not kept)."""
+
+
+@overload(affine_part, inline="always")
+def _affine_part(x, scale, shift, y, copy, t, nthreads):
+    share = affine_rows_share if x.ndim == 3 else affine_columns_share
+    return lambda x, scale, shift, y, copy, t, nthreads: share(
         x, scale.reshape((1, scale.size)), shift.reshape((1, shift.size)), y, None, None, copy,
-        None, max(x.shape[0], 1), 0, 1)
+        None, _rows(x), t, nthreads)
 
 
 def sums_all(dy, x, mean):
@@ -97,7 +148,7 @@ def _sums_all(dy, x, mean):
     if x.ndim == 3:
         def rows(dy, x, mean):
             sums = np.zeros((4, x.shape[1]))
-            sums_items(dy, x, mean, None, None, 0, _items(x), sums)
+            sums_items(dy, x, mean, None, None, 0, units(x), sums)
             return _totals(sums)
         return rows
 
@@ -109,16 +160,43 @@ def _sums_all(dy, x, mean):
     return columns
 
 
-def dx_all(dy, x, mean, g, h, k, dx):
-    """dx = G * dy + H * (x - mean) + K over all of x."""
+def split_sums(dy, x, mean, nthreads):
+    """``sums_all``, by ``nthreads`` threads as ``sums_rows``/``sums_columns`` split one group
+    (the threads' double-double sums added)."""
 
 
-@overload(dx_all, jit_options=PASS)
-def _dx_all(dy, x, mean, g, h, k, dx):
-    if x.ndim == 3:
-        return lambda dy, x, mean, g, h, k, dx: dx_items(dy, x, None, mean, g, h, k, dx, 0,
-                                                         _items(x))
-    return lambda dy, x, mean, g, h, k, dx: dx_share(dy, x, None, mean, g, h, k, dx, 0, x.shape[0])
+@overload(split_sums, inline="always")
+def _split_sums(dy, x, mean, nthreads):
+    if isinstance(nthreads, types.NoneType):
+        return lambda dy, x, mean, nthreads: sums_all(dy, x, mean)
+    share = sums_rows_share if x.ndim == 3 else sums_columns_share
+
+    def impl(dy, x, mean, nthreads):
+        nchan = x.shape[1]
+        sums = np.zeros((1, 4, nchan))
+        heads = np.zeros((nthreads, 4, nchan))
+        for t in prange(nthreads):
+            share(dy, x, mean.reshape((1, nchan)), None, None, _rows(x), np.int64(t), nthreads,
+                  sums, heads)
+        n = units(x)
+        return _totals(add_heads(sums, heads, head_groups(n, n, nthreads))[0])
+    return impl
+
+
+def dx_part(dy, x, mean, g, h, k, dx, t, nthreads):
+    """dx = G * dy + H * (x - mean) + K over thread t's share of x, as the separate kernels
+    split it."""
+
+
+@overload(dx_part, inline="always")
+def _dx_part(dy, x, mean, g, h, k, dx, t, nthreads):
+    share = dx_rows_share if x.ndim == 3 else dx_columns_share
+
+    def impl(dy, x, mean, g, h, k, dx, t, nthreads):
+        n = mean.size
+        share(dy, x, None, mean.reshape((1, n)), g.reshape((1, n)), h.reshape((1, n)),
+              k.reshape((1, n)), dx, _rows(x), t, nthreads)
+    return impl
 
 
 def value_or(a, c, default):
@@ -189,13 +267,13 @@ def running_update(running_mean, running_var, mean, var, momentum, var_factor):
 
 @kernel
 def forward(x, weight, bias, eps, y, mean_out, var_out, running_mean, running_var, momentum,
-            var_factor, copy):
+            var_factor, copy, nthreads):
     """Training forward: the batch moments (into mean_out/var_out, None: not kept), y, the
     running buffers updated (None: none; declined where they share memory with x), and x's
-    values into ``copy`` (None: not kept)."""
+    values into ``copy`` (None: not kept), by ``nthreads`` threads."""
     if not (apart(running_mean, x) and apart(running_var, x)):
         return False
-    state, finite = moments_all(x)
+    state, finite = split_moments(x, nthreads)
     if not finite:
         return False
     nchan = state.shape[1]
@@ -208,7 +286,9 @@ def forward(x, weight, bias, eps, y, mean_out, var_out, running_mean, running_va
             state[MEAN, c], var[c], value_or(weight, c, 1.0), value_or(bias, c, 0.0), eps)
         if not (math.isfinite(scale[c]) and math.isfinite(shift[c])):
             return False
-    affine_all(x, scale, shift, y, copy)
+    n = threads(nthreads)
+    for t in prange(n):
+        affine_part(x, scale, shift, y, copy, np.int64(t), n)
     for c in range(nchan):
         store_if(mean_out, c, state[MEAN, c])
         store_if(var_out, c, var[c])
@@ -217,8 +297,9 @@ def forward(x, weight, bias, eps, y, mean_out, var_out, running_mean, running_va
 
 
 @kernel
-def inference(x, running_mean, running_var, weight, bias, eps, y):
-    """Evaluation forward: y normalized with the running statistics."""
+def inference(x, running_mean, running_var, weight, bias, eps, y, nthreads):
+    """Evaluation forward: y normalized with the running statistics, by ``nthreads``
+    threads."""
     nchan = running_mean.shape[0]
     work = np.empty((2, nchan))
     scale, shift = work[0], work[1]
@@ -228,26 +309,31 @@ def inference(x, running_mean, running_var, weight, bias, eps, y):
             value_or(bias, c, 0.0), eps)
         if not (math.isfinite(scale[c]) and math.isfinite(shift[c])):
             return False
-    affine_all(x, scale, shift, y, None)
+    n = threads(nthreads)
+    for t in prange(n):
+        affine_part(x, scale, shift, y, None, np.int64(t), n)
     return True
 
 
 @kernel
-def backward(dy, x, mean, var, weight, eps, dx, dweight, dbias):
-    """Training backward: dx, and dweight/dbias (None: not wanted) in their arrays' dtype."""
+def backward(dy, x, mean, var, weight, eps, dx, dweight, dbias, nthreads):
+    """Training backward: dx, and dweight/dbias (None: not wanted) in their arrays' dtype,
+    by ``nthreads`` threads."""
     nchan = mean.shape[0]
     count = x.size // nchan
     work = np.empty((5, nchan))
     m, g, h, k, invstd = work[0], work[1], work[2], work[3], work[4]
     for c in range(nchan):
         m[c] = np.float64(mean[c])
-    sums = sums_all(dy, x, m)
+    sums = split_sums(dy, x, m, nthreads)
     for c in range(nchan):
         g[c], h[c], k[c], invstd[c] = _math.grad_coefficients(
             np.float64(var[c]), value_or(weight, c, 1.0), eps, sums[0, c], sums[1, c], count)
         if not (math.isfinite(g[c]) and math.isfinite(h[c]) and math.isfinite(k[c])):
             return False
-    dx_all(dy, x, m, g, h, k, dx)
+    n = threads(nthreads)
+    for t in prange(n):
+        dx_part(dy, x, m, g, h, k, dx, np.int64(t), n)
     for c in range(nchan):
         store_if(dweight, c, sums[1, c] * invstd[c])
         store_if(dbias, c, sums[0, c])

@@ -10,7 +10,7 @@ while x is read anyway.
 import numpy as np
 from numba import prange
 
-from ._jit import helper, kernel, thread_plan
+from ._jit import helper, kernel, share, thread_plan
 from ._blocks import (AFFINE_STREAMS, BLOCK, next_block, row_block, run_stop, short_rows,
                       stream_step, tiled, widen)
 from .elements import epilogue, keep, part, store, wide
@@ -38,15 +38,22 @@ def affine_items(x, scale, shift, y, residual, relu, copy, mask, group_rows, fir
         o, c, start, stop = next_block(o, c, start, stop, nchan, n_inner)
 
 
+@share
+def affine_rows_share(x, scale, shift, y, residual, relu, copy, mask, group_rows, t, nthreads):
+    """Thread t's share of ``affine_rows``: the t-th contiguous share of the row items."""
+    n_outer, nchan, n_inner = x.shape
+    n_items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
+    affine_items(x, scale, shift, y, residual, relu, copy, mask, group_rows,
+                 t * n_items // nthreads, (t + 1) * n_items // nthreads)
+
+
 @kernel
 def affine_rows(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthreads):
     """y[o, c, i] = act(x[o, c, i] * scale[g, c] + shift[g, c] + residual[o, c, i]), g =
     o // group_rows, rows split into BLOCK-sized items."""
-    n_outer, nchan, n_inner = x.shape
-    n_items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
     for t in prange(nthreads):
-        affine_items(x, scale, shift, y, residual, relu, copy, mask, group_rows,
-                     t * n_items // nthreads, (t + 1) * n_items // nthreads)
+        affine_rows_share(x, scale, shift, y, residual, relu, copy, mask, group_rows,
+                          np.int64(t), nthreads)
 
 
 @helper
@@ -62,9 +69,9 @@ def affine_sweep(x, r, step, n_streams, scale, shift, y, residual, relu, copy, m
             keep(x, copy, mask, i, v, y)
 
 
-@helper
-def affine_stream_share(x, scale, shift, y, residual, relu, copy, mask, group_rows, t,
-                        nthreads):
+@share
+def affine_columns_share(x, scale, shift, y, residual, relu, copy, mask, group_rows, t,
+                         nthreads):
     """Thread t's share of channels-last rows x[r, c], in runs of one group (scale and shift
     (groups, C), group r // group_rows), each as lockstep streams (``_blocks``)."""
     n_rows = x.shape[0]
@@ -83,10 +90,10 @@ def affine_stream_share(x, scale, shift, y, residual, relu, copy, mask, group_ro
 
 @kernel
 def affine_columns(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthreads):
-    """The affine pass over channels-last rows x[r, c] (``affine_stream_share``)."""
+    """The affine pass over channels-last rows x[r, c] (``affine_columns_share``)."""
     for t in prange(nthreads):
-        affine_stream_share(x, scale, shift, y, residual, relu, copy, mask, group_rows, t,
-                            nthreads)
+        affine_columns_share(x, scale, shift, y, residual, relu, copy, mask, group_rows,
+                             np.int64(t), nthreads)
 
 
 def _affine_columns(x, scale, shift, y, residual, relu, copy, mask, group_rows):
