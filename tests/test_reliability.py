@@ -166,15 +166,22 @@ def test_read_only_and_writable_inputs_share_one_build():
                               if isinstance(t, numba.types.Array))
 
 
-def test_serial_and_parallel_builds_share_each_threads_pass():
+def test_serial_and_parallel_builds_share_each_threads_pass(tmp_path):
     """A kernel's serial and parallel builds call one compiled build of its thread's share
-    (``_jit.share``), with one type for the thread's index in both."""
-    x = np.random.default_rng(1).standard_normal((2, 3, 7)).astype(np.float64)
-    serial = moments.moments_rows(x, 2, 2, parallel=False)
-    parallel = moments.moments_rows(x, 2, 2, parallel=True)
-    assert all(np.array_equal(a, b) for a, b in zip(serial, parallel))
-    builds = [sig for sig in moments.rows_share.overloads if sig[0] == numba.typeof(x)]
-    assert len(builds) == 1, builds
+    (``_jit.share``), with one type for the thread's index in both (a fresh cache: the
+    builds compile in the process)."""
+    out = run_code("""
+        import numba
+        import numpy as np
+        from nbbn._cpu import moments
+        x = np.random.default_rng(1).standard_normal((2, 3, 7))
+        serial = moments.moments_rows(x, 2, 2, parallel=False)
+        parallel = moments.moments_rows(x, 2, 2, parallel=True)
+        assert all(np.array_equal(a, b) for a, b in zip(serial, parallel))
+        print(sum(sig[0] == numba.typeof(x) for sig in moments.rows_share.overloads))
+    """, NUMBA_CACHE_DIR=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["1"]
 
 
 # --- resources -------------------------------------------------------------------
