@@ -398,22 +398,11 @@ def test_function_specific_errors(rng):
         nbbn.fold(rm, rv, weight=np.ones(2))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape, order", [((16, 64, 8, 8), (0, 1, 2, 3)),
-                                          ((16, 256, 4, 4), (0, 2, 3, 1)), ((256, 256), (0, 1)),
-                                          ((3, 5, 70_000), (0, 1, 2))],
-                         ids=["NCHW", "NHWC", "NC", "NCL-long-rows"])
-def test_large_calls_take_the_fused_call_with_the_general_results(shape, order, threads, rng,
-                                                                   monkeypatch):
-    """Arrays above the parallel threshold (here 2x the backward's) take the fused one-call
-    path too, channels-last included, split among the threads as the general path's
-    kernels split them (one thread: serially); it gives the general path's results (out=)
-    bit for bit, running buffers included."""
-    import numba
-    from numba.core import config
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Whether each call of the fused one-call path (forward, backward, evaluation) ran it
+    (True) or declined it (False, the general path then ran), in order."""
     from nbbn._cpu import backend
-    if threads > config.NUMBA_NUM_THREADS:
-        pytest.skip(f"Numba runs at most {config.NUMBA_NUM_THREADS} thread(s) here")
     used = []
     for stage in ("fused_forward", "fused_backward", "fused_inference"):
         def spy(*args, _stage=getattr(backend, stage), **kwargs):
@@ -421,6 +410,24 @@ def test_large_calls_take_the_fused_call_with_the_general_results(shape, order, 
             used.append(done is not None)
             return done
         monkeypatch.setattr(backend, stage, spy)
+    return used
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape, order", [((16, 64, 8, 8), (0, 1, 2, 3)),
+                                          ((16, 256, 4, 4), (0, 2, 3, 1)), ((256, 256), (0, 1)),
+                                          ((3, 5, 70_000), (0, 1, 2))],
+                         ids=["NCHW", "NHWC", "NC", "NCL-long-rows"])
+def test_large_calls_take_the_fused_call_with_the_general_results(shape, order, threads, rng,
+                                                                   fused_calls):
+    """Arrays above the parallel threshold (here 2x the backward's) take the fused one-call
+    path too, channels-last included, split among the threads as the general path's
+    kernels split them (one thread: serially); it gives the general path's results (out=)
+    bit for bit, running buffers included."""
+    import numba
+    from numba.core import config
+    if threads > config.NUMBA_NUM_THREADS:
+        pytest.skip(f"Numba runs at most {config.NUMBA_NUM_THREADS} thread(s) here")
     dims = [shape[i] for i in order]
     x, dy = ((rng.standard_normal(dims) * 3 + 2).astype(np.float32).transpose(np.argsort(order))
              for _ in range(2))
@@ -440,7 +447,7 @@ def test_large_calls_take_the_fused_call_with_the_general_results(shape, order, 
         y_eval_out = nbbn.batch_norm(x, *running_out, w, b, out=np.empty_like(x))
     finally:
         numba.set_num_threads(before)
-    assert used == [True, True, True, True]
+    assert fused_calls == [True, True, True, True]
     assert y.strides == x.strides and grads[0].strides == x.strides  # x's memory layout
     for got, want in zip((y, mean, var, *grads, y_train, *running, y_eval),
                          (y_out, mean_out, var_out, *dx_out, y_train_out, *running_out,
@@ -448,7 +455,7 @@ def test_large_calls_take_the_fused_call_with_the_general_results(shape, order, 
         np.testing.assert_array_equal(got, want)
 
 
-def test_large_fused_calls_read_any_vectors_as_float64(rng, monkeypatch):
+def test_large_fused_calls_read_any_vectors_as_float64(rng, fused_calls):
     """The threaded one-call path takes its per-channel vectors as float64 and rounds its
     per-channel results once (one build per dtype and layout of x): no weight, a float64
     bias, float64 running buffers or statistics with float32 data give the general path's
@@ -456,16 +463,8 @@ def test_large_fused_calls_read_any_vectors_as_float64(rng, monkeypatch):
     general path then raises, nothing written)."""
     import numba
     from numba.core import config
-    from nbbn._cpu import backend
     if config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 Numba threads")
-    used = []
-    for stage in ("fused_forward", "fused_backward", "fused_inference"):
-        def spy(*args, _stage=getattr(backend, stage), **kwargs):
-            done = _stage(*args, **kwargs)
-            used.append(done is not None)
-            return done
-        monkeypatch.setattr(backend, stage, spy)
     x, w, b = make((16, 64, 8, 8), np.float32, rng)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     b64 = b.astype(np.float64)
@@ -481,10 +480,10 @@ def test_large_fused_calls_read_any_vectors_as_float64(rng, monkeypatch):
         grads_w = nbbn.batch_norm_backward(dy, x, mean, var, w.astype(np.float64))
         y_train = nbbn.batch_norm(x, *running, None, b64, training=True)
         y_eval = nbbn.batch_norm(x, *running, w, None)
-        assert used == [True] * 5
+        assert fused_calls == [True] * 5
         with pytest.raises(ValueError, match="running_mean shares memory with x"):
             nbbn.batch_norm(aliased, aliased[0, :, 0, 0], aliased[1, :, 0, 0], training=True)
-        assert used[-1] is False and not aliased.any()
+        assert fused_calls[-1] is False and not aliased.any()
         y_out, mean_out, var_out = nbbn.batch_norm_forward(x, None, b64, out=np.empty_like(x))
         dx_out = nbbn.batch_norm_backward(dy, x, mean64, var64, out=np.empty_like(x))
         dx_w_out = nbbn.batch_norm_backward(dy, x, mean, var, w.astype(np.float64),
