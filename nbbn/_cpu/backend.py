@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 from .._layout import is_bfloat16
 from ._blocks import AS_LAID_OUT, BLOCK, regroups, short_columns
-from ._jit import serial, thread_plan
+from ._jit import thread_plan
 from .backward import backward_sums as _sums, grad_input as _grad_input
 from .elements import as_dtype, kernel_array, work_dtype
 from .ema import ema as _ema_kernel
@@ -428,8 +428,9 @@ class _Small(NamedTuple):
     """What ``fused`` found for a plan: x's dtype, the layout's axis order and its
     inverse (None: plain), x's shape in that order, the shape of the view the fused kernels
     read of an array so laid out (3-D rows, or the 2-D plane of channels-last data; None:
-    the array as it is), x's size and number of channels, whether an output like x comes
-    from the pool (``pool.MIN_BYTES``), and the kernels' serial builds."""
+    the array as it is), x's size and number of channels, the units the kernels split among
+    threads (``_work_items``), whether an output like x comes from the pool
+    (``pool.MIN_BYTES``), and the kernels' serial builds."""
 
     dtype: object
     order: tuple
@@ -438,6 +439,7 @@ class _Small(NamedTuple):
     view: tuple
     size: int
     nchan: int
+    items: int
     pooled: bool
     forward: object
     inference: object
@@ -462,7 +464,7 @@ def fused(plan, x):
     order = None if layout.order == tuple(range(len(plan.shape))) else layout.order
     ordered = tuple(plan.shape[i] for i in layout.order)
     return _Small(plan.dtype, order, order and layout.inverse, ordered,
-                  None if view == ordered else view, plan.size, nchan,
+                  None if view == ordered else view, plan.size, nchan, _work_items(view),
                   plan.size * plan.dtype.itemsize >= pool.MIN_BYTES,
                   *(k.build(False) for k in (_fused.forward, _fused.inference, _fused.backward)))
 
@@ -489,9 +491,7 @@ def _threads(small, elements):
     all run serially: the fused serial builds then take the small calls' arguments as they
     come. Else (nthreads, parallel) as the general path's kernels take them: the fused
     kernels split the work as those do (``_fused.split_moments``), so every path agrees."""
-    if serial(elements):
-        return None
-    nthreads, parallel = thread_plan(elements, _work_items(small))
+    nthreads, parallel = thread_plan(elements, small.items)
     return None if nthreads == 1 else (nthreads, parallel)
 
 
@@ -512,10 +512,9 @@ def _wide(v, nchan, default):
     return np.full(nchan, default) if v is None else v.astype(np.float64)
 
 
-def _work_items(small):
-    """The units the kernels split among threads: row items of 3-D views (``_blocks``),
-    rows of 2-D planes."""
-    shape = small.view or small.ordered_shape
+def _work_items(shape):
+    """The units the kernels split among threads in a view of ``shape``: row items of 3-D
+    views (``_blocks``), rows of 2-D planes."""
     return shape[0] * shape[1] * -(-shape[2] // BLOCK) if len(shape) == 3 else shape[0]
 
 
@@ -609,28 +608,25 @@ def _threaded_forward(small, threads, x, weight, bias, eps, running, momentum, v
                       stats_dtype, copy):
     nchan = small.nchan
     x_view = _contiguous(small, x)
-    if x_view is None:
-        return None
-    if running is None:
-        buffers = np.zeros((2, nchan))
-    elif (np.may_share_memory(*running) or np.may_share_memory(running[0], x)
-          or np.may_share_memory(running[1], x)):
+    if x_view is None or running is not None and (np.may_share_memory(running[0], x)
+                                                  or np.may_share_memory(running[1], x)):
         return None  # the general path reads copies
-    else:
-        buffers = np.array(running, np.float64)
     y = _empty(small)
     stats = np.empty((2, nchan))
     if not _fused.forward(x_view, _wide(weight, nchan, 1.0), _wide(bias, nchan, 0.0), eps,
-                          _view(small, y), stats[0], stats[1], buffers[0], buffers[1], momentum,
-                          var_factor, None if copy is None else _view(small, copy), threads[0],
+                          _view(small, y), stats[0], stats[1], None, None, momentum, var_factor,
+                          None if copy is None else _view(small, copy), threads[0],
                           parallel=threads[1]):
         return None
-    if running is not None:
-        for buffer, values in zip(running, buffers):
-            np.copyto(buffer, values, casting="same_kind")
+    # The running buffers in their own dtype, as the serial builds update them (declined,
+    # nothing written, where they share memory).
+    if running is not None and not _fused.running_update.build(False)(
+            *running, stats[0], stats[1], momentum, var_factor):
+        return None
     if stats_dtype is None:
         return y, None, None
-    return y, stats[0].astype(stats_dtype), stats[1].astype(stats_dtype)
+    mean, var = stats.astype(stats_dtype)  # one conversion for both
+    return y, mean, var
 
 
 def fused_inference(small, x, running_mean, running_var, weight, bias, eps):
@@ -690,7 +686,8 @@ def _threaded_backward(small, threads, dy, x, mean, var, weight, eps):
         return None
     if weight is None:
         return dx, None, None
-    return dx, grads[0].astype(weight.dtype), grads[1].astype(weight.dtype)
+    dweight, dbias = grads.astype(weight.dtype)  # one conversion for both
+    return dx, dweight, dbias
 
 
 # ---- per-channel vectors ---------------------------------------------------------------------

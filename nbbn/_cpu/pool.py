@@ -34,7 +34,7 @@ DEFAULT_LIMIT_MIB = 1024
 
 
 class Pool:
-    """Free blocks (uint8 arrays) by size, at most ``limit`` bytes in all."""
+    """Free blocks (``_Block``) by size, at most ``limit`` bytes in all."""
 
     def __init__(self, limit):
         self.limit = limit
@@ -51,9 +51,7 @@ class Pool:
         if nbytes < MIN_BYTES or nbytes > self.limit:
             return np.empty(shape, dtype)
         size = -(-(nbytes + ALIGN) // PAGE) * PAGE
-        block = self._take(size)
-        if block is None:
-            block = np.empty(size, np.uint8)
+        block = self._take(size) or _Block(size)
         array = np.asarray(_Owner(self, block, shape, dtype))
         # A dtype the interface's typestr cannot name (bfloat16: "<V2") is viewed back.
         return array if array.dtype == dtype else array.view(dtype)
@@ -104,16 +102,27 @@ class Pool:
         self.cached = 0
 
 
+class _Block:
+    """``size`` bytes of memory and the first cache-line boundary in them (found once:
+    reading an array's address costs a microsecond)."""
+
+    __slots__ = ("memory", "size", "start")
+
+    def __init__(self, size):
+        self.memory = np.empty(size, np.uint8)
+        self.size = size
+        address = self.memory.__array_interface__["data"][0]
+        self.start = address + (-address) % ALIGN
+
+
 class _Owner:
     """The base of a pooled array: exposes part of a block, returns it when it dies."""
 
     def __init__(self, pool, block, shape, dtype):
         self._pool = pool
         self._block = block
-        address = block.ctypes.data
-        start = address + (-address) % ALIGN
         self.__array_interface__ = {"shape": tuple(shape), "typestr": dtype.str,
-                                    "data": (start, False), "version": 3}
+                                    "data": (block.start, False), "version": 3}
 
     def __del__(self):
         self._pool.give(self._block)
