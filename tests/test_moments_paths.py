@@ -18,7 +18,7 @@ def _check(a, axis, rtol=1e-10):
     np.testing.assert_allclose(v, reference.var(a, axis), rtol=rtol, atol=1e-12)
 
 
-@pytest.mark.parametrize("n_inner", [1, 7, moments.BLOCK - 1, moments.BLOCK, 2 * moments.BLOCK + 5])
+@pytest.mark.parametrize("n_inner", [1, 7, _blocks.BLOCK - 1, _blocks.BLOCK, 2 * _blocks.BLOCK + 5])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_rows_of_every_block_count(n_inner, dtype, rng):
     a = (5 + rng.standard_normal((3, 4, n_inner))).astype(dtype)
@@ -50,7 +50,7 @@ def test_short_rows_read_as_columns(n_inner, dtype, rng):
     np.testing.assert_allclose(v, v_cols, rtol=1e-12)
 
 
-@pytest.mark.parametrize("shape,axis", [((2, 3, 3 * moments.BLOCK), (0, 2)), ((50_000, 3), 0)])
+@pytest.mark.parametrize("shape,axis", [((2, 3, 3 * _blocks.BLOCK), (0, 2)), ((50_000, 3), 0)])
 def test_first_value_an_outlier(shape, axis, rng):
     """The first block of a channel is shifted by its first value: make that a far outlier."""
     a = rng.standard_normal(shape)
@@ -58,7 +58,7 @@ def test_first_value_an_outlier(shape, axis, rng):
     _check(a, axis, rtol=1e-9)
 
 
-@pytest.mark.parametrize("shape,axis", [((2, 3, 3 * moments.BLOCK), (0, 2)), ((50_001, 3), 0),
+@pytest.mark.parametrize("shape,axis", [((2, 3, 3 * _blocks.BLOCK), (0, 2)), ((50_001, 3), 0),
                                         ((5_000, 3, 16), (0, 2))])
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 @pytest.mark.parametrize("where", ["first", "later"])
@@ -75,7 +75,7 @@ def test_non_finite_in_any_block(shape, axis, bad, where, rng):
 
 
 @pytest.mark.parametrize("x3", [
-    np.arange(2 * 5 * 3 * moments.BLOCK, dtype=np.float64).reshape(2, 5, -1) % 97,
+    np.arange(2 * 5 * 3 * _blocks.BLOCK, dtype=np.float64).reshape(2, 5, -1) % 97,
     np.arange(70_000 * 5, dtype=np.float64).reshape(-1, 5, 1) % 89,
 ])
 def test_serial_and_parallel_builds_agree_exactly(x3):
@@ -96,7 +96,7 @@ def test_many_channels_in_tiles(shape, axis, monkeypatch, rng):
     _check(1e6 + rng.standard_normal(shape), axis)
 
 
-@pytest.mark.parametrize("shape", [(1003, 5, 1), (1003, 300, 1), (37, 3, 9), (37, 3, 2 * moments.BLOCK + 3)])
+@pytest.mark.parametrize("shape", [(1003, 5, 1), (1003, 300, 1), (37, 3, 9), (37, 3, 2 * _blocks.BLOCK + 3)])
 @pytest.mark.parametrize("group_rows", [1, 4, 333, 1003])
 @pytest.mark.parametrize("nthreads", [1, 2, 3, 5])
 def test_virtual_batches_every_split(shape, group_rows, nthreads, rng):

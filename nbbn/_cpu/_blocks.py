@@ -63,6 +63,7 @@ GRAD_STREAMS = (1, 2)
 SUMS_STREAMS = (2, 4)
 
 
+
 def short_rows(*arrays):
     """``(n_inner, planes)`` for 3-D (outer, C, inner) views whose rows are short (2 to
     SHORT_ROW elements): each (None aside) viewed as 2-D (outer, C * inner), channel c in
@@ -123,9 +124,22 @@ def tiled(a, k):
 
 
 @helper
-def row_block(item, nchan, blocks_per_row, n_inner):
+def blocks_per_row(n_inner):
+    """Row items (BLOCK-sized pieces) in a row of ``n_inner`` elements."""
+    return (n_inner + BLOCK - 1) // BLOCK
+
+
+@helper
+def row_items(shape):
+    """The row items of an (outer, C, inner) view's rows x[o, c, :]: the units its rows
+    kernels split among threads (``shape[0]`` groups of rows: the items of one group)."""
+    return shape[0] * shape[1] * blocks_per_row(shape[2])
+
+
+@helper
+def row_block(item, nchan, n_inner):
     """(o, c, start, stop) of row item ``item``: block ``x[o, c, start:stop]``."""
-    row, blk = divmod(item, blocks_per_row)
+    row, blk = divmod(item, blocks_per_row(n_inner))
     o, c = divmod(row, nchan)
     start = blk * BLOCK
     return o, c, start, min(n_inner, start + BLOCK)

@@ -4,7 +4,7 @@ import numpy as np
 from typing import NamedTuple
 
 from .._layout import is_bfloat16
-from ._blocks import AS_LAID_OUT, BLOCK, regroups, short_columns
+from ._blocks import AS_LAID_OUT, regroups, row_items, short_columns
 from ._jit import thread_plan
 from .backward import backward_sums as _sums, grad_input as _grad_input
 from .elements import as_dtype, kernel_array, work_dtype
@@ -515,7 +515,7 @@ def _wide(v, nchan, default):
 def _work_items(shape):
     """The units the kernels split among threads in a view of ``shape``: row items of 3-D
     views (``_blocks``), rows of 2-D planes."""
-    return shape[0] * shape[1] * -(-shape[2] // BLOCK) if len(shape) == 3 else shape[0]
+    return row_items(shape) if len(shape) == 3 else shape[0]
 
 
 def _view(small, a):

@@ -14,14 +14,13 @@ residual's gradient, which the dx pass may then read as its dy). With virtual ba
 sums, statistics and coefficients are per (group, channel): (groups, C) arrays indexed
 by a row's group (see ``_blocks``).
 """
-import numba
 import numpy as np
 from numba import prange
 
 from .. import _math
 from ._jit import helper, kernel, share, thread_plan
-from ._blocks import (BLOCK, GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, head_groups, next_block,
-                      row_block, run_stop, short_rows, stream_step, tiled, widen)
+from ._blocks import (GRAD_STREAMS, SUMS_STREAMS, WIDE_ROW, head_groups, next_block, row_block,
+                      row_items, run_stop, short_rows, stream_step, tiled, widen)
 from .elements import gated, part, store, store_if, wide
 from .moments import (CHUNK, COLUMN_BLOCK_SWEEPS, STRIDED_CHUNK, add_block, add_pending,
                       flush_pending)
@@ -88,11 +87,10 @@ def sums_items(dy, x, mean, gate, dres, first, last, sums):
     double-double ``sums``, CHUNK (strided: STRIDED_CHUNK) values per plain sum (short
     rows' sums gather until they cover that many: ``moments.add_pending``)."""
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     step = CHUNK if x.strides[2] == x.itemsize and dy.strides[2] == dy.itemsize \
         else STRIDED_CHUNK
     pending = np.zeros((3, nchan))
-    o, c, start, stop = row_block(first, nchan, blocks_per_row, n_inner)
+    o, c, start, stop = row_block(first, nchan, n_inner)
     for _ in range(first, last):
         for lo in range(start, stop, step):
             hi = min(stop, lo + step)
@@ -121,9 +119,8 @@ def sums_rows_share(dy, x, mean, gate, dres, group_rows, t, nthreads, sums, head
     """Thread t's share of ``sums_rows``: the t-th contiguous share of the row items, in runs
     of one group, its first run's sums into ``heads[t]``, the others' into ``sums``."""
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
-    n_items = n_outer * nchan * blocks_per_row
-    group_items = group_rows * nchan * blocks_per_row
+    n_items = row_items(x.shape)
+    group_items = row_items((group_rows, nchan, n_inner))
     first, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
     item = first
     while item < last:
@@ -138,9 +135,8 @@ def sums_rows(dy, x, mean, gate, dres, group_rows, nthreads):
     """(groups, 4, C) double-double sums over row items, per group of ``group_rows`` outer
     rows."""
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
-    n_items = n_outer * nchan * blocks_per_row
-    group_items = group_rows * nchan * blocks_per_row
+    n_items = row_items(x.shape)
+    group_items = row_items((group_rows, nchan, n_inner))
     sums = np.zeros((mean.shape[0], 4, nchan))
     heads = np.zeros((nthreads, 4, nchan))
     for t in prange(nthreads):
@@ -230,8 +226,7 @@ def dx_value(dy, x, gate, i, m, gc, hc, kc):
 def dx_items(dy, x, gate, mean, g, h, k, dx, first, last):
     """dx over row items first:last."""
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
-    o, c, start, stop = row_block(first, nchan, blocks_per_row, n_inner)
+    o, c, start, stop = row_block(first, nchan, n_inner)
     for _ in range(first, last):
         gy = dy[o, c, start:stop]
         v = x[o, c, start:stop]
@@ -248,9 +243,8 @@ def dx_rows_share(dy, x, gate, mean, g, h, k, dx, group_rows, t, nthreads):
     """Thread t's share of ``dx_rows``: the t-th contiguous share of the row items, in runs
     of one group."""
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
-    n_items = n_outer * nchan * blocks_per_row
-    group_items = group_rows * nchan * blocks_per_row
+    n_items = row_items(x.shape)
+    group_items = row_items((group_rows, nchan, n_inner))
     item, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
     while item < last:
         end = run_stop(item, last, group_items)
@@ -317,7 +311,7 @@ def dx_columns(dy, x, gate, mean, g, h, k, dx, group_rows, nthreads):
 
 def _rows_plan(x):
     n_outer, nchan, n_inner = x.shape
-    return thread_plan(2 * x.size, n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK))
+    return thread_plan(2 * x.size, row_items(x.shape))
 
 
 def _columns_plan(x):

@@ -22,7 +22,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from .. import _math
-from ._blocks import BLOCK, head_groups
+from ._blocks import head_groups, row_items
 from ._jit import FASTMATH, helper, kernel
 from .backward import (DXM_HI, DXM_LO, DY_HI, DY_LO, add_heads, dx_columns_share,
                        dx_rows_share, sums_columns_share, sums_rows_share, sums_items,
@@ -52,7 +52,7 @@ def units(x):
 @overload(units, inline="always")
 def _units(x):
     if x.ndim == 3:
-        return lambda x: x.shape[0] * x.shape[1] * ((x.shape[2] + BLOCK - 1) // BLOCK)
+        return lambda x: row_items(x.shape)
     return lambda x: x.shape[0]
 
 

@@ -50,7 +50,7 @@ import numpy as np
 from numba import prange
 
 from .. import _math
-from ._blocks import BLOCK, head_groups, next_block, row_block, run_stop, short_rows, widen
+from ._blocks import head_groups, next_block, row_block, row_items, run_stop, short_rows, widen
 from .elements import as_float64, wide
 from ._jit import helper, kernel, share, thread_plan
 
@@ -243,11 +243,10 @@ def rows_shift(x, c, first, last, samples):
     spread over the items (a channel's data may drift: its first value may lie
     far from its mean); see ``central``."""
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     m = samples.shape[0]
     for s in range(m):
         o, _, start, stop = row_block(first + (2 * s + 1) * (last - first) // (2 * m), nchan,
-                                      blocks_per_row, n_inner)
+                                      n_inner)
         samples[s] = wide(x[o, c, start + (2 * s + 1) * (stop - start) // (2 * m)])
     return central(samples)
 
@@ -258,13 +257,12 @@ def rows_pass(x, first, last, k, new_shift, counts, sums, pending, samples):
     memory order; with ``new_shift``, a channel's shift k is chosen where the channel is
     first met. Short rows' sums gather in ``pending`` (``add_pending``)."""
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
     counts[:] = 0.0
     sums[:] = 0.0
     pending[:] = 0.0
     if first == last:
         return
-    o, c, start, stop = row_block(first, nchan, blocks_per_row, n_inner)
+    o, c, start, stop = row_block(first, nchan, n_inner)
     for _ in range(first, last):
         if new_shift and counts[c] == 0:
             k[c] = rows_shift(x, c, first, last, samples)
@@ -294,9 +292,8 @@ def rows_share(x, group_rows, t, nthreads, states, heads):
     """Thread t's share of ``moments_rows``: the t-th contiguous share of the work items, in
     runs of one group, its first run's state into ``heads[t]``, the others' into ``states``."""
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
-    n_items = n_outer * nchan * blocks_per_row
-    group_items = group_rows * nchan * blocks_per_row
+    n_items = row_items(x.shape)
+    group_items = row_items((group_rows, nchan, n_inner))
     first, last = t * n_items // nthreads, (t + 1) * n_items // nthreads
     work = np.empty((9, nchan))  # one allocation: shifts, counts, sums, pending sums
     k, counts, sums, pending = work[0], work[1], work[2:6], work[6:]
@@ -322,9 +319,8 @@ def moments_rows(x, group_rows, nthreads):
     t-th contiguous share, in runs of one group (``rows_share``).
     """
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
-    n_items = n_outer * nchan * blocks_per_row
-    group_items = group_rows * nchan * blocks_per_row
+    n_items = row_items(x.shape)
+    group_items = row_items((group_rows, nchan, n_inner))
     states = np.zeros(((n_outer + group_rows - 1) // group_rows, FIELDS, nchan))
     heads = np.zeros((nthreads, FIELDS, nchan))
     for t in prange(nthreads):
@@ -667,7 +663,7 @@ def channel_moments(x, group_rows=None):
         state, finite = moments_short_rows(short[1][0], n_inner, nthreads, parallel=parallel)
         states = state[None]
     else:
-        items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
+        items = row_items(x.shape)
         nthreads, parallel = thread_plan(x.size, items)
         states, finite = moments_rows(x, rows, nthreads, parallel=parallel)
     mean, mean_low, m2 = (states[:, f].ravel() for f in (MEAN, MEAN_LOW, M2))

@@ -11,7 +11,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, share, thread_plan
-from ._blocks import (AFFINE_STREAMS, BLOCK, next_block, row_block, run_stop, short_rows,
+from ._blocks import (AFFINE_STREAMS, next_block, row_block, row_items, run_stop, short_rows,
                       stream_step, tiled, widen)
 from .elements import epilogue, keep, part, store, wide
 
@@ -21,8 +21,7 @@ def affine_items(x, scale, shift, y, residual, relu, copy, mask, group_rows, fir
     """The affine pass over row items first:last (BLOCK-sized pieces of the rows); scale and
     shift (groups, C), group o // group_rows."""
     n_outer, nchan, n_inner = x.shape
-    blocks_per_row = (n_inner + BLOCK - 1) // BLOCK
-    o, c, start, stop = row_block(first, nchan, blocks_per_row, n_inner)
+    o, c, start, stop = row_block(first, nchan, n_inner)
     for _ in range(first, last):
         src = x[o, c, start:stop]
         dst = y[o, c, start:stop]
@@ -42,7 +41,7 @@ def affine_items(x, scale, shift, y, residual, relu, copy, mask, group_rows, fir
 def affine_rows_share(x, scale, shift, y, residual, relu, copy, mask, group_rows, t, nthreads):
     """Thread t's share of ``affine_rows``: the t-th contiguous share of the row items."""
     n_outer, nchan, n_inner = x.shape
-    n_items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
+    n_items = row_items(x.shape)
     affine_items(x, scale, shift, y, residual, relu, copy, mask, group_rows,
                  t * n_items // nthreads, (t + 1) * n_items // nthreads)
 
@@ -122,7 +121,7 @@ def affine(x, scale, shift, y, residual=None, relu=None, copy=None, mask=None,
         n_inner, planes = short
         scale, shift = np.repeat(scale, n_inner, axis=1), np.repeat(shift, n_inner, axis=1)
     elif n_inner > 1:
-        items = n_outer * nchan * ((n_inner + BLOCK - 1) // BLOCK)
+        items = row_items(x.shape)
         nthreads, parallel = thread_plan(x.size, items)
         affine_rows(x, scale, shift, y, residual, relu, copy, mask, group_rows, nthreads,
                     parallel=parallel)
