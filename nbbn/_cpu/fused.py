@@ -27,7 +27,7 @@ from ._jit import FASTMATH, helper, kernel
 from .backward import (DXM_HI, DXM_LO, DY_HI, DY_LO, add_heads, dx_columns_share,
                        dx_rows_share, sums_columns_share, sums_rows_share, sums_items,
                        sums_share)
-from .elements import store_if
+from .elements import store, store_if, wide
 from .ema import ema_update
 from .moments import (FIELDS, M2, MEAN, checked, columns_share, columns_state, merge_heads,
                       rows_share, rows_state)
@@ -116,17 +116,40 @@ def _split_moments(x, nthreads):
     return impl
 
 
-def affine_part(x, scale, shift, y, copy, t, nthreads):
-    """y = x * scale[c] + shift[c] over thread t's share of x, as the separate kernels split
-    it; x's values into ``copy`` (None: not kept)."""
+def affine_all(x, scale, shift, y, copy, nthreads):
+    """y = x * scale[c] + shift[c] over all of x, x's values into ``copy`` (None: not kept):
+    by ``nthreads`` threads, split as the separate kernels split it; in the small calls'
+    serial builds (None) by plain loops over x's rows and channels (each element's value is
+    the same in any order; the shares' per-item steps took 1-2 us of a 3-5 us inference on
+    8,192 values)."""
 
 
-@overload(affine_part, inline="always")
-def _affine_part(x, scale, shift, y, copy, t, nthreads):
+@overload(affine_all, inline="always")
+def _affine_all(x, scale, shift, y, copy, nthreads):
+    if isinstance(nthreads, types.NoneType):
+        if x.ndim == 3:
+            def rows(x, scale, shift, y, copy, nthreads):
+                for o in range(x.shape[0]):
+                    for c in range(x.shape[1]):
+                        a, b = scale[c], shift[c]
+                        for i in range(x.shape[2]):
+                            store(y, (o, c, i), wide(x[o, c, i]) * a + b)
+                            store_if(copy, (o, c, i), x[o, c, i])
+            return rows
+
+        def columns(x, scale, shift, y, copy, nthreads):
+            for r in range(x.shape[0]):
+                for c in range(x.shape[1]):
+                    store(y, (r, c), wide(x[r, c]) * scale[c] + shift[c])
+                    store_if(copy, (r, c), x[r, c])
+        return columns
     share = affine_rows_share if x.ndim == 3 else affine_columns_share
-    return lambda x, scale, shift, y, copy, t, nthreads: share(
-        x, scale.reshape((1, scale.size)), shift.reshape((1, shift.size)), y, None, None, copy,
-        None, _rows(x), t, nthreads)
+
+    def threaded(x, scale, shift, y, copy, nthreads):
+        for t in prange(nthreads):
+            share(x, scale.reshape((1, scale.size)), shift.reshape((1, shift.size)), y, None,
+                  None, copy, None, _rows(x), np.int64(t), nthreads)
+    return threaded
 
 
 def sums_all(dy, x, mean):
@@ -286,9 +309,7 @@ def forward(x, weight, bias, eps, y, mean_out, var_out, running_mean, running_va
             state[MEAN, c], var[c], value_or(weight, c, 1.0), value_or(bias, c, 0.0), eps)
         if not (math.isfinite(scale[c]) and math.isfinite(shift[c])):
             return False
-    n = threads(nthreads)
-    for t in prange(n):
-        affine_part(x, scale, shift, y, copy, np.int64(t), n)
+    affine_all(x, scale, shift, y, copy, nthreads)
     for c in range(nchan):
         store_if(mean_out, c, state[MEAN, c])
         store_if(var_out, c, var[c])
@@ -309,9 +330,7 @@ def inference(x, running_mean, running_var, weight, bias, eps, y, nthreads):
             value_or(bias, c, 0.0), eps)
         if not (math.isfinite(scale[c]) and math.isfinite(shift[c])):
             return False
-    n = threads(nthreads)
-    for t in prange(n):
-        affine_part(x, scale, shift, y, None, np.int64(t), n)
+    affine_all(x, scale, shift, y, None, nthreads)
     return True
 
 
