@@ -9,8 +9,9 @@ the small calls' serial builds): the general path's Python steps (the passes' la
 per-channel NumPy arithmetic) cost 35-110 us a call, as much as the passes themselves on
 [256, 1024] on two threads. Their threads run the separate kernels' own per-thread shares
 (``_jit.share``: compiled once per type for every kernel that runs them), split as those
-split the work, and the coefficients' ``_math`` functions, so their results are those of
-the separate kernels, bit for bit. ``x`` is the 3-D (outer, C, inner) view, or for
+split the work (the serial builds' elementwise pass: plain loops, ``affine_all``), and the
+coefficients' ``_math`` functions, so their results are those of the separate kernels, bit
+for bit. ``x`` is the 3-D (outer, C, inner) view, or for
 channels-last data (inner == 1) its 2-D (rows, C) plane, as the separate kernels
 read it. Each kernel returns False, having written nothing, where a statistic or a
 coefficient is not finite: the general path then applies NumPy's rules (and warnings).
