@@ -215,32 +215,11 @@ def merge_states(states):
     return checked(states[0])
 
 
-# Channels from which the threads' states are merged by the threads, each a share of the
-# channels: a merge is a few divisions, ~30 ns a channel (120 us of serial work on 4096).
-MERGE_SPLIT = 256
-
-
 @helper
 def merge_heads(states, heads, first_groups):
     """(states, finite): the (groups, FIELDS, C) states with each thread's first run's state
-    (``heads``, (P, FIELDS, C)) merged into its group's (see ``_blocks``), pairwise; with
-    MERGE_SPLIT channels or more, by P threads, each merging a share of the channels (each
-    channel's merges are the same either way)."""
-    nchan = heads.shape[2]
-    parts = heads.shape[0]
-    if nchan < MERGE_SPLIT or parts < 2:
-        return states, merge_channels(states, heads, first_groups, 0, nchan)
-    finite = np.empty(parts, np.bool_)
-    for p in prange(parts):
-        finite[p] = merge_channels(states, heads, first_groups, p * nchan // parts,
-                                   (p + 1) * nchan // parts)
-    return states, finite.all()
-
-
-@helper
-def merge_channels(states, heads, first_groups, c0, c1):
-    """``merge_heads`` on channels c0:c1: whether their merged states are finite."""
-    scratch = np.empty((heads.shape[0] + 1, FIELDS, c1 - c0))
+    (``heads``, (P, FIELDS, C)) merged into its group's (see ``_blocks``), pairwise."""
+    scratch = np.empty((heads.shape[0] + 1, FIELDS, heads.shape[2]))
     t = 0
     while t < heads.shape[0]:
         g = first_groups[t]
@@ -248,14 +227,14 @@ def merge_channels(states, heads, first_groups, c0, c1):
         while end < heads.shape[0] and first_groups[end] == g:
             end += 1
         if g >= 0:
-            scratch[0] = states[g, :, c0:c1]
-            scratch[1:end - t + 1] = heads[t:end, :, c0:c1]
-            states[g, :, c0:c1] = merge_states(scratch[:end - t + 1])[0]
+            scratch[0] = states[g]
+            scratch[1:end - t + 1] = heads[t:end]
+            states[g] = merge_states(scratch[:end - t + 1])[0]
         t = end
     finite = True
     for g in range(states.shape[0]):
-        finite &= checked(states[g, :, c0:c1])[1]
-    return finite
+        finite &= checked(states[g])[1]
+    return states, finite
 
 
 @helper
